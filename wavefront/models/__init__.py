@@ -1,0 +1,9 @@
+"""Reference recurrent models: their own forward is the sequential reference for every schedule."""
+from .armt import ARMT, ARMTCell, ARMTConfig, ARMTLayer
+from .associative_memory import AssociativeMemory, dpfp
+from .hf import HFARMT, wrap_armt
+from .rmt import RMT, RMTConfig
+from .segment import MemoryState, SegmentLMOutput, SegmentRecurrentLM
+
+__all__ = ["ARMT", "ARMTCell", "ARMTConfig", "ARMTLayer", "AssociativeMemory", "dpfp", "HFARMT", "wrap_armt",
+           "RMT", "RMTConfig", "MemoryState", "SegmentLMOutput", "SegmentRecurrentLM"]

@@ -1,0 +1,130 @@
+"""The segment-recurrent language model contract shared by every model family.
+
+A model owns a *segment cell*: forward(input_ids, first, state) -> (logits, new_state), one
+segment through all layers, with the recurrent memory as explicit tensors. The model's own
+forward runs that cell segment by segment: the sequential reference every schedule must match.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    """Recurrent memory carried between calls: the cell's state tensors and how many segments
+    have been processed (0 means fresh: the next segment is each layer's first)."""
+
+    tensors: tuple[torch.Tensor, ...]
+    segments_seen: int = 0
+
+    def detach(self) -> "MemoryState":
+        return MemoryState(tuple(t.detach() for t in self.tensors), self.segments_seen)
+
+
+@dataclass
+class SegmentLMOutput:
+    """logits [batch, tokens, vocab] (memory rows dropped) and the memory after the last segment."""
+
+    logits: torch.Tensor
+    memory: MemoryState
+
+
+class SegmentCell(nn.Module):
+    """Base of a recurrent cell: subclasses define `layers` (nn.ModuleList), `initial_state` and
+    forward(input_ids, first, state) -> (logits, tuple(new_state))."""
+
+    layers: nn.ModuleList
+
+    def initial_state(self, batch: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+
+def check_input_ids(input_ids) -> None:
+    """Reject input a segment-recurrent LM cannot process, saying what to do instead."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids (e.g. torch.long), got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [batch, tokens], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): pass at least one token per row")
+
+
+def segment_bounds(n_tokens: int, segment_len: int) -> list[tuple[int, int]]:
+    """[start, end) of each segment; the last one may be shorter.
+
+    >>> segment_bounds(5, 2)
+    [(0, 2), (2, 4), (4, 5)]
+    """
+    return [(s, min(s + segment_len, n_tokens)) for s in range(0, n_tokens, segment_len)]
+
+
+def check_memory(memory: MemoryState, expected: tuple[torch.Tensor, ...]) -> None:
+    """The memory passed in must look like the model's own fresh memory for this input."""
+    if not isinstance(memory, MemoryState):
+        raise TypeError(f"memory must be the MemoryState a previous call returned, got {type(memory).__name__}")
+    if len(memory.tensors) != len(expected):
+        raise ValueError(f"memory holds {len(memory.tensors)} tensors but this model carries {len(expected)}: "
+                         "pass the memory returned by this same model")
+    for i, (got, want) in enumerate(zip(memory.tensors, expected)):
+        if got.shape != want.shape:
+            raise ValueError(f"memory tensor {i} has shape {tuple(got.shape)}, expected {tuple(want.shape)} "
+                             "(a different batch size than the call that produced it?)")
+        if got.dtype != want.dtype or got.device != want.device:
+            raise ValueError(f"memory tensor {i} is {got.dtype} on {got.device}, the model runs "
+                             f"{want.dtype} on {want.device}: move it with the model")
+
+
+class SegmentRecurrentLM(nn.Module):
+    """A language model that cuts its input into segments and runs its cell over them in order.
+
+    forward(input_ids, memory=None) -> SegmentLMOutput. Pass `memory=out.memory` to continue a
+    stream: feeding pieces whose lengths are multiples of `segment_len` (any length for the
+    last piece) gives the same result as one call on the whole input.
+    """
+
+    def __init__(self, cell: SegmentCell, segment_len: int):
+        super().__init__()
+        if segment_len < 1:
+            raise ValueError(f"segment_len must be >= 1, got {segment_len}")
+        self.cell = cell
+        self.segment_len = segment_len
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.cell.layers)
+
+    def _param_dtype_device(self):
+        p = next(self.parameters())
+        return p.dtype, p.device
+
+    def initial_memory(self, batch: int) -> MemoryState:
+        dtype, device = self._param_dtype_device()
+        return MemoryState(self.cell.initial_state(batch, dtype, device), 0)
+
+    def prepare(self, input_ids, memory: MemoryState | None) -> MemoryState:
+        """Validate a call's inputs; return the memory to start from."""
+        check_input_ids(input_ids)
+        dtype, device = self._param_dtype_device()
+        if input_ids.device != device:
+            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}: move one of them")
+        fresh = self.initial_memory(input_ids.shape[0])
+        if memory is None:
+            return fresh
+        check_memory(memory, fresh.tensors)
+        return memory
+
+    def forward(self, input_ids: torch.Tensor, memory: MemoryState | None = None) -> SegmentLMOutput:
+        memory = self.prepare(input_ids, memory)
+        state, seen = memory.tensors, memory.segments_seen
+        logits = []
+        for start, end in segment_bounds(input_ids.shape[1], self.segment_len):
+            first = torch.tensor(seen == 0, device=input_ids.device)
+            seg_logits, state = self.cell(input_ids[:, start:end], first, state)
+            logits.append(seg_logits)
+            seen += 1
+        return SegmentLMOutput(torch.cat(logits, dim=1), MemoryState(tuple(state), seen))
