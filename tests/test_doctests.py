@@ -1,0 +1,31 @@
+"""Every public docstring example runs (imported by its wavefront.* name, never a bare folder name)."""
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import wavefront
+
+
+def _modules():
+    names = []
+    for pkg in ("wavefront", "wavefront.models", "wavefront.scheduler", "wavefront.passes", "wavefront.backends"):
+        mod = importlib.import_module(pkg)
+        names += [f"{pkg}.{m.name}" for m in pkgutil.iter_modules(mod.__path__) if not m.ispkg]
+    return sorted(set(names) - {"wavefront.demo"})
+
+
+@pytest.mark.parametrize("name", _modules())
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{result.failed} doctest(s) failed in {name}"
+
+
+def test_package_layout_maps_to_wavefront_names():
+    import wavefront.backends
+    import wavefront.passes
+    import wavefront.scheduler
+    assert wavefront.scheduler.__name__ == "wavefront.scheduler"
+    assert wavefront.__version__
