@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .associative_memory import AssociativeMemory
+from .config import StackConfig
 from .decoder import DecoderBlock, RMSNorm
 from .segment import SegmentCell, SegmentRecurrentLM
 
@@ -89,16 +90,9 @@ class ARMTCell(SegmentCell):
 
 
 @dataclass
-class ARMTConfig:
+class ARMTConfig(StackConfig):
     """Size of a standalone ARMT. `d_ff_per_layer` builds a hybrid stack (layers of different width)."""
 
-    vocab_size: int = 256
-    d_model: int = 64
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff: int = 128
-    segment_len: int = 32
-    n_mem_tokens: int = 8
     d_mem: int = 16
     nu: int = 3
     rope_theta: float = 10000.0
@@ -106,9 +100,7 @@ class ARMTConfig:
     d_ff_per_layer: tuple[int, ...] | None = field(default=None)
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "segment_len", "n_mem_tokens", "d_mem", "nu"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ARMTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
         if self.d_ff_per_layer is not None and len(self.d_ff_per_layer) != self.n_layers:
             raise ValueError(f"d_ff_per_layer has {len(self.d_ff_per_layer)} entries for {self.n_layers} layers")
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import StackConfig
 from .decoder import DecoderBlock, RMSNorm
 from .segment import SegmentCell, SegmentRecurrentLM
 
@@ -38,14 +39,8 @@ class RMTCell(SegmentCell):
 
 
 @dataclass
-class RMTConfig:
-    vocab_size: int = 256
-    d_model: int = 64
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff: int = 128
-    segment_len: int = 32
-    n_mem_tokens: int = 8
+class RMTConfig(StackConfig):
+    """Size of an RMT (same fields as the shared stack config)."""
 
 
 class RMT(SegmentRecurrentLM):
