@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_unflatten
 
 from wavefront.models.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory, segment_bounds
 from wavefront.passes.dependence import build_grid
@@ -36,8 +37,9 @@ class TorchExecutor:
     True
     """
 
-    def __init__(self, rg: RecurrenceGraph):
+    def __init__(self, rg: RecurrenceGraph, batched=None):
         self.rg = rg
+        self.batched = batched  # passes.diagonal.BatchedRecurrence, or None: one call per cell
         gm = rg.graph_module
         self._params = [(n, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
         state_index = {n: j for j, n in enumerate(rg.state_in_nodes) if n is not None}
@@ -60,6 +62,13 @@ class TorchExecutor:
                 self._programs[l].append((n, _method_caller(n.target), None))
             else:
                 raise RuntimeError(f"unexpected node {n.format_node()} in cell {l}")
+        # Each cell's program splits at its layer call: cells of one step run all their
+        # "before" parts, then their layer calls (batched by kind), then their "after" parts.
+        self._before, self._after = [], []
+        for l, prog in enumerate(self._programs):
+            cut = next(i for i, (n, _, _) in enumerate(prog) if n is rg.layer_nodes[l])
+            self._before.append(prog[:cut])
+            self._after.append(prog[cut + 1:])
         self._keep = set(rg.state_out_nodes) | {rg.logits_node}
         self._validated: dict = {}
 
@@ -104,23 +113,70 @@ class TorchExecutor:
             env[self.rg.first_node] = torch.tensor(memory.segments_seen + s == 0, device=device)
             envs.append(env)
         done = [0] * len(bounds)
+        first = [memory.segments_seen + s == 0 for s in range(len(bounds))]
+        lengths = [b - a for a, b in bounds]
         state_out = self.rg.state_out_nodes
+        if self.batched is not None:
+            self.batched.check()
         for step in schedule.steps:
             for l, s in step:
-                env = envs[s]
-                for node, fn, j in self._programs[l]:
-                    if fn is _STATE_IN:
-                        env[node] = memory.tensors[j] if s == 0 else envs[s - 1][state_out[j]]
-                        continue
-                    args = fx.node.map_arg(node.args, env.__getitem__)
-                    kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-                    env[node] = fn(*args, **kwargs)
+                self._run_nodes(self._before[l], envs, s, memory)
+            for cells in self._layer_groups(step, first, lengths):
+                self._run_layers(cells, envs)
+            for l, s in step:
+                self._run_nodes(self._after[l], envs, s, memory)
                 done[s] += 1
                 if done[s] == self.rg.n_layers:  # segment finished: keep only what others read
-                    envs[s] = {n: env[n] for n in self._keep}
+                    envs[s] = {n: envs[s][n] for n in self._keep}
         logits = torch.cat([env[self.rg.logits_node] for env in envs], dim=1)
         final = tuple(envs[-1][n] for n in state_out)
         return SegmentLMOutput(logits, MemoryState(final, memory.segments_seen + len(bounds)))
+
+
+    def _run_nodes(self, program, envs, s, memory):
+        env = envs[s]
+        state_out = self.rg.state_out_nodes
+        for node, fn, j in program:
+            if fn is _STATE_IN:
+                env[node] = memory.tensors[j] if s == 0 else envs[s - 1][state_out[j]]
+                continue
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            env[node] = fn(*args, **kwargs)
+
+    def _layer_groups(self, step, first, lengths):
+        """Cells of a step that one batched call can run: same kind, segment length and
+        first-segment flag, consecutive layers of the kind. Without batching: one per cell."""
+        if self.batched is None:
+            return [[c] for c in step]
+        groups: dict = {}
+        for l, s in sorted(step):
+            group, i = self.batched.position[l]
+            key = (group.kind, lengths[s], first[s])
+            runs = groups.setdefault(key, [])
+            if runs and self.batched.position[runs[-1][-1][0]][1] == i - 1:
+                runs[-1].append((l, s))
+            else:
+                runs.append([(l, s)])
+        return [run for runs in groups.values() for run in runs]
+
+    def _run_layers(self, cells, envs):
+        if len(cells) == 1:
+            (l, s), = cells
+            node, fn, _ = self._programs[l][len(self._before[l])]
+            env = envs[s]
+            env[node] = fn(*fx.node.map_arg(node.args, env.__getitem__),
+                           **fx.node.map_arg(node.kwargs, env.__getitem__))
+            return
+        group, a = self.batched.position[cells[0][0]]
+        sig = self.batched.signatures[cells[0][0]]
+        env0 = envs[cells[0][1]]
+        shared = [env0[x] if isinstance(x, fx.Node) else x for x in (sig.leaves[i] for i in sig.shared_pos)]
+        sigs = [(self.batched.signatures[l], envs[s]) for l, s in cells]
+        lane_values = [torch.stack([env[sg.leaves[i]] for sg, env in sigs]) for i in sig.lane_pos]
+        out_leaves, spec = group.cell(group.stack.slices(a, a + len(cells)), lane_values, shared)
+        for k, (l, s) in enumerate(cells):
+            envs[s][self.rg.layer_nodes[l]] = tree_unflatten([o[k] for o in out_leaves], spec)
 
 
 def run_schedule(rg: RecurrenceGraph, input_ids, schedule="sequential", memory=None) -> SegmentLMOutput:

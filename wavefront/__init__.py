@@ -1,4 +1,12 @@
-"""wavefront: a compiler-style scheduling toolkit for recurrent sequence models."""
+"""wavefront: a compiler-style scheduling toolkit for recurrent sequence models.
+
+>>> import wavefront
+>>> from wavefront.models import ARMT, ARMTConfig
+>>> fast = wavefront.optimize(ARMT(ARMTConfig(n_layers=2)))
+"""
 __version__ = "0.1.0"
 
 from . import models  # noqa: E402
+from .api import OptimizedModel, VerificationError, explain, last_schedule, optimize  # noqa: E402
+
+__all__ = ["models", "optimize", "explain", "last_schedule", "OptimizedModel", "VerificationError", "__version__"]

@@ -1,0 +1,95 @@
+"""The diagonal batching pass: make a captured recurrence run a whole anti-diagonal per call.
+
+From a RecurrenceGraph whose verdict is legal it builds, for each layer kind, a parameter stack
+(the layers' storage, see stacking.py) and a batched layer cell (lane_batching.py /
+lane_fold.py). Executors then run each diagonal step's cells of one kind, one segment length
+and one first-segment flag as a single call on a contiguous slice of the stack.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wavefront.scheduler.recurrence_graph import RecurrenceGraph
+
+from .dependence import Verdict, analyse
+from .lane_batching import LaneSignature, VmapLaneCell
+from .stacking import LayersNotStackable, ParameterStack
+
+
+class DiagonalBatchingIllegal(ValueError):
+    """Diagonal batching would change the result of this model; the message names the edge."""
+
+    def __init__(self, verdict: Verdict, family: str):
+        super().__init__(f"diagonal batching is not legal for {family}: {verdict.reason} "
+                         "(optimize(model, schedule='sequential') runs it in order)")
+        self.verdict = verdict
+
+
+@dataclass
+class LaneGroup:
+    """The layers of one kind: their stack and their batched cell."""
+
+    kind: int
+    layers: tuple[int, ...]
+    stack: ParameterStack
+    cell: object
+    reason: str = ""
+
+    @property
+    def mode(self) -> str:
+        return self.cell.mode
+
+
+@dataclass
+class BatchedRecurrence:
+    """Result of the pass: per-kind groups; `position[l]` = (group, index of layer l in it)."""
+
+    rg: RecurrenceGraph
+    groups: list[LaneGroup]
+    position: dict[int, tuple[LaneGroup, int]] = field(default_factory=dict)
+    signatures: list[LaneSignature] = field(default_factory=list)
+
+    def check(self) -> None:
+        for g in self.groups:
+            g.stack.check()
+
+    def describe(self) -> str:
+        return "\n".join(f"  kind {g.kind}: layers {list(g.layers)} batched by {g.mode}"
+                         + (f" ({g.reason})" if g.reason else "") for g in self.groups)
+
+
+def diagonal_batching(rg: RecurrenceGraph, *, fold: bool = True) -> BatchedRecurrence:
+    """Stack each kind's parameters and build its batched cell; refuse illegal structures.
+
+    >>> from wavefront.models import ARMT, ARMTConfig
+    >>> from wavefront.scheduler import capture
+    >>> br = diagonal_batching(capture(ARMT(ARMTConfig(n_layers=3))))
+    >>> [(g.layers, g.mode) for g in br.groups]
+    [((0, 1, 2), 'fold')]
+    """
+    verdict = analyse(rg)
+    if not verdict.diagonal_legal:
+        raise DiagonalBatchingIllegal(verdict, rg.family)
+    signatures = [LaneSignature(n, rg.first_node) for n in rg.layer_nodes]
+    groups, position = [], {}
+    for kind in sorted(set(rg.layer_kinds)):
+        layers = tuple(l for l, k in enumerate(rg.layer_kinds) if k == kind)
+        graphs = [rg.layer_graphs[l] for l in layers]
+        try:
+            stack = ParameterStack(graphs)
+        except LayersNotStackable as e:
+            raise LayersNotStackable(f"layers {list(layers)} of {rg.family}: {e}") from e
+        cell, reason = None, ""
+        if fold:
+            from .lane_fold import FoldNotApplicable, fold_lanes
+            try:
+                cell = fold_lanes(graphs[0], signatures[layers[0]], stack)
+            except FoldNotApplicable as e:
+                reason = f"lane fold not applicable: {e}"
+        if cell is None:
+            cell = VmapLaneCell(graphs[0], signatures[layers[0]])
+        group = LaneGroup(kind, layers, stack, cell, reason)
+        groups.append(group)
+        for i, l in enumerate(layers):
+            position[l] = (group, i)
+    return BatchedRecurrence(rg, groups, position, signatures)

@@ -1,0 +1,66 @@
+"""Batched layer calls: run several layers of one kind on a leading "lane" dimension, each lane
+with its own layer's parameters.
+
+The general form comes from torch.func: vmap over functional_call of the layer's captured
+graph, which batches any layer, foreign blocks included. (lane_fold.py adds a faster rewrite
+for layers whose graphs are fully traced.)
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from wavefront.models.opaque import OpaqueModule
+
+
+class LaneSignature:
+    """How a layer call's arguments split into per-lane tensors and values shared by all lanes.
+
+    Built from the layer's call node in the captured cell graph: the first-segment flag and
+    constants are shared (lanes are grouped so the flag agrees), every other node is per lane.
+    """
+
+    def __init__(self, layer_node: fx.Node, first_node: fx.Node):
+        leaves, self.spec = tree_flatten((tuple(layer_node.args), dict(layer_node.kwargs)))
+        self.leaves = leaves
+        self.lane_pos = [i for i, x in enumerate(leaves) if isinstance(x, fx.Node) and x is not first_node]
+        self.shared_pos = [i for i in range(len(leaves)) if i not in set(self.lane_pos)]
+
+    def rebuild(self, lane_values, shared_values):
+        leaves = [None] * len(self.leaves)
+        for i, v in zip(self.lane_pos, lane_values):
+            leaves[i] = v
+        for i, v in zip(self.shared_pos, shared_values):
+            leaves[i] = v
+        return tree_unflatten(leaves, self.spec)
+
+
+class VmapLaneCell(OpaqueModule):
+    """Layers of one kind batched with torch.func.vmap(functional_call(template, ...)).
+
+    forward(params, lane_values, shared_values) -> output leaves stacked on lanes, and the
+    output structure. params: {name: [lanes, *shape]}, lane_values: [lanes, ...] tensors.
+    """
+
+    mode = "vmap"
+
+    def __init__(self, template: fx.GraphModule, signature: LaneSignature):
+        super().__init__()
+        self.template = template
+        self.signature = signature
+        self._out_spec = None
+
+    def forward(self, params, lane_values, shared_values):
+        sig = self.signature
+
+        def one_lane(p, lane):
+            args, kwargs = sig.rebuild(lane, shared_values)
+            out = functional_call(self.template, p, args, kwargs)
+            leaves, spec = tree_flatten(out)
+            self._out_spec = spec
+            return tuple(leaves)
+
+        leaves = vmap(one_lane, in_dims=(0, 0))(params, tuple(lane_values))
+        return list(leaves), self._out_spec

@@ -1,0 +1,229 @@
+"""Lane folding: a graph rewrite that batches layers of one kind with (almost) no extra ops.
+
+A layer cell treats batch rows independently, so the lanes of a diagonal step can be folded
+into the batch dimension: rows [lane 0 batch; lane 1 batch; ...]. Every op that does not
+touch a parameter then runs unchanged on lanes * batch rows; only parameter uses change:
+  - nn.Linear            -> lane_linear: one baddbmm over the lane-stacked weights;
+  - param (op) activation -> lane_elementwise: the param slice broadcast per lane;
+  - buffers equal in every layer (rotary tables) stay as they are.
+Anything else (a foreign block with parameters, a param in a non-elementwise op) raises
+FoldNotApplicable and the kind is batched with vmap instead. torch.func.vmap does the same job
+generally but pays a per-op dispatch cost that dominates small layers on CPU; this rewrite is
+why a diagonal step costs about what one cell costs.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from wavefront.models.opaque import OpaqueModule
+
+from .lane_batching import LaneSignature, VmapLaneCell
+
+
+class FoldNotApplicable(Exception):
+    """Why a layer graph cannot be lane-folded (then vmap batches it)."""
+
+
+def lane_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lanes: int) -> torch.Tensor:
+    """Per-lane F.linear: x [lanes * B, ..., in], weight [lanes, out, in], bias [lanes, out]."""
+    x3 = x.reshape(lanes, -1, x.shape[-1])
+    wt = weight.transpose(1, 2)
+    y = torch.bmm(x3, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, wt)
+    return y.reshape(*x.shape[:-1], weight.shape[1])
+
+
+_OPS = {"mul": operator.mul, "add": operator.add, "sub": operator.sub, "truediv": operator.truediv,
+        "maximum": torch.maximum, "minimum": torch.minimum}
+
+
+def lane_elementwise(op_name: str, x: torch.Tensor, p: torch.Tensor, lanes: int, param_first: bool) -> torch.Tensor:
+    """op(x, p) per lane, where x is folded [lanes * B, ...] and p is stacked [lanes, *shape]."""
+    op = _OPS[op_name]
+    extra = x.dim() - (p.dim() - 1)
+    if extra < 0:
+        raise RuntimeError(f"lane_elementwise: activation of rank {x.dim()} against a parameter of rank {p.dim() - 1}")
+    xs = x.reshape(lanes, x.shape[0] // lanes, *x.shape[1:])
+    pv = p.reshape(p.shape[0], *([1] * extra), *p.shape[1:])
+    out = op(pv, xs) if param_first else op(xs, pv)
+    return out.reshape(-1, *out.shape[2:])
+
+
+_ELEMENTWISE_FUNCS = {operator.mul: "mul", operator.add: "add", operator.sub: "sub", operator.truediv: "truediv",
+                      torch.mul: "mul", torch.add: "add", torch.sub: "sub", torch.div: "truediv",
+                      torch.maximum: "maximum", torch.minimum: "minimum"}
+_ELEMENTWISE_METHODS = {"mul": operator.mul, "add": operator.add, "sub": operator.sub, "div": operator.truediv}
+_ELEMENTWISE_METHODS = {k: _ELEMENTWISE_FUNCS[v] for k, v in _ELEMENTWISE_METHODS.items()}
+
+
+def _tensors_of(module: nn.Module):
+    return list(module.parameters(recurse=True)) + list(module.buffers(recurse=True))
+
+
+def _lane_invariant_buffers(template: fx.GraphModule, stack) -> set[str]:
+    """Buffers (never parameters: those train apart) that hold the same values in every layer."""
+    buffers = {n for n, _ in template.named_buffers()}
+    return {n for n in buffers if all(torch.equal(stack.stacks[n][i], stack.stacks[n][0])
+                                      for i in range(stack.stacks[n].shape[0]))}
+
+
+def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str]) -> tuple[fx.GraphModule, list[str], list[str]]:
+    """Rewrite `template` into the lane-folded graph.
+
+    Returns the GraphModule (inputs: the template's own, then one per stacked tensor, then
+    `lanes`), the stacked names it takes in order, and the tag ("B" rows / "P" stacked) of each
+    output leaf.
+    """
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    tag: dict[fx.Node, str] = {}  # "B": folded rows, "P": lane-stacked param value, "U": lane invariant
+    placeholders = [n for n in template.graph.nodes if n.op == "placeholder"]
+    for n in placeholders:
+        env[n] = g.placeholder(n.target, default_value=n.args[0] if n.args else inspect_empty())
+        env[n].meta = dict(n.meta)
+        tag[n] = "B"
+    param_inputs: dict[str, fx.Node] = {}
+    stacked = set(stack_names)
+    # create param placeholders lazily but placeholders must precede other nodes: collect first
+    needed = []
+    for n in template.graph.nodes:
+        if n.op == "get_attr" and n.target in stacked and n.target not in invariant:
+            needed.append(n.target)
+        elif n.op == "call_module":
+            m = template.get_submodule(n.target)
+            if isinstance(m, nn.Linear):
+                needed += [f"{n.target}.weight"] + ([f"{n.target}.bias"] if m.bias is not None else [])
+    for name in dict.fromkeys(needed):
+        # defaults keep the signature valid after the template's own defaulted inputs (always passed by name)
+        param_inputs[name] = g.placeholder("lane_" + name.replace(".", "_"), default_value=None)
+    lanes = g.placeholder("lanes", default_value=None)
+
+    def arg(a):
+        return fx.node.map_arg(a, lambda x: env[x])
+
+    def tags_of(node):
+        return [tag[a] for a in node.all_input_nodes]
+
+    for n in template.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            leaves, spec = tree_flatten(n.args[0])
+            out_tags = [tag[x] if isinstance(x, fx.Node) else "U" for x in leaves]
+            if "U" in out_tags:
+                raise FoldNotApplicable("a layer output does not depend on the layer's inputs")
+            g.output(arg(n.args[0]))
+            break
+        if n.op == "get_attr":
+            if n.target in param_inputs:
+                env[n], tag[n] = param_inputs[n.target], "P"
+            else:
+                env[n], tag[n] = g.get_attr(n.target), "U"
+            continue
+        ins = tags_of(n)
+        if n.op == "call_module":
+            m = template.get_submodule(n.target)
+            if isinstance(m, nn.Linear):
+                if "P" in ins:
+                    raise FoldNotApplicable(f"linear {n.target} is applied to a parameter")
+                w = param_inputs[f"{n.target}.weight"]
+                b = param_inputs.get(f"{n.target}.bias")
+                env[n] = g.call_function(lane_linear, (arg(n.args[0]), w, b, lanes))
+                tag[n] = "B"
+                continue
+            if isinstance(m, OpaqueModule) or _tensors_of(m):
+                raise FoldNotApplicable(f"module {n.target} ({type(m).__name__}) holds parameters or is opaque")
+            env[n] = g.call_module(n.target, arg(n.args), arg(n.kwargs))
+            tag[n] = "B" if "B" in ins else ("P" if "P" in ins else "U")
+            if tag[n] == "P":
+                raise FoldNotApplicable(f"module {n.target} is applied to a parameter")
+            continue
+        if "P" not in ins:
+            env[n] = g.node_copy(n, lambda x: env[x])
+            tag[n] = "B" if "B" in ins else "U"
+            continue
+        op = n.target if n.op == "call_function" else _ELEMENTWISE_METHODS.get(n.target)
+        args = list(n.args)
+        if op in _ELEMENTWISE_FUNCS and len(args) == 2 and not n.kwargs:
+            a, b = args
+            ta = tag.get(a) if isinstance(a, fx.Node) else "U"
+            tb = tag.get(b) if isinstance(b, fx.Node) else "U"
+            if {ta, tb} == {"P", "B"}:
+                param_first = ta == "P"
+                x, p = (b, a) if param_first else (a, b)
+                env[n] = g.call_function(lane_elementwise, (_ELEMENTWISE_FUNCS[op], env[x], env[p], lanes, param_first))
+                tag[n] = "B"
+                continue
+            if (ta, tb) in (("P", "U"), ("U", "P")) and not any(isinstance(v, fx.Node) and tag[v] == "U" for v in (a, b)):
+                env[n] = g.node_copy(n, lambda x: env[x])  # param (op) python scalar stays stacked
+                tag[n] = "P"
+                continue
+        raise FoldNotApplicable(f"`{n.format_node()}` uses layer parameters in a way lane folding cannot batch")
+    gm = fx.GraphModule(template, g, class_name="LaneFolded" + type(template).__name__)
+    return gm, list(param_inputs), out_tags
+
+
+def inspect_empty():
+    import inspect
+    return inspect.Signature.empty
+
+
+class FoldLaneCell(OpaqueModule):
+    """Same interface as VmapLaneCell, running the lane-folded graph.
+
+    The first call with two or more lanes is also run through vmap and compared: a layer that
+    mixes batch rows (which folding would get wrong) is caught there and the kind switches to
+    vmap for good, with the reason kept in `fallback_reason`.
+    """
+
+    def __init__(self, folded: fx.GraphModule, names: list[str], out_tags: list[str], signature: LaneSignature,
+                 vmap_cell: VmapLaneCell, invariant: set[str], stack):
+        super().__init__()
+        self.folded, self.names, self.out_tags, self.signature = folded, names, out_tags, signature
+        self.vmap_cell, self.invariant, self.stack = vmap_cell, invariant, stack
+        self.checked = False
+        self.fallback_reason = ""
+
+    @property
+    def mode(self):
+        return "vmap" if self.fallback_reason else "fold"
+
+    def _invariants_hold(self) -> bool:
+        return all(torch.equal(self.stack.stacks[n][i], self.stack.stacks[n][0])
+                   for n in self.invariant for i in range(1, self.stack.stacks[n].shape[0]))
+
+    def forward(self, params, lane_values, shared_values):
+        if self.fallback_reason:
+            return self.vmap_cell(params, lane_values, shared_values)
+        if self.invariant and not self._invariants_hold():
+            self.fallback_reason = "a buffer that was equal in every layer changed"
+            return self.vmap_cell(params, lane_values, shared_values)
+        lanes = lane_values[0].shape[0]
+        rows = lane_values[0].shape[1] if lane_values[0].dim() > 1 else None
+        if rows is None or any(v.dim() < 2 or v.shape[1] != rows for v in lane_values):
+            return self.vmap_cell(params, lane_values, shared_values)  # inputs without a common batch dim
+        args, kwargs = self.signature.rebuild([v.flatten(0, 1) for v in lane_values], shared_values)
+        extra = {"lane_" + n.replace(".", "_"): params[n] for n in self.names}
+        out = self.folded(*args, **kwargs, **extra, lanes=lanes)
+        leaves, spec = tree_flatten(out)
+        leaves = [x.reshape(lanes, -1, *x.shape[1:]) if t == "B" else x for x, t in zip(leaves, self.out_tags)]
+        if not self.checked and lanes >= 2:
+            self.checked = True
+            ref, _ = self.vmap_cell(params, lane_values, shared_values)
+            tol = {torch.float64: 1e-8, torch.float32: 1e-3}.get(leaves[0].dtype, 5e-2)
+            for x, r in zip(leaves, ref):
+                scale = r.detach().abs().max().clamp_min(1e-30)
+                if not (x.shape == r.shape and ((x.detach() - r.detach()).abs().max() / scale) <= tol):
+                    self.fallback_reason = "lane-folded result differed from vmap on the first batched call"
+                    return ref, _
+        return leaves, spec
+
+
+def fold_lanes(template: fx.GraphModule, signature: LaneSignature, stack) -> FoldLaneCell:
+    """Build the folded cell for one layer kind, or raise FoldNotApplicable saying why."""
+    invariant = _lane_invariant_buffers(template, stack)
+    folded, names, out_tags = fold_graph(template, stack.names, invariant)
+    return FoldLaneCell(folded, names, out_tags, signature, VmapLaneCell(template, signature), invariant, stack)

@@ -1,0 +1,113 @@
+"""Per-kind parameter stacks that *are* the layers' storage, so batching never copies weights.
+
+Each parameter (and buffer) name of a layer kind gets one tensor [n_layers_of_kind, *shape];
+every layer's tensor is re-pointed (`p.data = stack[i]`) to a view into it. The Parameter
+objects, their names and values are unchanged (state_dict and optimizers see the same
+things), peak memory after stacking equals before (one name is stacked at a time), and a
+diagonal step's active layers - a contiguous range - are a slice of the stack. If anything
+re-points a parameter afterwards (model.to(...), load_state_dict with assign), `check()`
+notices and stacks again, so a stale stack is never used.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LayersNotStackable(ValueError):
+    """The layers of a kind cannot share a stack (shared or mismatched tensors)."""
+
+
+class _LaneSlice(torch.autograd.Function):
+    """stack[a:b] as a function of the per-layer parameters: forward is a view (no copy),
+    backward hands each layer's parameter its slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, stack, a, b, *params):
+        ctx.n = len(params)
+        return stack[a:b]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, None, None, *grad.unbind(0))
+
+
+class ParameterStack:
+    """Stacks of the named tensors of several structurally identical modules.
+
+    >>> layers = [nn.Linear(3, 2) for _ in range(4)]
+    >>> st = ParameterStack(layers)
+    >>> st.slice("weight", 1, 3).shape, layers[2].weight.data_ptr() == st.stacks["weight"][2].data_ptr()
+    (torch.Size([2, 2, 3]), True)
+    """
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = list(modules)
+        self.names = tuple(n for n, _ in self._named(self.modules[0]))
+        self.stacks: dict[str, torch.Tensor] = {}
+        self._restack()
+
+    @staticmethod
+    def _named(m):
+        yield from m.named_parameters(remove_duplicate=False)
+        yield from m.named_buffers(remove_duplicate=False)
+
+    def _tensors(self, name) -> list[torch.Tensor]:
+        out = []
+        for i, m in enumerate(self.modules):
+            table = dict(self._named(m))
+            if name not in table:
+                raise LayersNotStackable(f"layer {i} of this kind has no tensor '{name}'")
+            out.append(table[name])
+        return out
+
+    def _restack(self):
+        seen: dict[int, str] = {}
+        for name in self.names:
+            ts = self._tensors(name)
+            for i, t in enumerate(ts):
+                if id(t) in seen:
+                    raise LayersNotStackable(
+                        f"tensor '{name}' of layer {i} is shared with '{seen[id(t)]}': tied weights across "
+                        "layers cannot be stacked; use the sequential schedule")
+                seen[id(t)] = name
+                if (t.shape, t.dtype, t.device) != (ts[0].shape, ts[0].dtype, ts[0].device):
+                    raise LayersNotStackable(f"tensor '{name}' differs in shape/dtype/device between layers 0 and {i}")
+            stack = torch.empty((len(ts), *ts[0].shape), dtype=ts[0].dtype, device=ts[0].device)
+            with torch.no_grad():
+                for i, t in enumerate(ts):
+                    stack[i].copy_(t.data)
+                    t.data = stack[i]  # the old storage is freed here: one name at a time
+            self.stacks[name] = stack
+
+    def is_current(self) -> bool:
+        """Do all layers still view this stack (nothing re-pointed them since)?"""
+        tables = [dict(self._named(m)) for m in self.modules]  # one walk per module, not per name
+        for name in self.names:
+            stack = self.stacks[name]
+            for i, table in enumerate(tables):
+                t = table.get(name)
+                if t is None:
+                    return False
+                if t.data_ptr() != stack[i].data_ptr() or t.dtype != stack.dtype or t.device != stack.device \
+                        or t.shape != stack.shape[1:]:
+                    return False
+        return True
+
+    def check(self) -> None:
+        """Re-stack if any layer's tensors were re-pointed (e.g. by model.to(dtype))."""
+        if not self.is_current():
+            self._restack()
+
+    def slice(self, name: str, a: int, b: int) -> torch.Tensor:
+        """Layers a..b-1 of tensor `name` as [b - a, *shape]: a view, differentiable w.r.t. the
+        layers' own parameters when autograd is recording."""
+        stack = self.stacks[name]
+        if torch.is_grad_enabled():
+            params = [t for t in self._tensors(name)[a:b]]
+            if any(p.requires_grad for p in params):
+                return _LaneSlice.apply(stack, a, b, *params)
+        return stack[a:b]
+
+    def slices(self, a: int, b: int) -> dict[str, torch.Tensor]:
+        return {name: self.slice(name, a, b) for name in self.names}
