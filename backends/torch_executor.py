@@ -18,12 +18,7 @@ from wavefront.scheduler.capture import get_attr_path
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 from wavefront.scheduler.schedule import Schedule, build_schedule, validate
 
-_STATE_IN = object()  # marker in a cell program: bind this node to the previous segment's state
-
-
-def _method_caller(name):
-    return lambda obj, *args, **kwargs: getattr(obj, name)(*args, **kwargs)
-
+from .cell_parts import compile_part
 
 class TorchExecutor:
     """Executes schedules of one captured model.
@@ -43,32 +38,23 @@ class TorchExecutor:
         gm = rg.graph_module
         self._params = [(n, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
         state_index = {n: j for j, n in enumerate(rg.state_in_nodes) if n is not None}
-        layer_index = {n: i for i, n in enumerate(rg.layer_nodes)}
-        self._programs: list[list] = [[] for _ in range(rg.n_layers)]
+        owned: list[list[fx.Node]] = [[] for _ in range(rg.n_layers)]
+        self._state_in: list[list[tuple[fx.Node, int]]] = [[] for _ in range(rg.n_layers)]
         for n in gm.graph.nodes:
-            meta = n.meta.get("wavefront", {})
-            l = meta.get("cell_layer")
+            l = n.meta.get("wavefront", {}).get("cell_layer")
             if l is None:
                 continue
             if n in state_index:
-                self._programs[l].append((n, _STATE_IN, state_index[n]))
-            elif n in layer_index:
-                self._programs[l].append((n, rg.layer_graphs[layer_index[n]], None))
-            elif n.op == "call_module":
-                self._programs[l].append((n, gm.get_submodule(n.target), None))
-            elif n.op == "call_function":
-                self._programs[l].append((n, n.target, None))
-            elif n.op == "call_method":
-                self._programs[l].append((n, _method_caller(n.target), None))
+                self._state_in[l].append((n, state_index[n]))
             else:
-                raise RuntimeError(f"unexpected node {n.format_node()} in cell {l}")
+                owned[l].append(n)
         # Each cell's program splits at its layer call: cells of one step run all their
         # "before" parts, then their layer calls (batched by kind), then their "after" parts.
         self._before, self._after = [], []
-        for l, prog in enumerate(self._programs):
-            cut = next(i for i, (n, _, _) in enumerate(prog) if n is rg.layer_nodes[l])
-            self._before.append(prog[:cut])
-            self._after.append(prog[cut + 1:])
+        for l, nodes in enumerate(owned):
+            cut = nodes.index(rg.layer_nodes[l])
+            self._before.append(compile_part(gm, nodes[:cut], f"Cell{l}Before"))
+            self._after.append(compile_part(gm, nodes[cut + 1:], f"Cell{l}After"))
         self._keep = set(rg.state_out_nodes) | {rg.logits_node}
         self._validated: dict = {}
 
@@ -120,11 +106,14 @@ class TorchExecutor:
             self.batched.check()
         for step in schedule.steps:
             for l, s in step:
-                self._run_nodes(self._before[l], envs, s, memory)
+                env = envs[s]
+                for node, j in self._state_in[l]:
+                    env[node] = memory.tensors[j] if s == 0 else envs[s - 1][state_out[j]]
+                self._before[l].run(env)
             for cells in self._layer_groups(step, first, lengths):
                 self._run_layers(cells, envs)
             for l, s in step:
-                self._run_nodes(self._after[l], envs, s, memory)
+                self._after[l].run(envs[s])
                 done[s] += 1
                 if done[s] == self.rg.n_layers:  # segment finished: keep only what others read
                     envs[s] = {n: envs[s][n] for n in self._keep}
@@ -133,26 +122,16 @@ class TorchExecutor:
         return SegmentLMOutput(logits, MemoryState(final, memory.segments_seen + len(bounds)))
 
 
-    def _run_nodes(self, program, envs, s, memory):
-        env = envs[s]
-        state_out = self.rg.state_out_nodes
-        for node, fn, j in program:
-            if fn is _STATE_IN:
-                env[node] = memory.tensors[j] if s == 0 else envs[s - 1][state_out[j]]
-                continue
-            args = fx.node.map_arg(node.args, env.__getitem__)
-            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-            env[node] = fn(*args, **kwargs)
-
     def _layer_groups(self, step, first, lengths):
-        """Cells of a step that one batched call can run: same kind, segment length and
-        first-segment flag, consecutive layers of the kind. Without batching: one per cell."""
+        """Cells of a step that one batched call can run: same kind and segment length,
+        consecutive layers of the kind (the first-segment flag is per lane). Without batching:
+        one per cell."""
         if self.batched is None:
             return [[c] for c in step]
         groups: dict = {}
         for l, s in sorted(step):
             group, i = self.batched.position[l]
-            key = (group.kind, lengths[s], first[s])
+            key = (group.kind, lengths[s])
             runs = groups.setdefault(key, [])
             if runs and self.batched.position[runs[-1][-1][0]][1] == i - 1:
                 runs[-1].append((l, s))
@@ -163,10 +142,9 @@ class TorchExecutor:
     def _run_layers(self, cells, envs):
         if len(cells) == 1:
             (l, s), = cells
-            node, fn, _ = self._programs[l][len(self._before[l])]
-            env = envs[s]
-            env[node] = fn(*fx.node.map_arg(node.args, env.__getitem__),
-                           **fx.node.map_arg(node.kwargs, env.__getitem__))
+            node, env = self.rg.layer_nodes[l], envs[s]
+            env[node] = self.rg.layer_graphs[l](*fx.node.map_arg(node.args, env.__getitem__),
+                                                **fx.node.map_arg(node.kwargs, env.__getitem__))
             return
         group, a = self.batched.position[cells[0][0]]
         sig = self.batched.signatures[cells[0][0]]
@@ -175,8 +153,10 @@ class TorchExecutor:
         sigs = [(self.batched.signatures[l], envs[s]) for l, s in cells]
         lane_values = [torch.stack([env[sg.leaves[i]] for sg, env in sigs]) for i in sig.lane_pos]
         out_leaves, spec = group.cell(group.stack.slices(a, a + len(cells)), lane_values, shared)
+        per_lane = list(zip(*[o.unbind(0) for o in out_leaves]))
+        as_tuple = spec.type is tuple and all(c.num_leaves == 1 and c.type is None for c in spec.children())
         for k, (l, s) in enumerate(cells):
-            envs[s][self.rg.layer_nodes[l]] = tree_unflatten([o[k] for o in out_leaves], spec)
+            envs[s][self.rg.layer_nodes[l]] = per_lane[k] if as_tuple else tree_unflatten(list(per_lane[k]), spec)
 
 
 def run_schedule(rg: RecurrenceGraph, input_ids, schedule="sequential", memory=None) -> SegmentLMOutput:

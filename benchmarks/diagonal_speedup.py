@@ -18,20 +18,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import compare, emit  # noqa: E402
+from presets import ARMT_PRESETS, split_preset  # noqa: E402
 
 import wavefront  # noqa: E402
 from wavefront.models import ARMT, ARMTConfig  # noqa: E402
 from wavefront.testing import rel_err  # noqa: E402
-
-PRESETS = {
-    "dispatch": dict(n_layers=8, d_model=64, n_heads=4, d_ff=128, segment_len=32, n_mem_tokens=8, d_mem=16,
-                     vocab_size=256, n_segments=64),
-    "small": dict(n_layers=8, d_model=256, n_heads=4, d_ff=688, segment_len=128, n_mem_tokens=16, d_mem=32,
-                  vocab_size=1024, n_segments=64),
-    "tiny": dict(n_layers=4, d_model=32, n_heads=2, d_ff=64, segment_len=16, n_mem_tokens=4, d_mem=8,
-                 vocab_size=128, n_segments=8),
-}
-
 
 def armt_flops(c: dict, batch: int) -> float:
     """Multiply-add FLOPs (x2) of one forward over n_segments full segments."""
@@ -57,14 +48,13 @@ def matmul_gflops(dtype) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), action="append")
+    ap.add_argument("--preset", choices=sorted(ARMT_PRESETS), action="append")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--flops", action="store_true", help="also report GFLOP/s against a large matmul")
     args = ap.parse_args(argv)
     for preset in args.preset or ["dispatch", "small"]:
-        cfg = dict(PRESETS[preset])
-        S = cfg.pop("n_segments")
+        cfg, S = split_preset(preset)
         torch.manual_seed(0)
         model = ARMT(ARMTConfig(**cfg)).eval()
         ids = torch.randint(0, cfg["vocab_size"], (args.batch, S * cfg["segment_len"]))

@@ -14,19 +14,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import compare, emit  # noqa: E402
+from presets import split_preset  # noqa: E402
 
 from wavefront.backends import TorchExecutor  # noqa: E402
 from wavefront.models import ARMT, ARMTConfig  # noqa: E402
 from wavefront.scheduler import capture, sequential  # noqa: E402
 from wavefront.testing import rel_err  # noqa: E402
-
-CONFIGS = {
-    "small": dict(n_layers=8, d_model=256, n_heads=4, d_ff=688, segment_len=128, n_mem_tokens=16, d_mem=32,
-                  vocab_size=1024, n_segments=64),
-    "quick": dict(n_layers=4, d_model=64, n_heads=4, d_ff=128, segment_len=32, n_mem_tokens=8, d_mem=16,
-                  vocab_size=256, n_segments=8),
-}
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,9 +27,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args(argv)
-    name = "quick" if args.quick else "small"
-    cfg = dict(CONFIGS[name])
-    n_segments = cfg.pop("n_segments")
+    name = "tiny" if args.quick else "small"
+    cfg, n_segments = split_preset(name)
     torch.manual_seed(0)
     model = ARMT(ARMTConfig(**cfg)).eval()
     ids = torch.randint(0, cfg["vocab_size"], (args.batch, n_segments * cfg["segment_len"]))

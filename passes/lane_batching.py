@@ -18,15 +18,18 @@ from wavefront.models.opaque import OpaqueModule
 class LaneSignature:
     """How a layer call's arguments split into per-lane tensors and values shared by all lanes.
 
-    Built from the layer's call node in the captured cell graph: the first-segment flag and
-    constants are shared (lanes are grouped so the flag agrees), every other node is per lane.
+    Built from the layer's call node in the captured cell graph: every node argument is per
+    lane (the first-segment flag too: a step can mix a layer's first segment with later ones),
+    constants are shared. `flag_lane` is the flag's index among the lane values (or None).
     """
 
     def __init__(self, layer_node: fx.Node, first_node: fx.Node):
         leaves, self.spec = tree_flatten((tuple(layer_node.args), dict(layer_node.kwargs)))
         self.leaves = leaves
-        self.lane_pos = [i for i, x in enumerate(leaves) if isinstance(x, fx.Node) and x is not first_node]
+        self.lane_pos = [i for i, x in enumerate(leaves) if isinstance(x, fx.Node)]
         self.shared_pos = [i for i in range(len(leaves)) if i not in set(self.lane_pos)]
+        flag = [k for k, i in enumerate(self.lane_pos) if leaves[i] is first_node]
+        self.flag_lane = flag[0] if flag else None
 
     def rebuild(self, lane_values, shared_values):
         leaves = [None] * len(self.leaves)

@@ -40,6 +40,11 @@ _OPS = {"mul": operator.mul, "add": operator.add, "sub": operator.sub, "truediv"
         "maximum": torch.maximum, "minimum": torch.minimum}
 
 
+def lane_row_flag(flag_rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row bool [lanes * B] shaped to broadcast against a folded tensor as torch.where's condition."""
+    return flag_rows.view(-1, *([1] * (like.dim() - 1)))
+
+
 def lane_elementwise(op_name: str, x: torch.Tensor, p: torch.Tensor, lanes: int, param_first: bool) -> torch.Tensor:
     """op(x, p) per lane, where x is folded [lanes * B, ...] and p is stacked [lanes, *shape]."""
     op = _OPS[op_name]
@@ -70,12 +75,14 @@ def _lane_invariant_buffers(template: fx.GraphModule, stack) -> set[str]:
                                       for i in range(stack.stacks[n].shape[0]))}
 
 
-def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str]) -> tuple[fx.GraphModule, list[str], list[str]]:
+def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str],
+               flag_placeholder: int | None = None) -> tuple[fx.GraphModule, list[str], list[str]]:
     """Rewrite `template` into the lane-folded graph.
 
     Returns the GraphModule (inputs: the template's own, then one per stacked tensor, then
     `lanes`), the stacked names it takes in order, and the tag ("B" rows / "P" stacked) of each
-    output leaf.
+    output leaf. Placeholder number `flag_placeholder` is the first-segment flag: it arrives
+    per row and may only be torch.where's condition.
     """
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -85,6 +92,13 @@ def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str]) -> tu
         env[n] = g.placeholder(n.target, default_value=n.args[0] if n.args else inspect_empty())
         env[n].meta = dict(n.meta)
         tag[n] = "B"
+    flag = placeholders[flag_placeholder] if flag_placeholder is not None else None
+    if flag is not None:
+        tag[flag] = "F"
+        for u in flag.users:
+            if not (u.op == "call_function" and u.target is torch.where and len(u.args) == 3 and u.args[0] is flag
+                    and flag not in u.args[1:] and not u.kwargs):
+                raise FoldNotApplicable(f"the first-segment flag is used as `{u.format_node()}`, not as torch.where's condition")
     param_inputs: dict[str, fx.Node] = {}
     stacked = set(stack_names)
     # create param placeholders lazily but placeholders must precede other nodes: collect first
@@ -124,6 +138,15 @@ def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str]) -> tu
                 env[n], tag[n] = g.get_attr(n.target), "U"
             continue
         ins = tags_of(n)
+        if "F" in ins:  # torch.where(flag, a, b): the per-row flag shaped like the selected values
+            a, b = n.args[1], n.args[2]
+            like = next((x for x in (a, b) if isinstance(x, fx.Node) and tag[x] == "B"), None)
+            if like is None or "P" in ins:
+                raise FoldNotApplicable(f"`{n.format_node()}` selects between values that are not per row")
+            cond = g.call_function(lane_row_flag, (env[flag], env[like]))
+            env[n] = g.call_function(torch.where, (cond, arg(a), arg(b)))
+            tag[n] = "B"
+            continue
         if n.op == "call_module":
             m = template.get_submodule(n.target)
             if isinstance(m, nn.Linear):
@@ -186,6 +209,7 @@ class FoldLaneCell(OpaqueModule):
         self.vmap_cell, self.invariant, self.stack = vmap_cell, invariant, stack
         self.checked = False
         self.fallback_reason = ""
+        self.compiled = None  # set by backends.inductor: torch.compile(self.folded)
 
     @property
     def mode(self):
@@ -203,11 +227,20 @@ class FoldLaneCell(OpaqueModule):
             return self.vmap_cell(params, lane_values, shared_values)
         lanes = lane_values[0].shape[0]
         rows = lane_values[0].shape[1] if lane_values[0].dim() > 1 else None
-        if rows is None or any(v.dim() < 2 or v.shape[1] != rows for v in lane_values):
+        if rows is None or any((v.dim() < 2 or v.shape[1] != rows) for k, v in enumerate(lane_values)
+                               if k != self.signature.flag_lane):
             return self.vmap_cell(params, lane_values, shared_values)  # inputs without a common batch dim
-        args, kwargs = self.signature.rebuild([v.flatten(0, 1) for v in lane_values], shared_values)
+        flag = self.signature.flag_lane
+        folded = [v.repeat_interleave(rows) if k == flag else v.flatten(0, 1) for k, v in enumerate(lane_values)]
+        args, kwargs = self.signature.rebuild(folded, shared_values)
         extra = {"lane_" + n.replace(".", "_"): params[n] for n in self.names}
-        out = self.folded(*args, **kwargs, **extra, lanes=lanes)
+        if self.compiled is not None and self.checked and not torch.is_grad_enabled():
+            # Duck sizing would tie unrelated sizes that happen to be equal on the first call
+            # (lanes == batch == layers) and recompile when they part; keep them independent.
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                out = self.compiled(*args, **kwargs, **extra, lanes=lanes)
+        else:
+            out = self.folded(*args, **kwargs, **extra, lanes=lanes)
         leaves, spec = tree_flatten(out)
         leaves = [x.reshape(lanes, -1, *x.shape[1:]) if t == "B" else x for x, t in zip(leaves, self.out_tags)]
         if not self.checked and lanes >= 2:
@@ -225,5 +258,12 @@ class FoldLaneCell(OpaqueModule):
 def fold_lanes(template: fx.GraphModule, signature: LaneSignature, stack) -> FoldLaneCell:
     """Build the folded cell for one layer kind, or raise FoldNotApplicable saying why."""
     invariant = _lane_invariant_buffers(template, stack)
-    folded, names, out_tags = fold_graph(template, stack.names, invariant)
+    flag_placeholder = None
+    if signature.flag_lane is not None:
+        leaf = signature.lane_pos[signature.flag_lane]
+        args, kwargs = tree_unflatten(list(range(len(signature.leaves))), signature.spec)
+        if leaf not in args:
+            raise FoldNotApplicable("the first-segment flag is passed by keyword")
+        flag_placeholder = list(args).index(leaf)
+    folded, names, out_tags = fold_graph(template, stack.names, invariant, flag_placeholder)
     return FoldLaneCell(folded, names, out_tags, signature, VmapLaneCell(template, signature), invariant, stack)

@@ -1,0 +1,54 @@
+"""Compile a cell's share of the captured graph into small GraphModules.
+
+capture() assigns every node of the cell graph to the layer cell that runs it. Per layer, the
+nodes before its layer call (embedding, memory tokens, glue) and after it (output unpacking,
+final norm and head) become two GraphModules whose inputs are the values they read from
+elsewhere and whose outputs are the values others read. Running generated code instead of
+interpreting node by node keeps the per-cell overhead near that of the model's own forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+
+@dataclass
+class Part:
+    """Compiled nodes: call(*[env[x] for x in inputs]) -> values of `outputs`, in order."""
+
+    module: fx.GraphModule | None
+    inputs: list[fx.Node]
+    outputs: list[fx.Node]
+
+    def run(self, env: dict) -> None:
+        if self.module is None:
+            return
+        values = self.module(*[env[x] for x in self.inputs])
+        for node, value in zip(self.outputs, values):
+            env[node] = value
+
+
+def compile_part(root: fx.GraphModule, nodes: list[fx.Node], name: str) -> Part:
+    """A GraphModule computing `nodes` (in graph order) from whatever they read outside."""
+    if not nodes:
+        return Part(None, [], [])
+    members = set(nodes)
+    g = fx.Graph()
+    inputs: list[fx.Node] = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in members and a.op != "get_attr" and a not in inputs:
+                inputs.append(a)
+    mapping = {a: g.placeholder(f"in_{i}") for i, a in enumerate(inputs)}
+
+    def get(x):
+        if x not in mapping:  # parameters and buffers are read in place
+            mapping[x] = g.get_attr(x.target)
+        return mapping[x]
+
+    for n in nodes:
+        mapping[n] = g.node_copy(n, get)
+    outputs = [n for n in nodes if any(u not in members for u in n.users)]
+    g.output(tuple(mapping[o] for o in outputs))
+    return Part(fx.GraphModule(root, g, class_name=name), inputs, outputs)

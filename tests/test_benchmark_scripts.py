@@ -1,0 +1,25 @@
+"""The benchmark scripts run and print well-formed JSON lines (no timing is asserted)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("script, args, fields", [
+    ("executor_overhead.py", ["--quick", "--repeats", "1"], ["forward_s", "executor_s", "overhead"]),
+    ("diagonal_speedup.py", ["--preset", "tiny", "--repeats", "1", "--flops"],
+     ["sequential_s", "diagonal_s", "step_bound", "gflops_diagonal", "gflops_matmul_2048"]),
+])
+def test_script_prints_json_lines(script, args, fields):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
+                         text=True, check=True, timeout=300).stdout
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert records
+    for rec in records:
+        for key in ["name", "device", "dtype", "config", "ratio", "error", *fields]:
+            assert key in rec, key
+        assert rec["error"] < 1e-3

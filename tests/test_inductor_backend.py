@@ -1,0 +1,26 @@
+"""backend="inductor": one compile serves every lane count and segment length (one test: a cold
+compile takes tens of seconds on CI's CPU)."""
+import torch
+from torch._dynamo.utils import counters
+
+import wavefront
+from conftest import N_LAYERS, ids_for, tiny_armt
+from wavefront.testing import assert_close
+
+
+def test_inductor_backend_is_exact_and_compiles_once():
+    torch._dynamo.reset()
+    model = tiny_armt(torch.float32)
+    fast = wavefront.optimize(model, backend="inductor")
+    ids = ids_for(N_LAYERS + 2, batch=2, short_last=1)
+    with torch.no_grad():
+        out = fast(ids)
+        assert_close(out.logits, model(ids).logits, 1e-4, "inductor logits")
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 1 and fast.compile_time_s is not None and fast.compile_time_s > 0
+        other = ids_for(2 * N_LAYERS + 1, batch=2, short_last=3)  # other widths, starts and lengths
+        assert_close(fast(other).logits, model(other).logits, 1e-4, "inductor, other length")
+        assert counters["stats"]["unique_graphs"] == graphs, "a new width or length recompiled"
+    assert "backend inductor" in str(wavefront.explain(fast))
+    fast(ids).logits.sum().backward()  # training calls run the eager folded graph
+    assert model.cell.layers[1].memory.W_mq.weight.grad is not None
