@@ -100,6 +100,7 @@ def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str],
                     and flag not in u.args[1:] and not u.kwargs):
                 raise FoldNotApplicable(f"the first-segment flag is used as `{u.format_node()}`, not as torch.where's condition")
     param_inputs: dict[str, fx.Node] = {}
+    lane_blocks: dict[str, nn.Module] = {}
     stacked = set(stack_names)
     # create param placeholders lazily but placeholders must precede other nodes: collect first
     needed = []
@@ -110,6 +111,8 @@ def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str],
             m = template.get_submodule(n.target)
             if isinstance(m, nn.Linear):
                 needed += [f"{n.target}.weight"] + ([f"{n.target}.bias"] if m.bias is not None else [])
+            elif _tensors_of(m):  # an opaque block: all its non-invariant tensors, for its lane clone
+                needed += [k for k in stack_names if k.startswith(n.target + ".") and k not in invariant]
     for name in dict.fromkeys(needed):
         # defaults keep the signature valid after the template's own defaulted inputs (always passed by name)
         param_inputs[name] = g.placeholder("lane_" + name.replace(".", "_"), default_value=None)
@@ -157,8 +160,17 @@ def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str],
                 env[n] = g.call_function(lane_linear, (arg(n.args[0]), w, b, lanes))
                 tag[n] = "B"
                 continue
-            if isinstance(m, OpaqueModule) or _tensors_of(m):
-                raise FoldNotApplicable(f"module {n.target} ({type(m).__name__}) holds parameters or is opaque")
+            if _tensors_of(m):  # an opaque block with parameters: run its lane clone (module_fold.py)
+                if "P" in ins:
+                    raise FoldNotApplicable(f"module {n.target} is applied to a parameter")
+                from .module_fold import LaneBlock
+                clone_name = "lane_" + n.target.replace(".", "_")
+                template_owner = template  # clones live on the folded module under their own name
+                lane_blocks[clone_name] = LaneBlock(m, n.target + ".", invariant)
+                mine = {k: param_inputs[k] for k in param_inputs if k.startswith(n.target + ".")}
+                env[n] = g.call_module(clone_name, arg(n.args), {**arg(n.kwargs), "lane_params": mine, "lanes": lanes})
+                tag[n] = "B"
+                continue
             env[n] = g.call_module(n.target, arg(n.args), arg(n.kwargs))
             tag[n] = "B" if "B" in ins else ("P" if "P" in ins else "U")
             if tag[n] == "P":
@@ -185,7 +197,17 @@ def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str],
                 tag[n] = "P"
                 continue
         raise FoldNotApplicable(f"`{n.format_node()}` uses layer parameters in a way lane folding cannot batch")
-    gm = fx.GraphModule(template, g, class_name="LaneFolded" + type(template).__name__)
+    root = nn.Module()
+    for name, _ in template.named_children():
+        setattr(root, name, getattr(template, name))
+    for name, value in template.__dict__.get("_buffers", {}).items():
+        root.register_buffer(name, value)
+    for name, block in lane_blocks.items():
+        setattr(root, name, block)
+    for n in g.nodes:  # attributes read by get_attr must exist on the root
+        if n.op == "get_attr" and "." not in n.target and not hasattr(root, n.target):
+            setattr(root, n.target, getattr(template, n.target))
+    gm = fx.GraphModule(root, g, class_name="LaneFolded" + type(template).__name__)
     return gm, list(param_inputs), out_tags
 
 
@@ -227,11 +249,14 @@ class FoldLaneCell(OpaqueModule):
             return self.vmap_cell(params, lane_values, shared_values)
         lanes = lane_values[0].shape[0]
         rows = lane_values[0].shape[1] if lane_values[0].dim() > 1 else None
-        if rows is None or any((v.dim() < 2 or v.shape[1] != rows) for k, v in enumerate(lane_values)
-                               if k != self.signature.flag_lane):
-            return self.vmap_cell(params, lane_values, shared_values)  # inputs without a common batch dim
         flag = self.signature.flag_lane
-        folded = [v.repeat_interleave(rows) if k == flag else v.flatten(0, 1) for k, v in enumerate(lane_values)]
+        if rows is None or any((v.dim() < 2 or v.shape[1] not in (rows, 1)) for k, v in enumerate(lane_values)
+                               if k != flag):
+            return self.vmap_cell(params, lane_values, shared_values)  # inputs without a common batch dim
+        # per-lane values broadcast over the batch (masks, rotary tables: batch 1) are given per row
+        folded = [v.repeat_interleave(rows) if k == flag else
+                  (v.expand(v.shape[0], rows, *v.shape[2:]) if v.shape[1] != rows else v).flatten(0, 1)
+                  for k, v in enumerate(lane_values)]
         args, kwargs = self.signature.rebuild(folded, shared_values)
         extra = {"lane_" + n.replace(".", "_"): params[n] for n in self.names}
         if self.compiled is not None and self.checked and not torch.is_grad_enabled():

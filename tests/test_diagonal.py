@@ -5,6 +5,7 @@ from torch import nn
 
 import wavefront
 from conftest import ARMT_KINDS, N_LAYERS, SEG, SEGMENT_COUNTS, VOCAB, build, ids_for, tiny_armt, tiny_rmt
+from wavefront.models.opaque import OpaqueModule
 from wavefront.models.segment import SegmentCell, SegmentRecurrentLM
 from wavefront.passes.diagonal import DiagonalBatchingIllegal, diagonal_batching
 from wavefront.passes.stacking import LayersNotStackable
@@ -250,3 +251,39 @@ def test_nan_propagates_exactly_as_in_the_reference():
     assert torch.isnan(ref.logits[0, 2 * SEG:]).all() and not torch.isnan(ref.logits[0, :SEG]).any()
     assert not torch.isnan(ref.logits[1]).any()
     assert rel_err(out.logits, ref.logits) <= 1e-9
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.hf
+def test_hugging_face_blocks_are_lane_folded(kind):
+    model = build(kind)
+    fast = wavefront.optimize(model)
+    ids = ids_for(N_LAYERS + 2, batch=2, short_last=1)
+    check_outputs(fast(ids), model(ids), 1e-9, f"{kind} folded")
+    assert [g.mode for g in fast.batched.groups] == ["fold"]  # the first-call check against vmap passed
+
+
+class PReLUBlock(OpaqueModule):
+    """An opaque block holding a parameter leaf lane folding does not know (PReLU's slope)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.act = nn.PReLU()
+
+    def forward(self, h, ctx=()):
+        return h + self.act(self.proj(h))
+
+
+def test_opaque_block_with_an_unknown_parameter_leaf_is_batched_by_vmap():
+    from wavefront.models import ARMTLayer
+    model = tiny_armt()
+    with torch.no_grad():
+        for i, layer in enumerate(model.cell.layers):
+            model.cell.layers[i] = ARMTLayer(PReLUBlock(16).double(), layer.memory, layer.n_mem_tokens)
+            model.cell.layers[i].block.act.weight.fill_(0.1 * (i + 1))
+    fast = wavefront.optimize(model)
+    group = fast.batched.groups[0]
+    assert group.mode == "vmap" and "PReLU" in group.reason
+    ids = ids_for(5, batch=2, short_last=2)
+    check_outputs(fast(ids), model(ids), 1e-9, "vmap fallback")

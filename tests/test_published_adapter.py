@@ -50,3 +50,15 @@ def test_unsupported_published_options_are_refused():
     model.rmt_config["segment_alignment"] = "right"
     with pytest.raises(TypeError, match="segment_alignment"):
         capture(model)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_optimize_runs_a_published_model_diagonally(kind):
+    import wavefront
+    model = published(kind)
+    ids = ids_for(5, batch=2, short_last=2)
+    ref = model(ids)
+    fast = wavefront.optimize(model, verify=True)
+    assert_close(fast(ids).logits, ref, 1e-9, f"optimized published {kind}")
+    assert wavefront.last_schedule(fast).num_steps == 3 + 5 - 1
+    assert "published-armt" in str(wavefront.explain(fast))
