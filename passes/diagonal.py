@@ -75,15 +75,19 @@ def diagonal_batching(rg: RecurrenceGraph, *, fold: bool = True) -> BatchedRecur
     for kind in sorted(set(rg.layer_kinds)):
         layers = tuple(l for l, k in enumerate(rg.layer_kinds) if k == kind)
         graphs = [rg.layer_graphs[l] for l in layers]
+        fused = []
+        if fold:
+            from .lane_fold import joint_names, linear_groups
+            fused = linear_groups(graphs[0])
         try:
-            stack = ParameterStack(graphs)
+            stack = ParameterStack(graphs, joint=joint_names(fused, graphs[0]) if fused else ())
         except LayersNotStackable as e:
             raise LayersNotStackable(f"layers {list(layers)} of {rg.family}: {e}") from e
         cell, reason = None, ""
         if fold:
             from .lane_fold import FoldNotApplicable, fold_lanes
             try:
-                cell = fold_lanes(graphs[0], signatures[layers[0]], stack)
+                cell = fold_lanes(graphs[0], signatures[layers[0]], stack, fused)
             except FoldNotApplicable as e:
                 reason = f"lane fold not applicable: {e}"
         if cell is None:

@@ -64,6 +64,30 @@ _ELEMENTWISE_METHODS = {"mul": operator.mul, "add": operator.add, "sub": operato
 _ELEMENTWISE_METHODS = {k: _ELEMENTWISE_FUNCS[v] for k, v in _ELEMENTWISE_METHODS.items()}
 
 
+def linear_groups(template: fx.GraphModule) -> list[list[str]]:
+    """Linear modules that read the same value (q/k/v, gate/up, the memory's k/v/beta): each
+    group can run as one wider matmul over a joint parameter storage."""
+    by_input: dict = {}
+    for n in template.graph.nodes:
+        if n.op != "call_module" or n.kwargs or len(n.args) != 1 or not isinstance(n.args[0], fx.Node):
+            continue
+        m = template.get_submodule(n.target)
+        if isinstance(m, nn.Linear):
+            key = (n.args[0], m.in_features, m.weight.dtype, m.bias is not None)
+            by_input.setdefault(key, []).append(n.target)
+    return [targets for targets in by_input.values() if len(targets) > 1]
+
+
+def joint_names(groups: list[list[str]], template: fx.GraphModule) -> list[list[str]]:
+    """The tensor-name groups a ParameterStack stores jointly for `linear_groups`' groups."""
+    out = []
+    for targets in groups:
+        out.append([f"{t}.weight" for t in targets])
+        if template.get_submodule(targets[0]).bias is not None:
+            out.append([f"{t}.bias" for t in targets])
+    return out
+
+
 def _tensors_of(module: nn.Module):
     return list(module.parameters(recurse=True)) + list(module.buffers(recurse=True))
 
@@ -76,14 +100,22 @@ def _lane_invariant_buffers(template: fx.GraphModule, stack) -> set[str]:
 
 
 def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str],
-               flag_placeholder: int | None = None) -> tuple[fx.GraphModule, list[str], list[str]]:
+               flag_placeholder: int | None = None, fused: list[list[str]] = ()) -> tuple[fx.GraphModule, list[str], list[str]]:
     """Rewrite `template` into the lane-folded graph.
 
     Returns the GraphModule (inputs: the template's own, then one per stacked tensor, then
     `lanes`), the stacked names it takes in order, and the tag ("B" rows / "P" stacked) of each
     output leaf. Placeholder number `flag_placeholder` is the first-segment flag: it arrives
-    per row and may only be torch.where's condition.
+    per row and may only be torch.where's condition. `fused`: groups of linears (linear_groups)
+    whose weights (and biases) sit in joint storages `joint{k}`, in joint_names' order.
     """
+    fused_of: dict[str, tuple[int, int | None, int]] = {}  # target -> (weight joint, bias joint, group)
+    k = 0
+    for gi, targets in enumerate(fused):
+        has_bias = template.get_submodule(targets[0]).bias is not None
+        for t in targets:
+            fused_of[t] = (k, k + 1 if has_bias else None, gi)
+        k += 2 if has_bias else 1
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     tag: dict[fx.Node, str] = {}  # "B": folded rows, "P": lane-stacked param value, "U": lane invariant
@@ -101,6 +133,7 @@ def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str],
                 raise FoldNotApplicable(f"the first-segment flag is used as `{u.format_node()}`, not as torch.where's condition")
     param_inputs: dict[str, fx.Node] = {}
     lane_blocks: dict[str, nn.Module] = {}
+    fused_out: dict[int, fx.Node] = {}
     stacked = set(stack_names)
     # create param placeholders lazily but placeholders must precede other nodes: collect first
     needed = []
@@ -109,7 +142,10 @@ def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str],
             needed.append(n.target)
         elif n.op == "call_module":
             m = template.get_submodule(n.target)
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and n.target in fused_of:
+                wk, bk, _ = fused_of[n.target]
+                needed += [f"joint{wk}"] + ([f"joint{bk}"] if bk is not None else [])
+            elif isinstance(m, nn.Linear):
                 needed += [f"{n.target}.weight"] + ([f"{n.target}.bias"] if m.bias is not None else [])
             elif _tensors_of(m):  # an opaque block: all its non-invariant tensors, for its lane clone
                 needed += [k for k in stack_names if k.startswith(n.target + ".") and k not in invariant]
@@ -152,6 +188,17 @@ def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str],
             continue
         if n.op == "call_module":
             m = template.get_submodule(n.target)
+            if isinstance(m, nn.Linear) and n.target in fused_of:
+                if "P" in ins:
+                    raise FoldNotApplicable(f"linear {n.target} is applied to a parameter")
+                wk, bk, gi = fused_of[n.target]
+                if gi not in fused_out:  # the group's first linear computes all of them at once
+                    fused_out[gi] = g.call_function(lane_linear, (arg(n.args[0]), param_inputs[f"joint{wk}"],
+                                                                  param_inputs.get(f"joint{bk}"), lanes))
+                off = sum(template.get_submodule(t).out_features for t in fused[gi][:fused[gi].index(n.target)])
+                env[n] = g.call_method("narrow", (fused_out[gi], -1, off, m.out_features))
+                tag[n] = "B"
+                continue
             if isinstance(m, nn.Linear):
                 if "P" in ins:
                     raise FoldNotApplicable(f"linear {n.target} is applied to a parameter")
@@ -280,7 +327,7 @@ class FoldLaneCell(OpaqueModule):
         return leaves, spec
 
 
-def fold_lanes(template: fx.GraphModule, signature: LaneSignature, stack) -> FoldLaneCell:
+def fold_lanes(template: fx.GraphModule, signature: LaneSignature, stack, fused: list[list[str]] = ()) -> FoldLaneCell:
     """Build the folded cell for one layer kind, or raise FoldNotApplicable saying why."""
     invariant = _lane_invariant_buffers(template, stack)
     flag_placeholder = None
@@ -290,5 +337,5 @@ def fold_lanes(template: fx.GraphModule, signature: LaneSignature, stack) -> Fol
         if leaf not in args:
             raise FoldNotApplicable("the first-segment flag is passed by keyword")
         flag_placeholder = list(args).index(leaf)
-    folded, names, out_tags = fold_graph(template, stack.names, invariant, flag_placeholder)
+    folded, names, out_tags = fold_graph(template, stack.names, invariant, flag_placeholder, fused)
     return FoldLaneCell(folded, names, out_tags, signature, VmapLaneCell(template, signature), invariant, stack)

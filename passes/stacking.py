@@ -32,6 +32,24 @@ class _LaneSlice(torch.autograd.Function):
         return (None, None, None, *grad.unbind(0))
 
 
+class _JointLaneSlice(torch.autograd.Function):
+    """storage[a:b] of a joint stack (several names side by side along dim 1), differentiable
+    w.r.t. each name's per-layer parameters: gradient rows are handed back by offset."""
+
+    @staticmethod
+    def forward(ctx, storage, a, b, spans, *params):
+        ctx.spans, ctx.lanes = spans, b - a
+        return storage[a:b]
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = []
+        for off, size in ctx.spans:  # params are ordered name-major, then lane
+            part = grad.narrow(1, off, size)
+            grads.extend(part.unbind(0))
+        return (None, None, None, None, *grads)
+
+
 class ParameterStack:
     """Stacks of the named tensors of several structurally identical modules.
 
@@ -41,9 +59,14 @@ class ParameterStack:
     (torch.Size([2, 2, 3]), True)
     """
 
-    def __init__(self, modules: list[nn.Module]):
+    def __init__(self, modules: list[nn.Module], joint: list[list[str]] = ()):
+        """`joint`: groups of tensor names (same trailing shape, e.g. the weights of linears
+        reading one input) laid side by side in one storage along dim 1, so one batched matmul
+        can serve the whole group; each name's stack (and each layer's tensor) is a view of it."""
         self.modules = list(modules)
         self.names = tuple(n for n, _ in self._named(self.modules[0]))
+        self.joint = [tuple(g) for g in joint]
+        self.joint_storage: list[torch.Tensor] = []
         self.stacks: dict[str, torch.Tensor] = {}
         self._restack()
 
@@ -63,8 +86,10 @@ class ParameterStack:
 
     def _restack(self):
         seen: dict[int, str] = {}
+        tensors = {}
         for name in self.names:
             ts = self._tensors(name)
+            tensors[name] = ts
             for i, t in enumerate(ts):
                 if id(t) in seen:
                     raise LayersNotStackable(
@@ -73,12 +98,30 @@ class ParameterStack:
                 seen[id(t)] = name
                 if (t.shape, t.dtype, t.device) != (ts[0].shape, ts[0].dtype, ts[0].device):
                     raise LayersNotStackable(f"tensor '{name}' differs in shape/dtype/device between layers 0 and {i}")
-            stack = torch.empty((len(ts), *ts[0].shape), dtype=ts[0].dtype, device=ts[0].device)
-            with torch.no_grad():
-                for i, t in enumerate(ts):
-                    stack[i].copy_(t.data)
-                    t.data = stack[i]  # the old storage is freed here: one name at a time
-            self.stacks[name] = stack
+        in_joint = {n for g in self.joint for n in g}
+        self.joint_storage = []
+        for group in self.joint:
+            first = tensors[group[0]][0]
+            sizes = [tensors[n][0].shape[0] for n in group]
+            storage = torch.empty((len(self.modules), sum(sizes), *first.shape[1:]), dtype=first.dtype,
+                                  device=first.device)
+            off = 0
+            for n, size in zip(group, sizes):
+                self._adopt(n, tensors[n], storage[:, off:off + size])
+                off += size
+            self.joint_storage.append(storage)
+        for name in self.names:
+            if name not in in_joint:
+                ts = tensors[name]
+                self._adopt(name, ts, torch.empty((len(ts), *ts[0].shape), dtype=ts[0].dtype, device=ts[0].device))
+
+    def _adopt(self, name, ts, stack):
+        """Copy the layers' tensors into `stack` and make each layer's tensor a view of it."""
+        with torch.no_grad():
+            for i, t in enumerate(ts):
+                stack[i].copy_(t.data)
+                t.data = stack[i]  # the old storage is freed here: one name at a time
+        self.stacks[name] = stack
 
     def is_current(self) -> bool:
         """Do all layers still view this stack (nothing re-pointed them since)?"""
@@ -110,4 +153,23 @@ class ParameterStack:
         return stack[a:b]
 
     def slices(self, a: int, b: int) -> dict[str, torch.Tensor]:
-        return {name: self.slice(name, a, b) for name in self.names}
+        """Every name's slice for layers a..b-1, plus `joint{k}` for each joint storage."""
+        out = {name: self.slice(name, a, b) for name in self.names}
+        for k in range(len(self.joint)):
+            out[f"joint{k}"] = self.joint_slice(k, a, b)
+        return out
+
+    def joint_slice(self, k: int, a: int, b: int) -> torch.Tensor:
+        """Layers a..b-1 of joint storage k: [b - a, sum of the group's sizes, *rest]."""
+        storage = self.joint_storage[k]
+        if torch.is_grad_enabled():
+            group = self.joint[k]
+            params = [t for n in group for t in self._tensors(n)[a:b]]
+            if any(p.requires_grad for p in params):
+                spans, off = [], 0
+                for n in group:
+                    size = self.stacks[n].shape[1]
+                    spans.append((off, size))
+                    off += size
+                return _JointLaneSlice.apply(storage, a, b, tuple(spans), *params)
+        return storage[a:b]
