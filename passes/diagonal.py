@@ -54,8 +54,14 @@ class BatchedRecurrence:
             g.stack.check()
 
     def describe(self) -> str:
-        return "\n".join(f"  kind {g.kind}: layers {list(g.layers)} batched by {g.mode}"
-                         + (f" ({g.reason})" if g.reason else "") for g in self.groups)
+        lines = []
+        for g in self.groups:
+            notes = [g.reason, getattr(g.cell, "fallback_reason", ""),
+                     f"compile failed, running eager: {g.cell.compile_error}" if getattr(g.cell, "compile_error", "") else "",
+                     "compiled" if getattr(g.cell, "compiled", None) is not None else ""]
+            notes = "; ".join(n for n in notes if n)
+            lines.append(f"  kind {g.kind}: layers {list(g.layers)} batched by {g.mode}" + (f" ({notes})" if notes else ""))
+        return "\n".join(lines)
 
 
 def diagonal_batching(rg: RecurrenceGraph, *, fold: bool = True) -> BatchedRecurrence:

@@ -279,6 +279,7 @@ class FoldLaneCell(OpaqueModule):
         self.checked = False
         self.fallback_reason = ""
         self.compiled = None  # set by backends.inductor: torch.compile(self.folded)
+        self.compile_error = ""  # why compiling failed, if it did (the eager graph runs instead)
 
     @property
     def mode(self):
@@ -309,8 +310,12 @@ class FoldLaneCell(OpaqueModule):
         if self.compiled is not None and self.checked and not torch.is_grad_enabled():
             # Duck sizing would tie unrelated sizes that happen to be equal on the first call
             # (lanes == batch == layers) and recompile when they part; keep them independent.
-            with torch.fx.experimental._config.patch(use_duck_shape=False):
-                out = self.compiled(*args, **kwargs, **extra, lanes=lanes)
+            try:
+                with torch.fx.experimental._config.patch(use_duck_shape=False):
+                    out = self.compiled(*args, **kwargs, **extra, lanes=lanes)
+            except Exception as e:  # a graph torch.compile cannot handle runs eager from now on
+                self.compiled, self.compile_error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                out = self.folded(*args, **kwargs, **extra, lanes=lanes)
         else:
             out = self.folded(*args, **kwargs, **extra, lanes=lanes)
         leaves, spec = tree_flatten(out)

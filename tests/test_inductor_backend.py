@@ -24,3 +24,20 @@ def test_inductor_backend_is_exact_and_compiles_once():
     assert "backend inductor" in str(wavefront.explain(fast))
     fast(ids).logits.sum().backward()  # training calls run the eager folded graph
     assert model.cell.layers[1].memory.W_mq.weight.grad is not None
+
+
+def test_a_failing_compiled_cell_falls_back_to_eager_and_says_why():
+    model = tiny_armt(torch.float32)
+    fast = wavefront.optimize(model)
+    ids = ids_for(N_LAYERS + 1, batch=2)
+    with torch.no_grad():
+        fast(ids)  # first batched call: the fold checks itself against vmap
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("unsupported by the compiler\nsecond line")
+
+        cell = fast.batched.groups[0].cell
+        cell.compiled = broken
+        assert_close(fast(ids).logits, model(ids).logits, 1e-5, "after compile failure")
+    assert cell.compiled is None and "unsupported by the compiler" in cell.compile_error
+    assert "compile failed, running eager" in str(wavefront.explain(fast))
