@@ -10,18 +10,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import operator
+
 from torch import fx
 
 
 @dataclass
 class Part:
-    """Compiled nodes: call(*[env[x] for x in inputs]) -> values of `outputs`, in order."""
+    """Compiled nodes: call(*[env[x] for x in inputs]) -> values of `outputs`, in order.
+    `unpack`: the part only takes items out of one tuple (a layer's outputs), done directly."""
 
     module: fx.GraphModule | None
     inputs: list[fx.Node]
     outputs: list[fx.Node]
+    unpack: list[tuple[fx.Node, fx.Node, int]] | None = None
 
     def run(self, env: dict) -> None:
+        if self.unpack is not None:
+            for node, source, index in self.unpack:
+                env[node] = env[source][index]
+            return
         if self.module is None:
             return
         values = self.module(*[env[x] for x in self.inputs])
@@ -33,6 +41,9 @@ def compile_part(root: fx.GraphModule, nodes: list[fx.Node], name: str) -> Part:
     """A GraphModule computing `nodes` (in graph order) from whatever they read outside."""
     if not nodes:
         return Part(None, [], [])
+    if all(n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node)
+           and isinstance(n.args[1], int) and n.args[0] not in nodes for n in nodes):
+        return Part(None, [], list(nodes), unpack=[(n, n.args[0], n.args[1]) for n in nodes])
     members = set(nodes)
     g = fx.Graph()
     inputs: list[fx.Node] = []

@@ -57,6 +57,7 @@ class TorchExecutor:
             self._after.append(compile_part(gm, nodes[cut + 1:], f"Cell{l}After"))
         self._keep = set(rg.state_out_nodes) | {rg.logits_node}
         self._validated: dict = {}
+        self._flat_tuple: dict = {}
 
     def _dtype_device(self):
         p = next(self.rg.cell.parameters())
@@ -152,9 +153,13 @@ class TorchExecutor:
         shared = [env0[x] if isinstance(x, fx.Node) else x for x in (sig.leaves[i] for i in sig.shared_pos)]
         sigs = [(self.batched.signatures[l], envs[s]) for l, s in cells]
         lane_values = [torch.stack([env[sg.leaves[i]] for sg, env in sigs]) for i in sig.lane_pos]
-        out_leaves, spec = group.cell(group.stack.slices(a, a + len(cells)), lane_values, shared)
+        names = getattr(group.cell, "param_names", None)  # what the batched cell reads (None: all)
+        out_leaves, spec = group.cell(group.stack.slices(a, a + len(cells), names), lane_values, shared)
         per_lane = list(zip(*[o.unbind(0) for o in out_leaves]))
-        as_tuple = spec.type is tuple and all(c.num_leaves == 1 and c.type is None for c in spec.children())
+        as_tuple = self._flat_tuple.get(spec)
+        if as_tuple is None:
+            as_tuple = self._flat_tuple[spec] = spec.type is tuple and all(
+                c.num_leaves == 1 and c.type is None for c in spec.children())
         for k, (l, s) in enumerate(cells):
             envs[s][self.rg.layer_nodes[l]] = per_lane[k] if as_tuple else tree_unflatten(list(per_lane[k]), spec)
 

@@ -285,6 +285,11 @@ class FoldLaneCell(OpaqueModule):
     def mode(self):
         return "vmap" if self.fallback_reason else "fold"
 
+    @property
+    def param_names(self):
+        """The stacked tensors the folded graph reads (None once fallen back: vmap reads all)."""
+        return None if self.fallback_reason or not self.checked else self.names
+
     def _invariants_hold(self) -> bool:
         return all(torch.equal(self.stack.stacks[n][i], self.stack.stacks[n][0])
                    for n in self.invariant for i in range(1, self.stack.stacks[n].shape[0]))

@@ -152,12 +152,13 @@ class ParameterStack:
                 return _LaneSlice.apply(stack, a, b, *params)
         return stack[a:b]
 
-    def slices(self, a: int, b: int) -> dict[str, torch.Tensor]:
-        """Every name's slice for layers a..b-1, plus `joint{k}` for each joint storage."""
-        out = {name: self.slice(name, a, b) for name in self.names}
-        for k in range(len(self.joint)):
-            out[f"joint{k}"] = self.joint_slice(k, a, b)
-        return out
+    def slices(self, a: int, b: int, names=None) -> dict[str, torch.Tensor]:
+        """Slices for layers a..b-1 of `names` (default: every name, and `joint{k}` for each
+        joint storage)."""
+        if names is None:
+            names = list(self.names) + [f"joint{k}" for k in range(len(self.joint))]
+        return {n: self.joint_slice(int(n[5:]), a, b) if n.startswith("joint") and n not in self.stacks
+                else self.slice(n, a, b) for n in names}
 
     def joint_slice(self, k: int, a: int, b: int) -> torch.Tensor:
         """Layers a..b-1 of joint storage k: [b - a, sum of the group's sizes, *rest]."""
