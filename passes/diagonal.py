@@ -91,7 +91,8 @@ def diagonal_batching(rg: RecurrenceGraph, *, fold: bool = True) -> BatchedRecur
             raise LayersNotStackable(f"layers {list(layers)} of {rg.family}: {e}") from e
         cell, reason = None, ""
         if fold:
-            from .lane_fold import FoldNotApplicable, fold_lanes
+            from .fold_cell import fold_lanes
+            from .lane_fold import FoldNotApplicable
             try:
                 cell = fold_lanes(graphs[0], signatures[layers[0]], stack, fused)
             except FoldNotApplicable as e:

@@ -7,7 +7,6 @@ for layers whose graphs are fully traced.)
 """
 from __future__ import annotations
 
-import torch
 from torch import fx
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten

@@ -8,20 +8,18 @@ touch a parameter then runs unchanged on lanes * batch rows; only parameter uses
   - buffers equal in every layer (rotary tables) stay as they are.
 Anything else (a foreign block with parameters, a param in a non-elementwise op) raises
 FoldNotApplicable and the kind is batched with vmap instead. torch.func.vmap does the same job
-generally but pays a per-op dispatch cost that dominates small layers on CPU; this rewrite is
-why a diagonal step costs about what one cell costs.
+generally but pays a per-op dispatch cost that dominates small layers on CPU (an 8-lane vmap
+step measured 3.3x a single cell; the folded graph about 1.4x). fold_cell.py runs the result.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
-from wavefront.models.opaque import OpaqueModule
-
-from .lane_batching import LaneSignature, VmapLaneCell
 
 
 class FoldNotApplicable(Exception):
@@ -61,7 +59,6 @@ _ELEMENTWISE_FUNCS = {operator.mul: "mul", operator.add: "add", operator.sub: "s
                       torch.mul: "mul", torch.add: "add", torch.sub: "sub", torch.div: "truediv",
                       torch.maximum: "maximum", torch.minimum: "minimum"}
 _ELEMENTWISE_METHODS = {"mul": operator.mul, "add": operator.add, "sub": operator.sub, "div": operator.truediv}
-_ELEMENTWISE_METHODS = {k: _ELEMENTWISE_FUNCS[v] for k, v in _ELEMENTWISE_METHODS.items()}
 
 
 def linear_groups(template: fx.GraphModule) -> list[list[str]]:
@@ -92,7 +89,7 @@ def _tensors_of(module: nn.Module):
     return list(module.parameters(recurse=True)) + list(module.buffers(recurse=True))
 
 
-def _lane_invariant_buffers(template: fx.GraphModule, stack) -> set[str]:
+def lane_invariant_buffers(template: fx.GraphModule, stack) -> set[str]:
     """Buffers (never parameters: those train apart) that hold the same values in every layer."""
     buffers = {n for n, _ in template.named_buffers()}
     return {n for n in buffers if all(torch.equal(stack.stacks[n][i], stack.stacks[n][0])
@@ -121,7 +118,7 @@ def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str],
     tag: dict[fx.Node, str] = {}  # "B": folded rows, "P": lane-stacked param value, "U": lane invariant
     placeholders = [n for n in template.graph.nodes if n.op == "placeholder"]
     for n in placeholders:
-        env[n] = g.placeholder(n.target, default_value=n.args[0] if n.args else inspect_empty())
+        env[n] = g.placeholder(n.target, default_value=n.args[0] if n.args else inspect.Signature.empty)
         env[n].meta = dict(n.meta)
         tag[n] = "B"
     flag = placeholders[flag_placeholder] if flag_placeholder is not None else None
@@ -212,7 +209,6 @@ def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str],
                     raise FoldNotApplicable(f"module {n.target} is applied to a parameter")
                 from .module_fold import LaneBlock
                 clone_name = "lane_" + n.target.replace(".", "_")
-                template_owner = template  # clones live on the folded module under their own name
                 lane_blocks[clone_name] = LaneBlock(m, n.target + ".", invariant)
                 mine = {k: param_inputs[k] for k in param_inputs if k.startswith(n.target + ".")}
                 env[n] = g.call_module(clone_name, arg(n.args), {**arg(n.kwargs), "lane_params": mine, "lanes": lanes})
@@ -256,96 +252,3 @@ def fold_graph(template: fx.GraphModule, stack_names, invariant: set[str],
             setattr(root, n.target, getattr(template, n.target))
     gm = fx.GraphModule(root, g, class_name="LaneFolded" + type(template).__name__)
     return gm, list(param_inputs), out_tags
-
-
-def inspect_empty():
-    import inspect
-    return inspect.Signature.empty
-
-
-class FoldLaneCell(OpaqueModule):
-    """Same interface as VmapLaneCell, running the lane-folded graph.
-
-    The first call with two or more lanes is also run through vmap and compared: a layer that
-    mixes batch rows (which folding would get wrong) is caught there and the kind switches to
-    vmap for good, with the reason kept in `fallback_reason`.
-    """
-
-    def __init__(self, folded: fx.GraphModule, names: list[str], out_tags: list[str], signature: LaneSignature,
-                 vmap_cell: VmapLaneCell, invariant: set[str], stack):
-        super().__init__()
-        self.folded, self.names, self.out_tags, self.signature = folded, names, out_tags, signature
-        self.vmap_cell, self.invariant, self.stack = vmap_cell, invariant, stack
-        self.checked = False
-        self.fallback_reason = ""
-        self.compiled = None  # set by backends.inductor: torch.compile(self.folded)
-        self.compile_error = ""  # why compiling failed, if it did (the eager graph runs instead)
-
-    @property
-    def mode(self):
-        return "vmap" if self.fallback_reason else "fold"
-
-    @property
-    def param_names(self):
-        """The stacked tensors the folded graph reads (None once fallen back: vmap reads all)."""
-        return None if self.fallback_reason or not self.checked else self.names
-
-    def _invariants_hold(self) -> bool:
-        return all(torch.equal(self.stack.stacks[n][i], self.stack.stacks[n][0])
-                   for n in self.invariant for i in range(1, self.stack.stacks[n].shape[0]))
-
-    def forward(self, params, lane_values, shared_values):
-        if self.fallback_reason:
-            return self.vmap_cell(params, lane_values, shared_values)
-        if self.invariant and not self._invariants_hold():
-            self.fallback_reason = "a buffer that was equal in every layer changed"
-            return self.vmap_cell(params, lane_values, shared_values)
-        lanes = lane_values[0].shape[0]
-        rows = lane_values[0].shape[1] if lane_values[0].dim() > 1 else None
-        flag = self.signature.flag_lane
-        if rows is None or any((v.dim() < 2 or v.shape[1] not in (rows, 1)) for k, v in enumerate(lane_values)
-                               if k != flag):
-            return self.vmap_cell(params, lane_values, shared_values)  # inputs without a common batch dim
-        # per-lane values broadcast over the batch (masks, rotary tables: batch 1) are given per row
-        folded = [v.repeat_interleave(rows) if k == flag else
-                  (v.expand(v.shape[0], rows, *v.shape[2:]) if v.shape[1] != rows else v).flatten(0, 1)
-                  for k, v in enumerate(lane_values)]
-        args, kwargs = self.signature.rebuild(folded, shared_values)
-        extra = {"lane_" + n.replace(".", "_"): params[n] for n in self.names}
-        if self.compiled is not None and self.checked and not torch.is_grad_enabled():
-            # Duck sizing would tie unrelated sizes that happen to be equal on the first call
-            # (lanes == batch == layers) and recompile when they part; keep them independent.
-            try:
-                with torch.fx.experimental._config.patch(use_duck_shape=False):
-                    out = self.compiled(*args, **kwargs, **extra, lanes=lanes)
-            except Exception as e:  # a graph torch.compile cannot handle runs eager from now on
-                self.compiled, self.compile_error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                out = self.folded(*args, **kwargs, **extra, lanes=lanes)
-        else:
-            out = self.folded(*args, **kwargs, **extra, lanes=lanes)
-        leaves, spec = tree_flatten(out)
-        leaves = [x.reshape(lanes, -1, *x.shape[1:]) if t == "B" else x for x, t in zip(leaves, self.out_tags)]
-        if not self.checked and lanes >= 2:
-            self.checked = True
-            ref, _ = self.vmap_cell(params, lane_values, shared_values)
-            tol = {torch.float64: 1e-8, torch.float32: 1e-3}.get(leaves[0].dtype, 5e-2)
-            for x, r in zip(leaves, ref):
-                scale = r.detach().abs().max().clamp_min(1e-30)
-                if not (x.shape == r.shape and ((x.detach() - r.detach()).abs().max() / scale) <= tol):
-                    self.fallback_reason = "lane-folded result differed from vmap on the first batched call"
-                    return ref, _
-        return leaves, spec
-
-
-def fold_lanes(template: fx.GraphModule, signature: LaneSignature, stack, fused: list[list[str]] = ()) -> FoldLaneCell:
-    """Build the folded cell for one layer kind, or raise FoldNotApplicable saying why."""
-    invariant = _lane_invariant_buffers(template, stack)
-    flag_placeholder = None
-    if signature.flag_lane is not None:
-        leaf = signature.lane_pos[signature.flag_lane]
-        args, kwargs = tree_unflatten(list(range(len(signature.leaves))), signature.spec)
-        if leaf not in args:
-            raise FoldNotApplicable("the first-segment flag is passed by keyword")
-        flag_placeholder = list(args).index(leaf)
-    folded, names, out_tags = fold_graph(template, stack.names, invariant, flag_placeholder, fused)
-    return FoldLaneCell(folded, names, out_tags, signature, VmapLaneCell(template, signature), invariant, stack)

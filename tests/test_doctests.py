@@ -5,7 +5,6 @@ import pkgutil
 
 import pytest
 
-import wavefront
 
 
 def _modules():

@@ -1,0 +1,99 @@
+"""FoldLaneCell: runs a lane-folded layer graph (lane_fold.py) as a kind's batched cell."""
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from wavefront.models.opaque import OpaqueModule
+
+from .lane_batching import LaneSignature, VmapLaneCell
+from .lane_fold import FoldNotApplicable, fold_graph, lane_invariant_buffers
+
+
+class FoldLaneCell(OpaqueModule):
+    """Same interface as VmapLaneCell, running the lane-folded graph.
+
+    The first call with two or more lanes is also run through vmap and compared: a layer that
+    mixes batch rows (which folding would get wrong) is caught there and the kind switches to
+    vmap for good, with the reason kept in `fallback_reason`.
+    """
+
+    def __init__(self, folded: fx.GraphModule, names: list[str], out_tags: list[str], signature: LaneSignature,
+                 vmap_cell: VmapLaneCell, invariant: set[str], stack):
+        super().__init__()
+        self.folded, self.names, self.out_tags, self.signature = folded, names, out_tags, signature
+        self.vmap_cell, self.invariant, self.stack = vmap_cell, invariant, stack
+        self.checked = False
+        self.fallback_reason = ""
+        self.compiled = None  # set by backends.inductor: torch.compile(self.folded)
+        self.compile_error = ""  # why compiling failed, if it did (the eager graph runs instead)
+
+    @property
+    def mode(self):
+        return "vmap" if self.fallback_reason else "fold"
+
+    @property
+    def param_names(self):
+        """The stacked tensors the folded graph reads (None once fallen back: vmap reads all)."""
+        return None if self.fallback_reason or not self.checked else self.names
+
+    def _invariants_hold(self) -> bool:
+        return all(torch.equal(self.stack.stacks[n][i], self.stack.stacks[n][0])
+                   for n in self.invariant for i in range(1, self.stack.stacks[n].shape[0]))
+
+    def forward(self, params, lane_values, shared_values):
+        if self.fallback_reason:
+            return self.vmap_cell(params, lane_values, shared_values)
+        if self.invariant and not self._invariants_hold():
+            self.fallback_reason = "a buffer that was equal in every layer changed"
+            return self.vmap_cell(params, lane_values, shared_values)
+        lanes = lane_values[0].shape[0]
+        rows = lane_values[0].shape[1] if lane_values[0].dim() > 1 else None
+        flag = self.signature.flag_lane
+        if rows is None or any((v.dim() < 2 or v.shape[1] not in (rows, 1)) for k, v in enumerate(lane_values)
+                               if k != flag):
+            return self.vmap_cell(params, lane_values, shared_values)  # inputs without a common batch dim
+        # per-lane values broadcast over the batch (masks, rotary tables: batch 1) are given per row
+        folded = [v.repeat_interleave(rows) if k == flag else
+                  (v.expand(v.shape[0], rows, *v.shape[2:]) if v.shape[1] != rows else v).flatten(0, 1)
+                  for k, v in enumerate(lane_values)]
+        args, kwargs = self.signature.rebuild(folded, shared_values)
+        extra = {"lane_" + n.replace(".", "_"): params[n] for n in self.names}
+        if self.compiled is not None and self.checked and not torch.is_grad_enabled():
+            # Duck sizing would tie unrelated sizes that happen to be equal on the first call
+            # (lanes == batch == layers) and recompile when they part; keep them independent.
+            try:
+                with torch.fx.experimental._config.patch(use_duck_shape=False):
+                    out = self.compiled(*args, **kwargs, **extra, lanes=lanes)
+            except Exception as e:  # a graph torch.compile cannot handle runs eager from now on
+                self.compiled, self.compile_error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                out = self.folded(*args, **kwargs, **extra, lanes=lanes)
+        else:
+            out = self.folded(*args, **kwargs, **extra, lanes=lanes)
+        leaves, spec = tree_flatten(out)
+        leaves = [x.reshape(lanes, -1, *x.shape[1:]) if t == "B" else x for x, t in zip(leaves, self.out_tags)]
+        if not self.checked and lanes >= 2:
+            self.checked = True
+            ref, _ = self.vmap_cell(params, lane_values, shared_values)
+            tol = {torch.float64: 1e-8, torch.float32: 1e-3}.get(leaves[0].dtype, 5e-2)
+            for x, r in zip(leaves, ref):
+                scale = r.detach().abs().max().clamp_min(1e-30)
+                if not (x.shape == r.shape and ((x.detach() - r.detach()).abs().max() / scale) <= tol):
+                    self.fallback_reason = "lane-folded result differed from vmap on the first batched call"
+                    return ref, _
+        return leaves, spec
+
+
+def fold_lanes(template: fx.GraphModule, signature: LaneSignature, stack, fused: list[list[str]] = ()) -> FoldLaneCell:
+    """Build the folded cell for one layer kind, or raise FoldNotApplicable saying why."""
+    invariant = lane_invariant_buffers(template, stack)
+    flag_placeholder = None
+    if signature.flag_lane is not None:
+        leaf = signature.lane_pos[signature.flag_lane]
+        args, kwargs = tree_unflatten(list(range(len(signature.leaves))), signature.spec)
+        if leaf not in args:
+            raise FoldNotApplicable("the first-segment flag is passed by keyword")
+        flag_placeholder = list(args).index(leaf)
+    folded, names, out_tags = fold_graph(template, stack.names, invariant, flag_placeholder, fused)
+    return FoldLaneCell(folded, names, out_tags, signature, VmapLaneCell(template, signature), invariant, stack)
