@@ -1,0 +1,87 @@
+"""The native first-order scan against the float64 reference: values, gradients, layouts, fallback."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import wavefront.backends.native_scan as ns
+from wavefront.backends.native_scan import native_linear_scan
+from wavefront.models.scan_reference import linear_scan_reference
+from wavefront.testing import assert_close
+
+
+def inputs(shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(shape, generator=g, dtype=dtype) * 0.6 + 0.4  # decays in (0.4, 1)
+    b = torch.randn(shape, generator=g, dtype=dtype)
+    return a, b
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=2), st.integers(1, 70), st.integers(0, 2),
+       st.booleans(), st.booleans())
+def test_matches_the_reference_exactly(outer_inner, T, where, reverse, with_h0):
+    shape = list(outer_inner)
+    dim = min(where, len(shape))
+    shape.insert(dim, T)
+    a, b = inputs(tuple(shape))
+    h0 = torch.randn(*(s for i, s in enumerate(shape) if i != dim), dtype=torch.float64) if with_h0 else None
+    got = native_linear_scan(a, b, h0, dim, reverse)
+    assert torch.equal(got, linear_scan_reference(a, b, h0, dim, reverse))  # same operations, same order
+
+
+@pytest.mark.parametrize("T", [1, 1000, 4096, 16384])
+def test_float32_long_sequences_against_float64(T):
+    a, b = inputs((2, T, 64))
+    ref = linear_scan_reference(a, b)
+    assert_close(native_linear_scan(a.float(), b.float()), ref, 1e-5, f"fp32 T={T}")
+
+
+@pytest.mark.parametrize("dim, reverse", [(1, False), (1, True), (0, False), (2, True)])
+def test_gradients(dim, reverse):
+    a, b = inputs((2, 5, 3))
+    a.requires_grad_(), b.requires_grad_()
+    h0 = torch.randn(*(s for i, s in enumerate(a.shape) if i != dim), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, h0: native_linear_scan(a, b, h0, dim, reverse), (a, b, h0))
+    w = torch.randn(a.shape, dtype=torch.float64)
+    (native_linear_scan(a, b, h0, dim, reverse) * w).sum().backward()
+    got = [t.grad.clone() for t in (a, b, h0)]
+    for t in (a, b, h0):
+        t.grad = None
+    (linear_scan_reference(a, b, h0, dim, reverse) * w).sum().backward()
+    for x, y in zip(got, (a.grad, b.grad, h0.grad)):
+        assert_close(x, y, 1e-12, "grad")
+
+
+def test_out_buffer_for_inference():
+    a, b = inputs((3, 50, 4))
+    out = torch.empty_like(a)
+    with torch.no_grad():
+        got = native_linear_scan(a, b, out=out)
+    assert got is out and torch.equal(out, linear_scan_reference(a, b))
+    with pytest.raises(ValueError, match="out= is for inference"):
+        native_linear_scan(a.requires_grad_(), b, out=out)
+    with pytest.raises(ValueError, match="contiguous"):
+        native_linear_scan(a.detach(), b, out=out.transpose(0, 1))
+
+
+def test_bad_input_is_refused():
+    a, b = inputs((2, 4))
+    with pytest.raises(ValueError, match="must match in shape"):
+        native_linear_scan(a, b[:, :3])
+    with pytest.raises(ValueError, match="h0 must have shape"):
+        native_linear_scan(a, b, torch.zeros(3))
+    with pytest.raises(TypeError, match="float32/float64 CPU"):
+        native_linear_scan(a.half(), b.half())
+
+
+def test_build_is_cached_and_missing_compiler_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAVEFRONT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ns, "_state", {})
+    assert ns.available() == (True, "")
+    built = list(tmp_path.glob("scan-*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(ns, "_state", {})
+    monkeypatch.setenv("CC", "/nonexistent/cc")  # the cache key asks the compiler for its version
+    ok, why = ns.available()
+    assert not ok and "nonexistent" in why
