@@ -51,8 +51,34 @@ void NAME(const T_* a, const T_* b, const T_* h0, T_* h, int64_t outer, int64_t 
 }
 SCAN(wf_scan_f32, float)
 SCAN(wf_scan_f64, double)
+
+/* complex: interleaved (re, im) pairs, (a * h) + b written out in real arithmetic */
+#define CSCAN(NAME, R_)                                                                         \
+void NAME(const R_* a, const R_* b, const R_* h0, R_* h, int64_t outer, int64_t T, int64_t inner, \
+          int reverse) {                                                                        \
+    _Pragma("omp parallel for schedule(static) if (outer * inner >= 16384)")                     \
+    for (int64_t job = 0; job < outer; ++job) {                                                 \
+        const R_* a0 = a + 2 * job * T * inner; const R_* b0 = b + 2 * job * T * inner;         \
+        R_* y0 = h + 2 * job * T * inner;                                                       \
+        for (int64_t s = 0; s < T; ++s) {                                                       \
+            int64_t t = reverse ? T - 1 - s : s;                                                \
+            const R_* at = a0 + 2 * t * inner; const R_* bt = b0 + 2 * t * inner;              \
+            R_* yt = y0 + 2 * t * inner;                                                        \
+            const R_* yp = s == 0 ? (h0 ? h0 + 2 * job * inner : 0) : (reverse ? yt + 2 * inner : yt - 2 * inner); \
+            for (int64_t c = 0; c < inner; ++c) {                                               \
+                R_ ar = at[2 * c], ai = at[2 * c + 1], hr = yp ? yp[2 * c] : 0, hi = yp ? yp[2 * c + 1] : 0; \
+                yt[2 * c] = (ar * hr - ai * hi) + bt[2 * c];                                    \
+                yt[2 * c + 1] = (ar * hi + ai * hr) + bt[2 * c + 1];                            \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+}
+CSCAN(wf_scan_c64, float)
+CSCAN(wf_scan_c128, double)
 """
 
+_KERNELS = {torch.float32: "wf_scan_f32", torch.float64: "wf_scan_f64", torch.complex64: "wf_scan_c64",
+            torch.complex128: "wf_scan_c128"}
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _state: dict = {}
@@ -85,7 +111,7 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"compiling the scan kernel failed: {res.stderr.strip()[:500]}")
             os.replace(out, path)  # atomic: concurrent builders never load a half-written file
     lib = ctypes.CDLL(path)
-    for name in ("wf_scan_f32", "wf_scan_f64"):
+    for name in _KERNELS.values():
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -110,7 +136,7 @@ def available() -> tuple[bool, str]:
 
 
 def supports(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and library() is not None
+    return x.device.type == "cpu" and x.dtype in _KERNELS and library() is not None
 
 
 def _run(a, b, h0, dim, reverse, out=None):
@@ -123,7 +149,7 @@ def _run(a, b, h0, dim, reverse, out=None):
     h = torch.empty_like(a) if out is None else out
     if a.numel() == 0:
         return h
-    fn = library().wf_scan_f32 if a.dtype == torch.float32 else library().wf_scan_f64
+    fn = getattr(library(), _KERNELS[a.dtype])
     fn(a.data_ptr(), b.data_ptr(), h0.data_ptr() if h0 is not None else None, h.data_ptr(), outer, T, inner,
        int(reverse))
     return h
@@ -153,25 +179,27 @@ class _NativeScan(torch.autograd.Function):
         a, h, h0 = ctx.saved_tensors
         dim, reverse = ctx.dim, ctx.reverse
         # dL/db_t = g_t + a_{t+1} dL/db_{t+1}: the same scan, run the other way on shifted a
-        db = _run(_shift(a, dim, reverse).contiguous(), g.contiguous(), None, dim, not reverse)
+        ac = a.conj().resolve_conj()  # complex gradients flow through conjugates; real: a itself
+        db = _run(_shift(ac, dim, reverse).contiguous(), g.resolve_conj().contiguous(), None, dim, not reverse)
         T = a.shape[dim]
         first = torch.zeros_like(h.narrow(dim, 0, 1)) if h0 is None else h0.unsqueeze(dim)
         if reverse:
             prev = torch.cat([h.narrow(dim, 1, T - 1), first], dim=dim)
             edge = db.narrow(dim, T - 1, 1)
-            a_edge = a.narrow(dim, T - 1, 1)
+            a_edge = ac.narrow(dim, T - 1, 1)
         else:
             prev = torch.cat([first, h.narrow(dim, 0, T - 1)], dim=dim)
             edge = db.narrow(dim, 0, 1)
-            a_edge = a.narrow(dim, 0, 1)
-        da = db * prev
+            a_edge = ac.narrow(dim, 0, 1)
+        da = db * prev.conj()
         dh0 = (a_edge * edge).squeeze(dim) if ctx.has_h0 else None
         return da, db, dh0, None, None
 
 
 def native_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, dim: int = 1,
                        reverse: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-    """h_t = a_t * h_{t-1} + b_t along `dim` with the native kernel (float32/64 on CPU), with
+    """h_t = a_t * h_{t-1} + b_t along `dim` with the native kernel (float32/64, complex64/128 on
+    CPU), with
     autograd. Contiguous inputs with channels after the time dim run without any copy.
     `out` (inference only) reuses a buffer: a fresh multi-MB output costs more in page faults
     than the scan itself.
@@ -191,7 +219,7 @@ def native_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None
         if h0.shape != want:
             raise ValueError(f"h0 must have shape {tuple(want)} (a without its time dim), got {tuple(h0.shape)}")
     if not supports(a):
-        raise TypeError(f"the native scan runs float32/float64 CPU tensors (got {a.dtype} on {a.device}); "
+        raise TypeError(f"the native scan runs float32/float64/complex CPU tensors (got {a.dtype} on {a.device}); "
                         f"{available()[1]}")
     if out is not None:
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, h0)):

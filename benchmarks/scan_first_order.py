@@ -1,5 +1,5 @@
 """First-order linear scan h_t = a_t h_{t-1} + b_t on CPU: the Python loop, torch's
-associative_scan (generic combine, eager), wavefront's native kernel and the memory roofline
+associative_scan (generic combine, eager), wavefront's chunked torch form and native kernel, and the memory roofline
 (torch.add(a, b, out=h) on the same tensors), timed in one run on the same arrays. `native_s`
 allocates its output like the loop does; `native_out_s` writes into a buffer like the roofline.
 
@@ -12,6 +12,7 @@ issue names; it is timed when installed (`pip install jax`), skipped otherwise.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -21,6 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import device_name, emit, time_fn  # noqa: E402
 
+from wavefront.backends.chunked_scan import chunked_linear_scan  # noqa: E402
+from wavefront.backends.linear_scan import choose_method  # noqa: E402
 from wavefront.backends.native_scan import native_linear_scan  # noqa: E402
 from wavefront.models.scan_reference import linear_scan_reference  # noqa: E402
 from wavefront.testing import rel_err  # noqa: E402
@@ -76,6 +79,9 @@ def main(argv=None):
                        "native_s": median(lambda: native_linear_scan(a, b, dim=0), args.repeats),
                        "native_out_s": median(lambda: native_linear_scan(a, b, dim=0, out=out), args.repeats),
                        "roofline_s": median(lambda: torch.add(a, b, out=out), args.repeats),
+                       "chunked_s": median(lambda: chunked_linear_scan(a, b, dim=0, chunk=max(8, 1 << round(
+                           math.log2(math.sqrt(T))))), args.repeats),
+                       "auto_choice": choose_method(a, 0)[0],
                        "error": rel_err(h, ref)}
                 if not args.skip_assoc and T * C <= 4096 * 4096:
                     rec["assoc_scan_s"] = median(lambda: assoc_scan(a, b), 1)

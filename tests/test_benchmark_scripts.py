@@ -29,6 +29,7 @@ def test_scan_benchmark_prints_json_lines():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scan_first_order.py"), "--channels", "4",
                           "--T", "64", "--repeats", "1"], capture_output=True, text=True, check=True, timeout=300).stdout
     (rec,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    for key in ["loop_s", "native_s", "native_out_s", "roofline_s", "assoc_scan_s", "ratio", "vs_roofline", "error"]:
+    for key in ["loop_s", "chunked_s", "native_s", "native_out_s", "roofline_s", "assoc_scan_s", "ratio", "vs_roofline",
+                "error", "auto_choice"]:
         assert key in rec, key
     assert rec["error"] < 1e-5

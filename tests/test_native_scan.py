@@ -71,7 +71,7 @@ def test_bad_input_is_refused():
         native_linear_scan(a, b[:, :3])
     with pytest.raises(ValueError, match="h0 must have shape"):
         native_linear_scan(a, b, torch.zeros(3))
-    with pytest.raises(TypeError, match="float32/float64 CPU"):
+    with pytest.raises(TypeError, match="float32/float64/complex CPU"):
         native_linear_scan(a.half(), b.half())
 
 
@@ -85,3 +85,17 @@ def test_build_is_cached_and_missing_compiler_is_reported(tmp_path, monkeypatch)
     monkeypatch.setenv("CC", "/nonexistent/cc")  # the cache key asks the compiler for its version
     ok, why = ns.available()
     assert not ok and "nonexistent" in why
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_complex_values_and_gradients(reverse):
+    g = torch.Generator().manual_seed(3)
+    mag = torch.rand(2, 40, 3, generator=g, dtype=torch.float64) * 0.5 + 0.5
+    a = torch.polar(mag, torch.rand(2, 40, 3, generator=g, dtype=torch.float64) * 6.28)
+    b = torch.randn(2, 40, 3, generator=g, dtype=torch.complex128)
+    h0 = torch.randn(2, 3, generator=g, dtype=torch.complex128)
+    assert_close(native_linear_scan(a, b, h0, 1, reverse), linear_scan_reference(a, b, h0, 1, reverse), 1e-12, "c128")
+    assert_close(native_linear_scan(a.to(torch.complex64), b.to(torch.complex64), h0.to(torch.complex64), 1, reverse),
+                 linear_scan_reference(a, b, h0, 1, reverse), 1e-5, "c64")
+    args = tuple(t[:, :4].clone().requires_grad_() if t.dim() == 3 else t.clone().requires_grad_() for t in (a, b, h0))
+    assert torch.autograd.gradcheck(lambda a, b, h0: native_linear_scan(a, b, h0, 1, reverse), args)

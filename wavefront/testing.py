@@ -5,14 +5,18 @@ import torch
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (0 when both are all zero), computed in float64.
+    """max |actual - expected| / max |expected| (0 when both are all zero), computed in float64
+    (complex128 for complex inputs).
 
     >>> rel_err(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
     0.2
+    >>> rel_err(torch.tensor([1 + 1j]), torch.tensor([1 + 2j])) > 0.4   # imaginary parts count
+    True
     """
     if actual.shape != expected.shape:
         raise ValueError(f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}")
-    a, e = actual.detach().double(), expected.detach().double()
+    wide = torch.complex128 if (actual.is_complex() or expected.is_complex()) else torch.float64
+    a, e = actual.detach().to(wide), expected.detach().to(wide)
     nan_a, nan_e = torch.isnan(a), torch.isnan(e)
     if not torch.equal(nan_a, nan_e):
         return float("inf")

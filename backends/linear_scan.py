@@ -1,0 +1,53 @@
+"""linear_scan: the first-order scan op the scan pass lowers to, with a small cost model.
+
+Forms: "native" (the fused CPU kernel, native_scan.py), "chunked" (plain torch, any device and
+dtype, chunked_scan.py) and "loop" (the reference, one step at a time). "auto" picks native
+where it applies (CPU float32/64/complex, kernel built); otherwise the loop when the sequence is
+short or every step is already a wide tensor op (the per-step dispatch is amortised, so the
+chunked form's extra work would not pay), else the chunked form with a chunk near sqrt(T).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from wavefront.models.scan_reference import linear_scan_reference
+
+from . import native_scan
+from .chunked_scan import chunked_linear_scan
+
+METHODS = ("auto", "native", "chunked", "loop")
+WIDE_STEP = 1 << 20  # elements per step above which a Python step's overhead is negligible
+
+
+def choose_method(a: torch.Tensor, dim: int) -> tuple[str, int]:
+    """(method, chunk) the cost model picks for scanning `a` along `dim`."""
+    T = a.shape[dim]
+    width = a.numel() // max(T, 1)
+    if native_scan.supports(a):
+        return "native", 0
+    if T <= 16 or width >= WIDE_STEP:
+        return "loop", 0
+    return "chunked", max(8, 1 << round(math.log2(math.sqrt(T))))
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, dim: int = 1,
+                reverse: bool = False, method: str = "auto") -> torch.Tensor:
+    """All states of h_t = a_t * h_{t-1} + b_t along `dim`; the last one is the final state.
+
+    >>> a = torch.full((1, 4), 0.5); b = torch.ones(1, 4)
+    >>> linear_scan(a, b), linear_scan(a, b, method="chunked")[:, -1]
+    (tensor([[1.0000, 1.5000, 1.7500, 1.8750]]), tensor([1.8750]))
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown scan method {method!r}: choose one of {list(METHODS)}")
+    dim = dim % a.dim()
+    chunk = 64
+    if method == "auto":
+        method, chunk = choose_method(a, dim)
+    if method == "native":
+        return native_scan.native_linear_scan(a, b, h0, dim, reverse)
+    if method == "chunked":
+        return chunked_linear_scan(a, b, h0, dim, reverse, chunk=chunk or 64)
+    return linear_scan_reference(a, b, h0, dim, reverse)
