@@ -118,10 +118,12 @@ class TorchExecutor:
                 done[s] += 1
                 if done[s] == self.rg.n_layers:  # segment finished: keep only what others read
                     envs[s] = {n: envs[s][n] for n in self._keep}
+                    for r in (s - 1, s):  # a state is dead once both its segment and the next are done
+                        if 0 <= r < len(envs) - 1 and done[r] == done[r + 1] == self.rg.n_layers:
+                            envs[r] = {self.rg.logits_node: envs[r][self.rg.logits_node]}
         logits = torch.cat([env[self.rg.logits_node] for env in envs], dim=1)
         final = tuple(envs[-1][n] for n in state_out)
         return SegmentLMOutput(logits, MemoryState(final, memory.segments_seen + len(bounds)))
-
 
     def _layer_groups(self, step, first, lengths):
         """Cells of a step that one batched call can run: same kind and segment length,

@@ -85,3 +85,33 @@ def test_wrong_schedule_and_input_errors():
     with pytest.raises(ScheduleError, match="hidden edge"):
         ex.run(ids_for(1), bad_order)
     assert isinstance(good.memory, MemoryState)
+
+
+def test_finished_segments_release_their_state():
+    """A segment's state dies once the next segment is done: at the last segment, the states of
+    segments 0..S-3 must already be freed (only the last memory is returned)."""
+    import dataclasses
+    import gc
+    import weakref
+
+    S = 6
+    refs, alive = [], []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            out = self.inner(*args)
+            refs.append(weakref.ref(out[1]))  # this segment's A_0
+            if len(refs) == S:
+                gc.collect()
+                alive.extend(r() is not None for r in refs[:-2])
+            return out
+
+    rg = capture(tiny_armt())
+    spied = dataclasses.replace(rg, layer_graphs=(Spy(rg.layer_graphs[0]),) + rg.layer_graphs[1:])
+    with torch.no_grad():
+        TorchExecutor(spied).run(ids_for(S), "sequential")
+    assert len(alive) == S - 2 and not any(alive), alive
