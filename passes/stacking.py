@@ -110,6 +110,7 @@ class ParameterStack:
                 self._adopt(n, tensors[n], storage[:, off:off + size])
                 off += size
             self.joint_storage.append(storage)
+        self._refs = tensors  # the layers' tensor objects per name, for autograd slices
         for name in self.names:
             if name not in in_joint:
                 ts = tensors[name]
@@ -126,6 +127,7 @@ class ParameterStack:
     def is_current(self) -> bool:
         """Do all layers still view this stack (nothing re-pointed them since)?"""
         tables = [dict(self._named(m)) for m in self.modules]  # one walk per module, not per name
+        self._refs = {name: [table.get(name) for table in tables] for name in self.names}
         for name in self.names:
             stack = self.stacks[name]
             for i, table in enumerate(tables):
@@ -147,7 +149,7 @@ class ParameterStack:
         layers' own parameters when autograd is recording."""
         stack = self.stacks[name]
         if torch.is_grad_enabled():
-            params = [t for t in self._tensors(name)[a:b]]
+            params = self._refs[name][a:b]
             if any(p.requires_grad for p in params):
                 return _LaneSlice.apply(stack, a, b, *params)
         return stack[a:b]
@@ -165,7 +167,7 @@ class ParameterStack:
         storage = self.joint_storage[k]
         if torch.is_grad_enabled():
             group = self.joint[k]
-            params = [t for n in group for t in self._tensors(n)[a:b]]
+            params = [t for n in group for t in self._refs[n][a:b]]
             if any(p.requires_grad for p in params):
                 spans, off = [], 0
                 for n in group:

@@ -106,11 +106,18 @@ def test_stale_stacks_are_rebuilt_after_model_to():
     fast = wavefront.optimize(model)
     ids = ids_for(4)
     fast(ids)
-    model.double()  # re-points every parameter: the stacks must follow
-    check_outputs(fast(ids), model(ids), 1e-9, "after .double()")
+    model.double()  # re-points every parameter and buffer: capture and stacks must follow
+    out = fast(ids)
+    assert out.logits.dtype == torch.float64
+    for layer in fast.rg.layer_graphs:  # no captured graph still holds a float32 buffer
+        assert all(b.dtype == torch.float64 for b in layer.buffers())
+    check_outputs(out, model(ids), 1e-9, "after .double()")
     with torch.no_grad():  # in-place edits are seen through the shared storage
         model.cell.layers[1].memory.W_mv.weight.mul_(1.5)
     check_outputs(fast(ids), model(ids), 1e-9, "after in-place edit")
+    stacks_before = fast.batched.groups[0].stack
+    fast(ids)
+    assert fast.batched.groups[0].stack is stacks_before  # no needless re-capture when nothing moved
 
 
 def test_rmt_is_refused_naming_the_edge_and_runs_sequentially():

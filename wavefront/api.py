@@ -37,8 +37,24 @@ class OptimizedModel(nn.Module):
         self.last_schedule: Schedule | None = None
         self.compile_time_s: float | None = None  # inductor: time of the first (compiling) call
         self._schedules: dict[int, Schedule] = {}
+        self._placement = self._current_placement()
+
+    def _current_placement(self):
+        p = next(self.rg.cell.parameters())
+        return p.dtype, p.device
+
+    def _recapture_if_moved(self) -> None:
+        """Captured graphs hold their own references to buffers (FX copies them), so after
+        model.to(dtype/device) the model is captured and batched again rather than run stale."""
+        if self._current_placement() == self._placement:
+            return
+        fresh = optimize(self.model, schedule=self.schedule_kind, backend=self.backend, verify=False)
+        self.rg, self.batched, self.executor = fresh.rg, fresh.batched, fresh.executor
+        object.__setattr__(self, "reference", fresh.reference)
+        self._schedules, self._placement = {}, self._current_placement()
 
     def forward(self, input_ids: torch.Tensor, memory: MemoryState | None = None) -> SegmentLMOutput:
+        self._recapture_if_moved()
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] > 0:
             n_segments = len(segment_bounds(input_ids.shape[1], self.rg.segment_len))
         else:
