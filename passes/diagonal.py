@@ -50,8 +50,11 @@ class BatchedRecurrence:
     signatures: list[LaneSignature] = field(default_factory=list)
 
     def check(self) -> None:
+        """Before each model call: stacks still the layers' storage, folded assumptions hold."""
         for g in self.groups:
             g.stack.check()
+            if hasattr(g.cell, "check_invariants"):
+                g.cell.check_invariants()
 
     def describe(self) -> str:
         lines = []

@@ -38,15 +38,15 @@ class FoldLaneCell(OpaqueModule):
         """The stacked tensors the folded graph reads (None once fallen back: vmap reads all)."""
         return None if self.fallback_reason or not self.checked else self.names
 
-    def _invariants_hold(self) -> bool:
-        return all(torch.equal(self.stack.stacks[n][i], self.stack.stacks[n][0])
-                   for n in self.invariant for i in range(1, self.stack.stacks[n].shape[0]))
+    def check_invariants(self) -> None:
+        """Once per model call: buffers folded as shared must still be equal in every layer."""
+        if self.invariant and not self.fallback_reason and not all(
+                torch.equal(self.stack.stacks[n][i], self.stack.stacks[n][0])
+                for n in self.invariant for i in range(1, self.stack.stacks[n].shape[0])):
+            self.fallback_reason = "a buffer that was equal in every layer changed"
 
     def forward(self, params, lane_values, shared_values):
         if self.fallback_reason:
-            return self.vmap_cell(params, lane_values, shared_values)
-        if self.invariant and not self._invariants_hold():
-            self.fallback_reason = "a buffer that was equal in every layer changed"
             return self.vmap_cell(params, lane_values, shared_values)
         lanes = lane_values[0].shape[0]
         rows = lane_values[0].shape[1] if lane_values[0].dim() > 1 else None

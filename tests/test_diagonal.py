@@ -294,3 +294,14 @@ def test_opaque_block_with_an_unknown_parameter_leaf_is_batched_by_vmap():
     assert group.mode == "vmap" and "PReLU" in group.reason
     ids = ids_for(5, batch=2, short_last=2)
     check_outputs(fast(ids), model(ids), 1e-9, "vmap fallback")
+
+
+def test_changing_a_shared_buffer_switches_the_kind_to_vmap():
+    model = tiny_armt()
+    fast = wavefront.optimize(model)
+    ids = ids_for(5, batch=2)
+    fast(ids)
+    with torch.no_grad():  # rotary tables folded as shared: make one layer's differ
+        model.cell.layers[1].block.inv_freq.mul_(1.01)
+    check_outputs(fast(ids), model(ids), 1e-9, "after a shared buffer changed")
+    assert "buffer that was equal in every layer changed" in fast.batched.groups[0].cell.fallback_reason
