@@ -1,0 +1,155 @@
+"""Is a recurrence step affine in its carry? If so, extract a(x) and b(x).
+
+A step new = f(carry, x) can run as a scan iff new = a(x) * carry + b(x) elementwise (DESIGN.md,
+"time recurrence"). Tracing f with torch.fx and propagating, for every node, whether it is
+independent of the carry or affine in it (value = alpha * carry + beta, alpha and beta carry-free)
+decides that exactly, op by op, without running anything; building alpha and beta as FX nodes
+along the way yields a(x) and b(x) as graphs. A carry that reaches a non-affine op (tanh, a
+product of two carry-dependent values, a matmul with the carry) is reported with the op and the
+line, and the loop is left as it is.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+_ADD = {operator.add, torch.add}
+_SUB = {operator.sub, torch.sub}
+_MUL = {operator.mul, torch.mul}
+_DIV = {operator.truediv, torch.div}
+_NEG = {operator.neg, torch.neg}
+
+
+class NotAffine(Exception):
+    """The carry enters the step non-affinely; `node` is the first such op."""
+
+    def __init__(self, reason: str, node: fx.Node | None = None):
+        super().__init__(reason)
+        self.reason, self.node = reason, node
+
+
+@dataclass
+class AffineStep:
+    """new_carry = a(x) * carry + b(x), with a and b traced graphs of x alone (a is None: 1)."""
+
+    a: fx.GraphModule | None
+    b: fx.GraphModule | None
+    traced: fx.GraphModule
+
+
+def _where(node: fx.Node) -> str:
+    st = node.meta.get("stack_trace") or ""
+    last = [ln.strip() for ln in st.strip().splitlines() if ln.strip()][-1:] if st else []
+    return f"`{node.format_node()}`" + (f" ({last[0]})" if last else "")
+
+
+def analyse_step(step: nn.Module | object) -> AffineStep:
+    """Decide whether `step(carry, x) -> new_carry` is affine in carry and extract a(x), b(x).
+
+    >>> step = lambda h, x: torch.sigmoid(x) * h + (1 - torch.sigmoid(x)) * x
+    >>> s = analyse_step(step)
+    >>> x, h = torch.randn(4), torch.randn(4)
+    >>> torch.allclose(s.a(x) * h + s.b(x), step(h, x))
+    True
+    """
+    traced = fx.symbolic_trace(step)
+    g = traced.graph
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    if len(placeholders) != 2:
+        raise TypeError(f"a step takes (carry, x), got {len(placeholders)} inputs")
+    carry, x = placeholders
+    out_node = next(n for n in g.nodes if n.op == "output")
+    if not isinstance(out_node.args[0], fx.Node):
+        raise TypeError("a step returns one tensor: the new carry")
+
+    # Build a(x) and b(x) in a fresh graph as we go: every carry-free node is copied there;
+    # every carry-dependent node v gets alpha[v], beta[v] (None means 1 resp. 0).
+    ag = fx.Graph()
+    x_new = ag.placeholder("x")
+    free: dict[fx.Node, fx.Node] = {x: x_new}
+    alpha: dict[fx.Node, fx.Node | None] = {carry: None}
+    beta: dict[fx.Node, fx.Node | None] = {carry: None}
+
+    def dep(v):
+        return isinstance(v, fx.Node) and v in alpha
+
+    def val(v):
+        return free[v] if isinstance(v, fx.Node) else v
+
+    def add(u, v, sub=False):
+        if u is None:
+            return ag.call_function(operator.neg, (v,)) if (sub and v is not None) else v
+        if v is None:
+            return u
+        return ag.call_function(operator.sub if sub else operator.add, (u, v))
+
+    def scale(u, k, div=False):  # u * k (u None means 1)
+        if u is None:
+            return ag.call_function(operator.truediv, (1.0, k)) if div else k
+        return ag.call_function(operator.truediv if div else operator.mul, (u, k))
+
+    for n in g.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        ins = [a for a in n.all_input_nodes]
+        if not any(dep(a) for a in ins):
+            free[n] = ag.node_copy(n, lambda a: free[a])
+            continue
+        fn = n.target if n.op == "call_function" else None
+        args = n.args
+        if fn in _ADD | _SUB and len(args) == 2 and not n.kwargs:
+            u, v = args
+            sub = fn in _SUB
+            au, bu = (alpha[u], beta[u]) if dep(u) else (0, val(u))
+            av, bv = (alpha[v], beta[v]) if dep(v) else (0, val(v))
+            if au == 0:  # free (+/-) dependent
+                alpha[n] = ag.call_function(operator.neg, (av,)) if sub and av is not None else (
+                    ag.call_function(operator.neg, (1.0,)) if sub else av)
+                beta[n] = add(bu, bv, sub)
+            elif av == 0:
+                alpha[n], beta[n] = au, add(bu, bv, sub)
+            else:
+                alpha[n] = add(au if au is not None else 1.0, av if av is not None else 1.0, sub)
+                beta[n] = add(bu, bv, sub)
+            continue
+        if fn in _MUL | _DIV and len(args) == 2 and not n.kwargs:
+            u, v = args
+            if dep(u) and dep(v):
+                raise NotAffine(f"the carry is multiplied by itself at {_where(n)}", n)
+            if fn in _DIV and dep(v):
+                raise NotAffine(f"the carry is in a denominator at {_where(n)}", n)
+            d, k = (u, v) if dep(u) else (v, u)
+            k = val(k)
+            alpha[n] = scale(alpha[d], k, fn in _DIV)
+            beta[n] = scale(beta[d], k, fn in _DIV) if beta[d] is not None else None
+            continue
+        if fn in _NEG and len(args) == 1:
+            (u,) = args
+            alpha[n] = ag.call_function(operator.neg, (alpha[u] if alpha[u] is not None else 1.0,))
+            beta[n] = ag.call_function(operator.neg, (beta[u],)) if beta[u] is not None else None
+            continue
+        op = n.target if n.op != "call_module" else type(traced.get_submodule(n.target)).__name__
+        name = getattr(op, "__name__", str(op))
+        raise NotAffine(f"the carry enters `{name}` at {_where(n)}: not affine, so not scan-parallelizable", n)
+
+    new = out_node.args[0]
+    if not dep(new):
+        raise NotAffine("the new carry does not depend on the carry (no recurrence)")
+
+    def graph_of(value):
+        if value is None:
+            return None
+        h = fx.Graph()
+        m = {}
+        for node in ag.nodes:
+            m[node] = h.node_copy(node, lambda a: m[a])
+        h.output(m[value] if isinstance(value, fx.Node) else value)
+        gm = fx.GraphModule(traced, h)
+        gm.graph.eliminate_dead_code()  # needs the owning module to judge call_module purity
+        gm.recompile()
+        return gm
+
+    return AffineStep(graph_of(alpha[new]), graph_of(beta[new]), traced)
