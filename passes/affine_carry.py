@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-_ADD = {operator.add, torch.add}
-_SUB = {operator.sub, torch.sub}
-_MUL = {operator.mul, torch.mul}
-_DIV = {operator.truediv, torch.div}
-_NEG = {operator.neg, torch.neg}
+_aten = torch.ops.aten
+_ADD = {operator.add, torch.add, _aten.add.Tensor}
+_SUB = {operator.sub, torch.sub, _aten.sub.Tensor}
+_MUL = {operator.mul, torch.mul, _aten.mul.Tensor, _aten.mul.Scalar}
+_DIV = {operator.truediv, torch.div, _aten.div.Tensor, _aten.div.Scalar}
+_NEG = {operator.neg, torch.neg, _aten.neg.default}
 
 
 class NotAffine(Exception):
@@ -33,7 +34,8 @@ class NotAffine(Exception):
 
 @dataclass
 class AffineStep:
-    """new_carry = a(x) * carry + b(x), with a and b traced graphs of x alone (a is None: 1)."""
+    """new_carry = a(x) * carry + b(x), with a and b traced graphs of the step's other inputs
+    (x, or several) alone; a None means 1, b None means 0."""
 
     a: fx.GraphModule | None
     b: fx.GraphModule | None
@@ -47,7 +49,9 @@ def _where(node: fx.Node) -> str:
 
 
 def analyse_step(step: nn.Module | object) -> AffineStep:
-    """Decide whether `step(carry, x) -> new_carry` is affine in carry and extract a(x), b(x).
+    """Decide whether `step(carry, x, ...) -> new_carry` is affine in carry and extract a(x), b(x).
+    `step` is a module or function (traced here) or an already traced GraphModule, e.g. the
+    combine graph of torch's scan (outputs [new_carry, ys...]: the first is the carry).
 
     >>> step = lambda h, x: torch.sigmoid(x) * h + (1 - torch.sigmoid(x)) * x
     >>> s = analyse_step(step)
@@ -55,21 +59,23 @@ def analyse_step(step: nn.Module | object) -> AffineStep:
     >>> torch.allclose(s.a(x) * h + s.b(x), step(h, x))
     True
     """
-    traced = fx.symbolic_trace(step)
+    traced = step if isinstance(step, fx.GraphModule) else fx.symbolic_trace(step)
     g = traced.graph
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
-    if len(placeholders) != 2:
-        raise TypeError(f"a step takes (carry, x), got {len(placeholders)} inputs")
-    carry, x = placeholders
+    if len(placeholders) < 2:
+        raise TypeError(f"a step takes (carry, x, ...), got {len(placeholders)} inputs")
+    carry, inputs = placeholders[0], placeholders[1:]
     out_node = next(n for n in g.nodes if n.op == "output")
-    if not isinstance(out_node.args[0], fx.Node):
-        raise TypeError("a step returns one tensor: the new carry")
+    new = out_node.args[0]
+    if isinstance(new, (list, tuple)):  # scan's combine graph: [new_carry, ys...]
+        new = new[0]
+    if not isinstance(new, fx.Node):
+        raise TypeError("a step returns the new carry (one tensor) first")
 
     # Build a(x) and b(x) in a fresh graph as we go: every carry-free node is copied there;
     # every carry-dependent node v gets alpha[v], beta[v] (None means 1 resp. 0).
     ag = fx.Graph()
-    x_new = ag.placeholder("x")
-    free: dict[fx.Node, fx.Node] = {x: x_new}
+    free: dict[fx.Node, fx.Node] = {x: ag.placeholder(x.name) for x in inputs}
     alpha: dict[fx.Node, fx.Node | None] = {carry: None}
     beta: dict[fx.Node, fx.Node | None] = {carry: None}
 
@@ -100,7 +106,7 @@ def analyse_step(step: nn.Module | object) -> AffineStep:
             continue
         fn = n.target if n.op == "call_function" else None
         args = n.args
-        if fn in _ADD | _SUB and len(args) == 2 and not n.kwargs:
+        if fn in _ADD | _SUB and len(args) == 2 and n.kwargs.get("alpha", 1) == 1:
             u, v = args
             sub = fn in _SUB
             au, bu = (alpha[u], beta[u]) if dep(u) else (0, val(u))
@@ -135,7 +141,6 @@ def analyse_step(step: nn.Module | object) -> AffineStep:
         name = getattr(op, "__name__", str(op))
         raise NotAffine(f"the carry enters `{name}` at {_where(n)}: not affine, so not scan-parallelizable", n)
 
-    new = out_node.args[0]
     if not dep(new):
         raise NotAffine("the new carry does not depend on the carry (no recurrence)")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import fx, nn
 from torch.func import vmap
 
 from wavefront.backends.linear_scan import linear_scan
@@ -67,3 +68,63 @@ def scan_loop(step, init: torch.Tensor, xs: torch.Tensor, plan: ScanPlan | None 
     B = vmap(b)(xs).expand(shape) if b is not None else torch.zeros(shape, dtype=init.dtype, device=init.device)
     dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), init.dtype)
     return linear_scan(A.to(dtype).contiguous(), B.to(dtype).contiguous(), init.to(dtype), dim=0, method=method)
+
+
+class AffineScan(nn.Module):
+    """Replaces torch's scan HOP for a combine function affine in its carry. Same inputs (init,
+    xs, additional inputs) and outputs ([final carry, ys...]) as the node it replaces: the
+    carries come from linear_scan, then the combine graph runs once, vmapped over all steps
+    with the now-known previous carries, to produce the ys exactly as the loop would."""
+
+    def __init__(self, combine: fx.GraphModule, step: AffineStep, n_xs: int, n_extra: int):
+        super().__init__()
+        self.combine, self.step, self.n_xs, self.n_extra = combine, step, n_xs, n_extra
+
+    def forward(self, init, xs, extra):
+        h0, xs, extra = init[0], list(xs), list(extra)
+        dims = (0,) * self.n_xs + (None,) * self.n_extra
+        shape = (xs[0].shape[0], *h0.shape)
+        a, b = self.step.a, self.step.b
+        A = vmap(a, in_dims=dims)(*xs, *extra).expand(shape) if a is not None else h0.new_ones(shape)
+        B = vmap(b, in_dims=dims)(*xs, *extra).expand(shape) if b is not None else h0.new_zeros(shape)
+        H = linear_scan(A.to(h0.dtype).contiguous(), B.to(h0.dtype).contiguous(), h0, dim=0)
+        H_prev = torch.cat([h0.unsqueeze(0), H[:-1]])
+        outs = vmap(self.combine, in_dims=(0, *dims))(H_prev, *xs, *extra)
+        return [H[-1], *outs[1:]]
+
+
+def parallelize_scans(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
+    """Replace every torch scan HOP in `gm` whose combine function is affine in its (single)
+    carry by an AffineScan; leave the others, saying why. Returns (gm, one line per scan)."""
+    report = []
+    for n in list(gm.graph.nodes):
+        if not (n.op == "call_function" and n.target is torch.ops.higher_order.scan):
+            continue
+        combine_node, init, xs, extra = n.args
+        combine = getattr(gm, combine_node.target)
+        if len(init) != 1:
+            report.append(f"{n.name}: {len(init)} carries: left as a loop (one carry is supported)")
+            continue
+        try:
+            step = analyse_step(combine)
+        except NotAffine as e:
+            report.append(f"{n.name}: left as a loop: {e.reason}")
+            continue
+        name = f"wavefront_{n.name}"
+        gm.add_submodule(name, AffineScan(combine, step, len(xs), len(extra)))
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_module(name, (list(init), list(xs), tuple(extra)))
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+        report.append(f"{n.name}: affine in its carry: runs as a parallel scan")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm, report
+
+
+def parallelize_exported(model: nn.Module, example_inputs: tuple, dynamic_shapes=None) -> tuple[fx.GraphModule, list[str]]:
+    """torch.export `model` (give the time dim as dynamic so the length is not frozen), then
+    parallelize its scans. The result runs at any length the export allows."""
+    torch._dynamo.reset()
+    ep = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    return parallelize_scans(ep.module())

@@ -109,3 +109,48 @@ def test_analysis_cost_does_not_depend_on_T():
     xs = torch.randn(16384, 4)
     out = scan_loop(step, torch.zeros(4), xs, plan)
     assert out.shape == (16384, 4) and len(plan.affine.traced.graph.nodes) == n_nodes
+
+
+class ScanModel(nn.Module):
+    """Uses torch's scan op: a gated recurrence, and optionally a non-affine one beside it."""
+
+    def __init__(self, d, with_tanh=False):
+        super().__init__()
+        self.gate = nn.Linear(d, d)
+        self.with_tanh = with_tanh
+
+    def forward(self, x):
+        from torch._higher_order_ops.scan import scan
+        a = torch.sigmoid(self.gate(x))
+
+        def affine(h, ax):
+            a_t, x_t = ax
+            h = a_t * h + (1 - a_t) * x_t
+            return h, h * 2.0 + x_t  # a y that is not just the carry
+
+        _, ys = scan(affine, torch.zeros(x.shape[1], dtype=x.dtype), (a, x))
+        if not self.with_tanh:
+            return ys
+
+        def lstmish(h, xs_t):
+            h = torch.tanh(h) + xs_t[0]
+            return h, h.clone()
+
+        _, zs = scan(lstmish, torch.zeros(x.shape[1], dtype=x.dtype), (ys,))
+        return zs
+
+
+@pytest.mark.parametrize("with_tanh", [False, True])
+def test_exported_scans_are_parallelized_at_any_length(with_tanh):
+    from wavefront.passes.scan_rewrite import AffineScan, parallelize_exported
+    torch.manual_seed(0)
+    model = ScanModel(4, with_tanh).double()
+    T = torch.export.Dim("T", min=2)
+    gm, report = parallelize_exported(model, (torch.randn(8, 4, dtype=torch.float64),), {"x": {0: T}})
+    assert any("parallel scan" in line for line in report)
+    assert any(isinstance(m, AffineScan) for m in gm.modules())
+    if with_tanh:
+        assert any("left as a loop" in line and "tanh" in line for line in report)
+    for n in (3, 7, 1000):  # lengths other than the exported example
+        x = torch.randn(n, 4, dtype=torch.float64)
+        assert_close(gm(x), model(x), 1e-12, f"T={n}")
