@@ -92,25 +92,31 @@ def _cache_dir() -> str:
     return os.environ.get("WAVEFRONT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "wavefront")
 
 
-def _build() -> ctypes.CDLL:
+def build_library(name: str, source: str, flags: list[str], libs: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile `source` into a shared library once per (source, flags, compiler) and load it;
+    `libs` (e.g. "-lm") go after the source on the command line, as linkers expect."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(repr((_SOURCE, _FLAGS, version, platform.machine())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(repr((source, flags, libs, version, platform.machine())).encode()).hexdigest()[:16]
     os.makedirs(_cache_dir(), exist_ok=True)
-    path = os.path.join(_cache_dir(), f"scan-{key}.so")
+    path = os.path.join(_cache_dir(), f"{name}-{key}.so")
     if not os.path.exists(path):
         with tempfile.TemporaryDirectory(dir=_cache_dir()) as tmp:
-            src = os.path.join(tmp, "scan.c")
+            src = os.path.join(tmp, f"{name}.c")
             with open(src, "w") as f:
-                f.write(_SOURCE)
-            out = os.path.join(tmp, "scan.so")
-            res = subprocess.run([cc, *_FLAGS, src, "-o", out], capture_output=True, text=True)
+                f.write(source)
+            out = os.path.join(tmp, f"{name}.so")
+            res = subprocess.run([cc, *flags, src, "-o", out, *libs], capture_output=True, text=True)
             if res.returncode != 0:
-                raise RuntimeError(f"compiling the scan kernel failed: {res.stderr.strip()[:500]}")
+                raise RuntimeError(f"compiling the {name} kernel failed: {res.stderr.strip()[:500]}")
             os.replace(out, path)  # atomic: concurrent builders never load a half-written file
-    lib = ctypes.CDLL(path)
+    return ctypes.CDLL(path)
+
+
+def _build() -> ctypes.CDLL:
+    lib = build_library("scan", _SOURCE, _FLAGS)
     for name in _KERNELS.values():
         fn = getattr(lib, name)
         fn.restype = None
