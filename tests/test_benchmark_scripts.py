@@ -33,3 +33,16 @@ def test_scan_benchmark_prints_json_lines():
                 "error", "auto_choice"]:
         assert key in rec, key
     assert rec["error"] < 1e-5
+
+
+@pytest.mark.hf
+def test_mamba_benchmark_prints_json_lines():
+    mm = pytest.importorskip("transformers.models.mamba.modeling_mamba")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "mamba_hf.py"), "--T", "64", "--repeats", "1"]
+    if not hasattr(mm, "mamba_selective_scan"):  # transformers 4.x: the script stops with the reason
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode != 0 and "inlines Mamba's scan loop" in res.stderr
+        return
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    (rec,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {"transformers_s", "wavefront_s", "ratio", "error"} <= set(rec) and rec["error"] < 1e-4

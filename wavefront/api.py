@@ -103,6 +103,13 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
     >>> last_schedule(fast).num_steps   # L + S - 1 = 3 + 5 - 1
     7
     """
+    from wavefront.scheduler.scan_adapters import ScanAcceleratedModel, scan_adapter_for
+    scan_adapter = scan_adapter_for(model)
+    if scan_adapter is not None:  # a model with time loops (Mamba): run them as native scans
+        why = scan_adapter.check(model)
+        if why:
+            raise TypeError(f"cannot optimize {type(model).__name__}: {why}")
+        return ScanAcceleratedModel(model, scan_adapter, verify)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: choose one of {list(SCHEDULES)}")
     if backend not in BACKENDS:
@@ -172,6 +179,14 @@ def explain(model: nn.Module, n_segments: int | None = None) -> Explanation:
     >>> print(explain(RMT(RMTConfig(n_layers=2)), n_segments=4).steps)
     {'sequential': 8}
     """
+    from wavefront.scheduler.scan_adapters import ScanAcceleratedModel, scan_adapter_for
+    inner = model.model if isinstance(model, ScanAcceleratedModel) else model
+    scan_adapter = scan_adapter_for(inner)
+    if scan_adapter is not None:
+        why = scan_adapter.check(inner)
+        return Explanation(type(inner).__name__, scan_adapter.name, scan_adapter.describe(inner),
+                           Verdict(False, "no segment recurrence: diagonal batching does not apply"),
+                           "native scan" if not why else f"unchanged ({why})", 0, None)
     if isinstance(model, OptimizedModel):
         rg, last = model.rg, model.last_schedule
         n = n_segments if n_segments is not None else (last.n_segments if last else None)
