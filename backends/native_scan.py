@@ -88,6 +88,19 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def _cpu_signature() -> str:
+    """The CPU's feature flags: builds use -march=native, so a cache shared between machines
+    (a network home) must not hand one CPU's binary to another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return hashlib.sha256(line.encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _cache_dir() -> str:
     return os.environ.get("WAVEFRONT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "wavefront")
 
@@ -99,7 +112,8 @@ def build_library(name: str, source: str, flags: list[str], libs: tuple[str, ...
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(repr((source, flags, libs, version, platform.machine())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(repr((source, flags, libs, version, platform.machine(), _cpu_signature())).encode()
+                         ).hexdigest()[:16]
     os.makedirs(_cache_dir(), exist_ok=True)
     path = os.path.join(_cache_dir(), f"{name}-{key}.so")
     if not os.path.exists(path):

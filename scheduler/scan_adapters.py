@@ -60,6 +60,9 @@ class MambaScanAdapter:
                     "wavefront replaces the module-level mamba_selective_scan of transformers 5.x")
         if any(p.device.type != "cpu" for p in model.parameters()):
             return "the native selective scan runs on the CPU (move the model there, or use the CUDA kernels)"
+        from wavefront.backends import selective_scan
+        if selective_scan.library() is None:
+            return f"the native selective scan could not be built: {selective_scan._state.get('error', '')}"
         return ""
 
     def patches(self):

@@ -51,3 +51,13 @@ def test_the_swap_is_undone_even_on_error():
     with pytest.raises(Exception):
         fast(torch.full((1, 5), 10_000))  # token id out of range: fails inside the patched call
     assert mm.mamba_selective_scan is before
+
+
+def test_refused_at_optimize_time_when_the_kernel_cannot_be_built(monkeypatch):
+    import wavefront.backends.selective_scan as sel
+    model = tiny_mamba()
+    monkeypatch.setattr(sel, "_state", {"lib": None, "error": "RuntimeError: no C compiler found (set CC)"})
+    expected = "could not be built: RuntimeError: no C compiler" if hasattr(mm, "mamba_selective_scan") \
+        else "inlines Mamba's scan loop"
+    with pytest.raises(TypeError, match=expected):
+        wavefront.optimize(model)
