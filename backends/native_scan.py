@@ -80,8 +80,6 @@ CSCAN(wf_scan_c128, double)
 _KERNELS = {torch.float32: "wf_scan_f32", torch.float64: "wf_scan_f64", torch.complex64: "wf_scan_c64",
             torch.complex128: "wf_scan_c128"}
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-_lock = threading.Lock()
-_state: dict = {}
 
 
 def _compiler() -> str | None:
@@ -129,30 +127,47 @@ def build_library(name: str, source: str, flags: list[str], libs: tuple[str, ...
     return ctypes.CDLL(path)
 
 
-def _build() -> ctypes.CDLL:
-    lib = build_library("scan", _SOURCE, _FLAGS)
+class KernelLibrary:
+    """A C source built on first use (build_library) and loaded once per process; if it cannot
+    be built, get() returns None and `error` says why (callers fall back or refuse)."""
+
+    def __init__(self, name: str, source: str, flags: list[str], libs: tuple[str, ...] = (), declare=None):
+        self.name, self.source, self.flags, self.libs, self.declare = name, source, flags, libs, declare
+        self._lock = threading.Lock()
+        self._tried, self._lib, self.error = False, None, ""
+
+    def get(self) -> ctypes.CDLL | None:
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                try:
+                    lib = build_library(self.name, self.source, self.flags, self.libs)
+                    if self.declare is not None:
+                        self.declare(lib)
+                    self._lib = lib
+                except Exception as e:  # no compiler, read-only cache, ...: fall back, say why
+                    self.error = f"{type(e).__name__}: {e}"
+            return self._lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
     for name in _KERNELS.values():
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    return lib
+
+
+KERNEL = KernelLibrary("scan", _SOURCE, _FLAGS, declare=_declare)
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None if it cannot be built."""
-    with _lock:
-        if "lib" not in _state:
-            try:
-                _state["lib"], _state["error"] = _build(), ""
-            except Exception as e:  # no compiler, read-only cache, ...: fall back, say why
-                _state["lib"], _state["error"] = None, f"{type(e).__name__}: {e}"
-        return _state["lib"]
+    return KERNEL.get()
 
 
 def available() -> tuple[bool, str]:
     """(usable, reason if not)."""
-    lib = library()
-    return lib is not None, _state.get("error", "")
+    return KERNEL.get() is not None, KERNEL.error
 
 
 def supports(x: torch.Tensor) -> bool:

@@ -88,25 +88,23 @@ void NAME##_bwd(const T_* u, const T_* dl, const T_* A, const T_* B, const T_* C
 SEL(wf_sel_f32, float, expf)
 SEL(wf_sel_f64, double, exp)
 """
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-_state: dict = {}
 MAX_STATE = 256
+
+
+def _declare(lib) -> None:
+    for prefix in ("wf_sel_f32", "wf_sel_f64"):
+        fwd, bwd = getattr(lib, prefix + "_fwd"), getattr(lib, prefix + "_bwd")
+        fwd.restype = bwd.restype = None
+        fwd.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4
+        bwd.argtypes = [ctypes.c_void_p] * 15 + [ctypes.c_int64] * 4
+
+
+KERNEL = native_scan.KernelLibrary("selective", _SOURCE, native_scan._FLAGS, ("-lm",), declare=_declare)
 
 
 def library():
     """The selective-scan kernels, built on first use and cached (None if they cannot be)."""
-    if "lib" not in _state:
-        try:
-            lib = native_scan.build_library("selective", _SOURCE, _FLAGS, ("-lm",))
-            for prefix in ("wf_sel_f32", "wf_sel_f64"):
-                fwd, bwd = getattr(lib, prefix + "_fwd"), getattr(lib, prefix + "_bwd")
-                fwd.restype = bwd.restype = None
-                fwd.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4
-                bwd.argtypes = [ctypes.c_void_p] * 15 + [ctypes.c_int64] * 4
-            _state["lib"], _state["error"] = lib, ""
-        except Exception as e:
-            _state["lib"], _state["error"] = None, f"{type(e).__name__}: {e}"
-    return _state["lib"]
+    return KERNEL.get()
 
 
 def _ptr(t):
@@ -161,5 +159,5 @@ def selective_scan(u, delta, A, B, C, D=None, z=None):
     if dtype not in (torch.float32, torch.float64) or u.device.type != "cpu" or library() is None or \
             any(t is not None and (t.dtype != dtype or t.device != u.device) for t in tensors):
         raise TypeError(f"the native selective scan runs float32/float64 CPU tensors of one dtype "
-                        f"(got {dtype} on {u.device}); {_state.get('error', '')}")
+                        f"(got {dtype} on {u.device}); {KERNEL.error}")
     return _SelectiveScan.apply(*[t.contiguous() if t is not None else None for t in tensors])

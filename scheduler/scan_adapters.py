@@ -62,7 +62,7 @@ class MambaScanAdapter:
             return "the native selective scan runs on the CPU (move the model there, or use the CUDA kernels)"
         from wavefront.backends import selective_scan
         if selective_scan.library() is None:
-            return f"the native selective scan could not be built: {selective_scan._state.get('error', '')}"
+            return f"the native selective scan could not be built: {selective_scan.KERNEL.error}"
         return ""
 
     def patches(self):

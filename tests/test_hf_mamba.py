@@ -56,7 +56,9 @@ def test_the_swap_is_undone_even_on_error():
 def test_refused_at_optimize_time_when_the_kernel_cannot_be_built(monkeypatch):
     import wavefront.backends.selective_scan as sel
     model = tiny_mamba()
-    monkeypatch.setattr(sel, "_state", {"lib": None, "error": "RuntimeError: no C compiler found (set CC)"})
+    broken = sel.native_scan.KernelLibrary("selective", "", [])
+    broken._tried, broken.error = True, "RuntimeError: no C compiler found (set CC)"
+    monkeypatch.setattr(sel, "KERNEL", broken)
     expected = "could not be built: RuntimeError: no C compiler" if hasattr(mm, "mamba_selective_scan") \
         else "inlines Mamba's scan loop"
     with pytest.raises(TypeError, match=expected):

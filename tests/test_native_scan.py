@@ -77,11 +77,11 @@ def test_bad_input_is_refused():
 
 def test_build_is_cached_and_missing_compiler_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("WAVEFRONT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(ns, "_state", {})
+    monkeypatch.setattr(ns, "KERNEL", ns.KernelLibrary("scan", ns._SOURCE, ns._FLAGS, declare=ns._declare))
     assert ns.available() == (True, "")
     built = list(tmp_path.glob("scan-*.so"))
     assert len(built) == 1
-    monkeypatch.setattr(ns, "_state", {})
+    monkeypatch.setattr(ns, "KERNEL", ns.KernelLibrary("scan", ns._SOURCE, ns._FLAGS, declare=ns._declare))
     monkeypatch.setenv("CC", "/nonexistent/cc")  # the cache key asks the compiler for its version
     ok, why = ns.available()
     assert not ok and "nonexistent" in why
