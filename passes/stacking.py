@@ -19,34 +19,21 @@ class LayersNotStackable(ValueError):
 
 
 class _LaneSlice(torch.autograd.Function):
-    """stack[a:b] as a function of the per-layer parameters: forward is a view (no copy),
-    backward hands each layer's parameter its slice of the gradient."""
-
-    @staticmethod
-    def forward(ctx, stack, a, b, *params):
-        ctx.n = len(params)
-        return stack[a:b]
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (None, None, None, *grad.unbind(0))
-
-
-class _JointLaneSlice(torch.autograd.Function):
-    """storage[a:b] of a joint stack (several names side by side along dim 1), differentiable
-    w.r.t. each name's per-layer parameters: gradient rows are handed back by offset."""
+    """storage[a:b] as a function of the per-layer parameters: forward is a view (no copy),
+    backward hands each layer's parameter its slice of the gradient. `spans` (offset, size) on
+    dim 1 name the tensors of a joint storage (name-major, then lane); None: one tensor."""
 
     @staticmethod
     def forward(ctx, storage, a, b, spans, *params):
-        ctx.spans, ctx.lanes = spans, b - a
+        ctx.spans = spans
         return storage[a:b]
 
     @staticmethod
     def backward(ctx, grad):
-        grads = []
-        for off, size in ctx.spans:  # params are ordered name-major, then lane
-            part = grad.narrow(1, off, size)
-            grads.extend(part.unbind(0))
+        if ctx.spans is None:
+            grads = list(grad.unbind(0))
+        else:
+            grads = [g for off, size in ctx.spans for g in grad.narrow(1, off, size).unbind(0)]
         return (None, None, None, None, *grads)
 
 
@@ -67,6 +54,7 @@ class ParameterStack:
         self.names = tuple(n for n, _ in self._named(self.modules[0]))
         self.joint = [tuple(g) for g in joint]
         self.joint_storage: list[torch.Tensor] = []
+        self.joint_spans: list[tuple[tuple[int, int], ...]] = []  # (offset, size) on dim 1 per name
         self.stacks: dict[str, torch.Tensor] = {}
         self._restack()
 
@@ -75,21 +63,15 @@ class ParameterStack:
         yield from m.named_parameters(remove_duplicate=False)
         yield from m.named_buffers(remove_duplicate=False)
 
-    def _tensors(self, name) -> list[torch.Tensor]:
-        out = []
-        for i, m in enumerate(self.modules):
-            table = dict(self._named(m))
-            if name not in table:
-                raise LayersNotStackable(f"layer {i} of this kind has no tensor '{name}'")
-            out.append(table[name])
-        return out
-
     def _restack(self):
+        tables = [dict(self._named(m)) for m in self.modules]  # one walk per module, not per name
         seen: dict[int, str] = {}
         tensors = {}
         for name in self.names:
-            ts = self._tensors(name)
-            tensors[name] = ts
+            missing = [i for i, table in enumerate(tables) if name not in table]
+            if missing:
+                raise LayersNotStackable(f"layer {missing[0]} of this kind has no tensor '{name}'")
+            ts = tensors[name] = [table[name] for table in tables]
             for i, t in enumerate(ts):
                 if id(t) in seen:
                     raise LayersNotStackable(
@@ -99,10 +81,11 @@ class ParameterStack:
                 if (t.shape, t.dtype, t.device) != (ts[0].shape, ts[0].dtype, ts[0].device):
                     raise LayersNotStackable(f"tensor '{name}' differs in shape/dtype/device between layers 0 and {i}")
         in_joint = {n for g in self.joint for n in g}
-        self.joint_storage = []
+        self.joint_storage, self.joint_spans = [], []
         for group in self.joint:
             first = tensors[group[0]][0]
             sizes = [tensors[n][0].shape[0] for n in group]
+            self.joint_spans.append(tuple((sum(sizes[:i]), size) for i, size in enumerate(sizes)))
             storage = torch.empty((len(self.modules), sum(sizes), *first.shape[1:]), dtype=first.dtype,
                                   device=first.device)
             off = 0
@@ -148,11 +131,7 @@ class ParameterStack:
         """Layers a..b-1 of tensor `name` as [b - a, *shape]: a view, differentiable w.r.t. the
         layers' own parameters when autograd is recording."""
         stack = self.stacks[name]
-        if torch.is_grad_enabled():
-            params = self._refs[name][a:b]
-            if any(p.requires_grad for p in params):
-                return _LaneSlice.apply(stack, a, b, *params)
-        return stack[a:b]
+        return self._differentiable(stack, a, b, [name], None)
 
     def slices(self, a: int, b: int, names=None) -> dict[str, torch.Tensor]:
         """Slices for layers a..b-1 of `names` (default: every name, and `joint{k}` for each
@@ -164,15 +143,12 @@ class ParameterStack:
 
     def joint_slice(self, k: int, a: int, b: int) -> torch.Tensor:
         """Layers a..b-1 of joint storage k: [b - a, sum of the group's sizes, *rest]."""
-        storage = self.joint_storage[k]
+        return self._differentiable(self.joint_storage[k], a, b, self.joint[k], self.joint_spans[k])
+
+    def _differentiable(self, storage, a, b, names, spans):
+        """storage[a:b], through _LaneSlice when autograd must reach the layers' parameters."""
         if torch.is_grad_enabled():
-            group = self.joint[k]
-            params = [t for n in group for t in self._refs[n][a:b]]
+            params = [t for n in names for t in self._refs[n][a:b]]
             if any(p.requires_grad for p in params):
-                spans, off = [], 0
-                for n in group:
-                    size = self.stacks[n].shape[1]
-                    spans.append((off, size))
-                    off += size
-                return _JointLaneSlice.apply(storage, a, b, tuple(spans), *params)
+                return _LaneSlice.apply(storage, a, b, spans, *params)
         return storage[a:b]
