@@ -8,9 +8,8 @@ interpreting node by node keeps the per-cell overhead near that of the model's o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import operator
+from dataclasses import dataclass
 
 from torch import fx
 

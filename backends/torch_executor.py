@@ -20,6 +20,7 @@ from wavefront.scheduler.schedule import Schedule, build_schedule, validate
 
 from .cell_parts import compile_part
 
+
 class TorchExecutor:
     """Executes schedules of one captured model.
 
@@ -100,7 +101,6 @@ class TorchExecutor:
             env[self.rg.first_node] = torch.tensor(memory.segments_seen + s == 0, device=device)
             envs.append(env)
         done = [0] * len(bounds)
-        first = [memory.segments_seen + s == 0 for s in range(len(bounds))]
         lengths = [b - a for a, b in bounds]
         state_out = self.rg.state_out_nodes
         if self.batched is not None:
@@ -111,7 +111,7 @@ class TorchExecutor:
                 for node, j in self._state_in[l]:
                     env[node] = memory.tensors[j] if s == 0 else envs[s - 1][state_out[j]]
                 self._before[l].run(env)
-            for cells in self._layer_groups(step, first, lengths):
+            for cells in self._layer_groups(step, lengths):
                 self._run_layers(cells, envs)
             for l, s in step:
                 self._after[l].run(envs[s])
@@ -125,7 +125,7 @@ class TorchExecutor:
         final = tuple(envs[-1][n] for n in state_out)
         return SegmentLMOutput(logits, MemoryState(final, memory.segments_seen + len(bounds)))
 
-    def _layer_groups(self, step, first, lengths):
+    def _layer_groups(self, step, lengths):
         """Cells of a step that one batched call can run: same kind and segment length,
         consecutive layers of the kind (the first-segment flag is per lane). Without batching:
         one per cell."""
@@ -150,13 +150,10 @@ class TorchExecutor:
                                                 **fx.node.map_arg(node.kwargs, env.__getitem__))
             return
         group, a = self.batched.position[cells[0][0]]
-        sig = self.batched.signatures[cells[0][0]]
-        env0 = envs[cells[0][1]]
-        shared = [env0[x] if isinstance(x, fx.Node) else x for x in (sig.leaves[i] for i in sig.shared_pos)]
         sigs = [(self.batched.signatures[l], envs[s]) for l, s in cells]
-        lane_values = [torch.stack([env[sg.leaves[i]] for sg, env in sigs]) for i in sig.lane_pos]
+        lane_values = [torch.stack([env[sg.leaves[i]] for sg, env in sigs]) for i in sigs[0][0].lane_pos]
         names = getattr(group.cell, "param_names", None)  # what the batched cell reads (None: all)
-        out_leaves, spec = group.cell(group.stack.slices(a, a + len(cells), names), lane_values, shared)
+        out_leaves, spec = group.cell(group.stack.slices(a, a + len(cells), names), lane_values)
         per_lane = list(zip(*[o.unbind(0) for o in out_leaves]))
         as_tuple = self._flat_tuple.get(spec)
         if as_tuple is None:

@@ -45,20 +45,20 @@ class FoldLaneCell(OpaqueModule):
                 for n in self.invariant for i in range(1, self.stack.stacks[n].shape[0])):
             self.fallback_reason = "a buffer that was equal in every layer changed"
 
-    def forward(self, params, lane_values, shared_values):
+    def forward(self, params, lane_values):
         if self.fallback_reason:
-            return self.vmap_cell(params, lane_values, shared_values)
+            return self.vmap_cell(params, lane_values)
         lanes = lane_values[0].shape[0]
         rows = lane_values[0].shape[1] if lane_values[0].dim() > 1 else None
         flag = self.signature.flag_lane
         if rows is None or any((v.dim() < 2 or v.shape[1] not in (rows, 1)) for k, v in enumerate(lane_values)
                                if k != flag):
-            return self.vmap_cell(params, lane_values, shared_values)  # inputs without a common batch dim
+            return self.vmap_cell(params, lane_values)  # inputs without a common batch dim
         # per-lane values broadcast over the batch (masks, rotary tables: batch 1) are given per row
         folded = [v.repeat_interleave(rows) if k == flag else
                   (v.expand(v.shape[0], rows, *v.shape[2:]) if v.shape[1] != rows else v).flatten(0, 1)
                   for k, v in enumerate(lane_values)]
-        args, kwargs = self.signature.rebuild(folded, shared_values)
+        args, kwargs = self.signature.rebuild(folded)
         extra = {"lane_" + n.replace(".", "_"): params[n] for n in self.names}
         if self.compiled is not None and self.checked and not torch.is_grad_enabled():
             # Duck sizing would tie unrelated sizes that happen to be equal on the first call
@@ -75,7 +75,7 @@ class FoldLaneCell(OpaqueModule):
         leaves = [x.reshape(lanes, -1, *x.shape[1:]) if t == "B" else x for x, t in zip(leaves, self.out_tags)]
         if not self.checked and lanes >= 2:
             self.checked = True
-            ref, _ = self.vmap_cell(params, lane_values, shared_values)
+            ref, _ = self.vmap_cell(params, lane_values)
             tol = {torch.float64: 1e-8, torch.float32: 1e-3}.get(leaves[0].dtype, 5e-2)
             for x, r in zip(leaves, ref):
                 scale = r.detach().abs().max().clamp_min(1e-30)

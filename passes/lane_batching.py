@@ -26,15 +26,16 @@ class LaneSignature:
         leaves, self.spec = tree_flatten((tuple(layer_node.args), dict(layer_node.kwargs)))
         self.leaves = leaves
         self.lane_pos = [i for i, x in enumerate(leaves) if isinstance(x, fx.Node)]
-        self.shared_pos = [i for i in range(len(leaves)) if i not in set(self.lane_pos)]
+        self.constants = [(i, x) for i, x in enumerate(leaves) if not isinstance(x, fx.Node)]
         flag = [k for k, i in enumerate(self.lane_pos) if leaves[i] is first_node]
         self.flag_lane = flag[0] if flag else None
 
-    def rebuild(self, lane_values, shared_values):
+    def rebuild(self, lane_values):
+        """The call's (args, kwargs) with these values in the node arguments' places."""
         leaves = [None] * len(self.leaves)
         for i, v in zip(self.lane_pos, lane_values):
             leaves[i] = v
-        for i, v in zip(self.shared_pos, shared_values):
+        for i, v in self.constants:
             leaves[i] = v
         return tree_unflatten(leaves, self.spec)
 
@@ -42,7 +43,7 @@ class LaneSignature:
 class VmapLaneCell(OpaqueModule):
     """Layers of one kind batched with torch.func.vmap(functional_call(template, ...)).
 
-    forward(params, lane_values, shared_values) -> output leaves stacked on lanes, and the
+    forward(params, lane_values) -> output leaves stacked on lanes, and the
     output structure. params: {name: [lanes, *shape]}, lane_values: [lanes, ...] tensors.
     """
 
@@ -54,11 +55,11 @@ class VmapLaneCell(OpaqueModule):
         self.signature = signature
         self._out_spec = None
 
-    def forward(self, params, lane_values, shared_values):
+    def forward(self, params, lane_values):
         sig = self.signature
 
         def one_lane(p, lane):
-            args, kwargs = sig.rebuild(lane, shared_values)
+            args, kwargs = sig.rebuild(lane)
             out = functional_call(self.template, p, args, kwargs)
             leaves, spec = tree_flatten(out)
             self._out_spec = spec

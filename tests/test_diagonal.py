@@ -196,8 +196,8 @@ def test_verify_catches_a_wrong_batched_cell():
     cell = fast.batched.groups[0].cell
     real = cell.forward
 
-    def broken(params, lanes, shared):
-        leaves, spec = real(params, lanes, shared)
+    def broken(params, lanes):
+        leaves, spec = real(params, lanes)
         return [x + 1e-3 for x in leaves], spec
 
     cell.forward = broken
