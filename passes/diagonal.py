@@ -2,7 +2,7 @@
 
 From a RecurrenceGraph whose verdict is legal it builds, for each layer kind, a parameter stack
 (the layers' storage, see stacking.py) and a batched layer cell (lane_batching.py /
-lane_fold.py). Executors then run each diagonal step's cells of one kind, one segment length
+lane_fold.py). Executors then run each diagonal step's cells of one kind and one segment length
 as a single call on a contiguous slice of the stack (the first-segment flag is per lane).
 """
 from __future__ import annotations

@@ -48,6 +48,16 @@ def loop_reference(step, init: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+def coefficients(step: AffineStep, args: list, in_dims: tuple, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a(x_t) and b(x_t) for every step t at once (vmap over the time dim of `args`), expanded
+    to [T, *carry shape]; a missing a is 1, a missing b is 0."""
+    T = next(x.shape[0] for x, d in zip(args, in_dims) if d == 0)
+    shape = (T, *h0.shape)
+    A = vmap(step.a, in_dims=in_dims)(*args).expand(shape) if step.a is not None else h0.new_ones(shape)
+    B = vmap(step.b, in_dims=in_dims)(*args).expand(shape) if step.b is not None else h0.new_zeros(shape)
+    return A, B
+
+
 def scan_loop(step, init: torch.Tensor, xs: torch.Tensor, plan: ScanPlan | None = None,
               method: str = "auto") -> torch.Tensor:
     """All carries of `for t: h = step(h, xs[t])` (time on dim 0 of xs), stacked on dim 0.
@@ -60,12 +70,7 @@ def scan_loop(step, init: torch.Tensor, xs: torch.Tensor, plan: ScanPlan | None 
     plan = plan if plan is not None else plan_step(step)
     if not plan.parallel:
         return loop_reference(step, init, xs)
-    T = xs.shape[0]
-    shape = (T, *init.shape)
-    a = plan.affine.a
-    b = plan.affine.b
-    A = vmap(a)(xs).expand(shape) if a is not None else torch.ones(shape, dtype=init.dtype, device=init.device)
-    B = vmap(b)(xs).expand(shape) if b is not None else torch.zeros(shape, dtype=init.dtype, device=init.device)
+    A, B = coefficients(plan.affine, [xs], (0,), init)
     dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), init.dtype)
     return linear_scan(A.to(dtype).contiguous(), B.to(dtype).contiguous(), init.to(dtype), dim=0, method=method)
 
@@ -83,10 +88,7 @@ class AffineScan(nn.Module):
     def forward(self, init, xs, extra):
         h0, xs, extra = init[0], list(xs), list(extra)
         dims = (0,) * self.n_xs + (None,) * self.n_extra
-        shape = (xs[0].shape[0], *h0.shape)
-        a, b = self.step.a, self.step.b
-        A = vmap(a, in_dims=dims)(*xs, *extra).expand(shape) if a is not None else h0.new_ones(shape)
-        B = vmap(b, in_dims=dims)(*xs, *extra).expand(shape) if b is not None else h0.new_zeros(shape)
+        A, B = coefficients(self.step, [*xs, *extra], dims, h0)
         H = linear_scan(A.to(h0.dtype).contiguous(), B.to(h0.dtype).contiguous(), h0, dim=0)
         H_prev = torch.cat([h0.unsqueeze(0), H[:-1]])
         outs = vmap(self.combine, in_dims=(0, *dims))(H_prev, *xs, *extra)
