@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from harness import compare, emit  # noqa: E402
+from harness import compare, emit, time_fn  # noqa: E402
 from presets import ARMT_PRESETS, split_preset  # noqa: E402
 
 import wavefront  # noqa: E402
@@ -35,15 +34,11 @@ def armt_flops(c: dict, batch: int) -> float:
     return batch * c["n_segments"] * per_seg
 
 
-def matmul_gflops(dtype) -> float:
-    a = torch.randn(2048, 2048, dtype=dtype)
-    b = torch.randn(2048, 2048, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    return 5 * 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e9
+def matmul_gflops(dtype, device: str = "cpu") -> float:
+    a = torch.randn(2048, 2048, dtype=dtype, device=device)
+    b = torch.randn(2048, 2048, dtype=dtype, device=device)
+    times = time_fn(lambda: a @ b, warmup=2, repeats=5, device=device)
+    return 5 * 2 * 2048 ** 3 / sum(times) / 1e9
 
 
 def main(argv=None):
@@ -52,19 +47,21 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--flops", action="store_true", help="also report GFLOP/s against a large matmul")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     for preset in args.preset or ["dispatch", "small"]:
         cfg, S = split_preset(preset)
         torch.manual_seed(0)
-        model = ARMT(ARMTConfig(**cfg)).eval()
-        ids = torch.randint(0, cfg["vocab_size"], (args.batch, S * cfg["segment_len"]))
+        model = ARMT(ARMTConfig(**cfg)).to(args.device).eval()
+        ids = torch.randint(0, cfg["vocab_size"], (args.batch, S * cfg["segment_len"]), device=args.device)
         fast = wavefront.optimize(model)
         with torch.inference_mode():
             err = rel_err(fast(ids).logits, model(ids).logits)
             L = cfg["n_layers"]
             rec = compare("diagonal_speedup", lambda: model(ids), lambda: fast(ids),
                           config={**cfg, "n_segments": S, "batch": args.batch, "preset": preset},
-                          dtype=torch.float32, error=err, repeats=args.repeats, baseline_label="sequential",
+                          dtype=torch.float32, device=args.device, error=err, repeats=args.repeats,
+                          baseline_label="sequential",
                           candidate_label="diagonal", quiet=True)
         rec["step_bound"] = L * S / (L + S - 1)
         rec["fraction_of_bound"] = rec["ratio"] / rec["step_bound"]
@@ -73,7 +70,7 @@ def main(argv=None):
             flops = armt_flops({**cfg, "n_segments": S}, args.batch)
             rec["gflops_sequential"] = flops / rec["sequential_s"] / 1e9
             rec["gflops_diagonal"] = flops / rec["diagonal_s"] / 1e9
-            rec["gflops_matmul_2048"] = matmul_gflops(torch.float32)
+            rec["gflops_matmul_2048"] = matmul_gflops(torch.float32, args.device)
         emit(rec)
 
 
