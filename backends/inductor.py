@@ -4,8 +4,9 @@ Lane counts change through warm-up and drain (1, 2, ..., L lanes) and the last s
 short, so the folded graph is compiled with dynamic shapes: one compile serves every width and
 length (torch specialises size 1, which is why single-lane calls stay eager; parameter slices
 starting at layer 0 and later ones compile once each). Kinds batched by vmap stay eager, and so
-does every call made while autograd records: the compiled cells serve inference. Set TORCHINDUCTOR_CACHE_DIR to a persistent folder to keep compiled kernels
-across processes: a cold compile of a small layer takes tens of seconds on a CPU.
+does every call made while autograd records: the compiled cells serve inference. Set
+TORCHINDUCTOR_CACHE_DIR to a persistent folder to keep compiled kernels across processes: a cold
+compile of a small layer takes tens of seconds on a CPU.
 """
 from __future__ import annotations
 

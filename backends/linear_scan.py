@@ -43,11 +43,11 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     if method not in METHODS:
         raise ValueError(f"unknown scan method {method!r}: choose one of {list(METHODS)}")
     dim = dim % a.dim()
-    chunk = 64
+    chunk = 64  # for an explicit method="chunked"
     if method == "auto":
         method, chunk = choose_method(a, dim)
     if method == "native":
         return native_scan.native_linear_scan(a, b, h0, dim, reverse)
     if method == "chunked":
-        return chunked_linear_scan(a, b, h0, dim, reverse, chunk=chunk or 64)
+        return chunked_linear_scan(a, b, h0, dim, reverse, chunk=chunk)
     return linear_scan_reference(a, b, h0, dim, reverse)

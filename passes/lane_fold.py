@@ -21,7 +21,6 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 
-
 class FoldNotApplicable(Exception):
     """Why a layer graph cannot be lane-folded (then vmap batches it)."""
 

@@ -50,15 +50,19 @@ class LaneScaledNorm(nn.Module):
     def __init__(self, ctx: LaneContext, module: nn.Module, weight: str, bias: str | None):
         super().__init__()
         self.ctx, self.weight_name, self.bias_name = ctx, weight, bias
-        self.base = copy.copy(module)  # same class and settings, parameters replaced per call
+        self.base = copy.copy(module)  # same class and settings, unit weight and zero bias
         self.base._parameters = dict(module._parameters)
+        self._unit_key = None
 
     def forward(self, x):
         w = self.ctx.params[self.weight_name]
-        one = torch.ones(w.shape[1:], dtype=w.dtype, device=w.device)
-        self.base._parameters["weight"] = one
-        if self.bias_name:
-            self.base._parameters["bias"] = torch.zeros_like(one)
+        key = (w.shape[1:], w.dtype, w.device)
+        if key != self._unit_key:  # made once per dtype/device, not on every call
+            one = torch.ones(w.shape[1:], dtype=w.dtype, device=w.device)
+            self.base._parameters["weight"] = one
+            if self.bias_name:
+                self.base._parameters["bias"] = torch.zeros_like(one)
+            self._unit_key = key
         y = lane_elementwise("mul", self.base(x), w, self.ctx.lanes, False)
         if self.bias_name:
             y = lane_elementwise("add", y, self.ctx.params[self.bias_name], self.ctx.lanes, False)
