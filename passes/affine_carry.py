@@ -22,6 +22,11 @@ _SUB = {operator.sub, torch.sub, _aten.sub.Tensor}
 _MUL = {operator.mul, torch.mul, _aten.mul.Tensor, _aten.mul.Scalar}
 _DIV = {operator.truediv, torch.div, _aten.div.Tensor, _aten.div.Scalar}
 _NEG = {operator.neg, torch.neg, _aten.neg.default}
+# Tensor methods that are the same arithmetic as the functions above.
+_METHODS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv, "neg": operator.neg}
+# Conversions that do not change the value's math (dtype, device, layout): alpha and beta pass
+# through; the scan then runs in the promoted dtype of its coefficients and carry.
+_CONVERSIONS = {"to", "type", "float", "double", "contiguous", "clone"}
 
 
 class NotAffine(Exception):
@@ -43,9 +48,26 @@ class AffineStep:
 
 
 def _where(node: fx.Node) -> str:
-    st = node.meta.get("stack_trace") or ""
-    last = [ln.strip() for ln in st.strip().splitlines() if ln.strip()][-1:] if st else []
-    return f"`{node.format_node()}`" + (f" ({last[0]})" if last else "")
+    """`op(args)` and, when the trace recorded it, the source line: what a user can find."""
+    args = ", ".join(str(a) for a in node.args)
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    call = f"{node.args[0]}.{target}({args.split(', ', 1)[1] if ', ' in args else ''})" \
+        if node.op == "call_method" else f"{target}({args})"
+    lines = [ln.strip() for ln in (node.meta.get("stack_trace") or "").splitlines() if ln.strip()]
+    frames = [(f, c) for f, c in zip(lines, lines[1:] + [""])
+              if f.startswith("File ") and "/torch/" not in f and not c.startswith("File ")]
+    loc = f" ({frames[-1][0][5:].split(', in ')[0]}: {frames[-1][1]})" if frames else ""
+    return f"`{call}`{loc}"
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = {node}, [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
 
 
 def analyse_step(step: nn.Module | object) -> AffineStep:
@@ -97,15 +119,20 @@ def analyse_step(step: nn.Module | object) -> AffineStep:
             return ag.call_function(operator.truediv, (1.0, k)) if div else k
         return ag.call_function(operator.truediv if div else operator.mul, (u, k))
 
+    needed = _ancestors(new)  # ys computed from the carry (scan outputs) need not be affine
     for n in g.nodes:
-        if n.op in ("placeholder", "output"):
+        if n.op in ("placeholder", "output") or n not in needed:
             continue
         ins = [a for a in n.all_input_nodes]
         if not any(dep(a) for a in ins):
             free[n] = ag.node_copy(n, lambda a: free[a])
             continue
-        fn = n.target if n.op == "call_function" else None
+        fn = n.target if n.op == "call_function" else _METHODS.get(n.target) if n.op == "call_method" else None
         args = n.args
+        if n.op == "call_method" and n.target in _CONVERSIONS and dep(args[0]) \
+                and not any(dep(a) for a in args[1:]) and not any(dep(a) for a in n.kwargs.values()):
+            alpha[n], beta[n] = alpha[args[0]], beta[args[0]]
+            continue
         if fn in _ADD | _SUB and len(args) == 2 and n.kwargs.get("alpha", 1) == 1:
             u, v = args
             sub = fn in _SUB

@@ -50,11 +50,14 @@ def loop_reference(step, init: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
 
 def coefficients(step: AffineStep, args: list, in_dims: tuple, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """a(x_t) and b(x_t) for every step t at once (vmap over the time dim of `args`), expanded
-    to [T, *carry shape]; a missing a is 1, a missing b is 0."""
+    to [T, *shape] (the carry's shape broadcast with theirs); a missing a is 1, a missing b is 0."""
     T = next(x.shape[0] for x, d in zip(args, in_dims) if d == 0)
-    shape = (T, *h0.shape)
-    A = vmap(step.a, in_dims=in_dims)(*args).expand(shape) if step.a is not None else h0.new_ones(shape)
-    B = vmap(step.b, in_dims=in_dims)(*args).expand(shape) if step.b is not None else h0.new_zeros(shape)
+    A = vmap(step.a, in_dims=in_dims)(*args) if step.a is not None else None
+    B = vmap(step.b, in_dims=in_dims)(*args) if step.b is not None else None
+    inner = torch.broadcast_shapes(h0.shape, *[x.shape[1:] for x in (A, B) if x is not None])
+    shape = (T, *inner)
+    A = A.expand(shape) if A is not None else h0.new_ones(shape)
+    B = B.expand(shape) if B is not None else h0.new_zeros(shape)
     return A, B
 
 
@@ -72,7 +75,8 @@ def scan_loop(step, init: torch.Tensor, xs: torch.Tensor, plan: ScanPlan | None 
         return loop_reference(step, init, xs)
     A, B = coefficients(plan.affine, [xs], (0,), init)
     dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), init.dtype)
-    return linear_scan(A.to(dtype).contiguous(), B.to(dtype).contiguous(), init.to(dtype), dim=0, method=method)
+    return linear_scan(A.to(dtype).contiguous(), B.to(dtype).contiguous(), init.to(dtype).expand(A.shape[1:]),
+                       dim=0, method=method)
 
 
 class AffineScan(nn.Module):
@@ -89,6 +93,7 @@ class AffineScan(nn.Module):
         h0, xs, extra = init[0], list(xs), list(extra)
         dims = (0,) * self.n_xs + (None,) * self.n_extra
         A, B = coefficients(self.step, [*xs, *extra], dims, h0)
+        h0 = h0.expand(A.shape[1:])
         H = linear_scan(A.to(h0.dtype).contiguous(), B.to(h0.dtype).contiguous(), h0, dim=0)
         H_prev = torch.cat([h0.unsqueeze(0), H[:-1]])
         outs = vmap(self.combine, in_dims=(0, *dims))(H_prev, *xs, *extra)

@@ -102,6 +102,11 @@ def register_adapter(adapter: RecurrenceAdapter, *, first: bool = True) -> None:
     _ADAPTERS.insert(0 if first else len(_ADAPTERS), adapter)
 
 
+def segment_adapter_for(model: nn.Module) -> RecurrenceAdapter | None:
+    """The first adapter that recognises `model` as segment-recurrent, or None."""
+    return next((a for a in _ADAPTERS if a.matches(model)), None)
+
+
 def bind_model(model: nn.Module) -> BoundModel:
     """The first matching adapter's view of `model`, or an error listing what is supported."""
     if isinstance(model, BoundModel):

@@ -19,10 +19,6 @@ def tiny_mamba(dtype=torch.float32):
 def test_mamba_logits_and_gradients_match_the_models_own_loop():
     model = tiny_mamba()
     ids = torch.randint(0, 100, (2, 300))
-    if not hasattr(mm, "mamba_selective_scan"):  # transformers 4.x: the loop is inlined
-        with pytest.raises(TypeError, match="inlines Mamba's scan loop"):
-            wavefront.optimize(model)
-        return
     ref = model(ids, use_cache=False)
     ref.logits.pow(2).mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -35,22 +31,22 @@ def test_mamba_logits_and_gradients_match_the_models_own_loop():
     for n, p in model.named_parameters():
         if n in grads:
             assert_close(p.grad, grads[n], 1e-3, f"grad {n}")
-    assert mm.mamba_selective_scan is not None and "native" not in getattr(mm.mamba_selective_scan, "__name__", "")
     text = str(wavefront.explain(fast))
-    assert "selective scan" in text and "native scan" in text
+    if hasattr(mm, "mamba_selective_scan"):  # transformers 5.x: the module-level scan is swapped per call
+        assert "native" not in getattr(mm.mamba_selective_scan, "__name__", "")
+        assert "selective scan" in text and "native scan" in text
+    else:  # transformers 4.x: the loop inlined in MambaMixer.slow_forward is lifted into a scan
+        assert "MambaMixer.slow_forward" in text and "carry `ssm_state`: ran as a scan" in text
 
 
 def test_the_swap_is_undone_even_on_error():
     model = tiny_mamba()
-    if not hasattr(mm, "mamba_selective_scan"):  # transformers 4.x: refused, nothing swapped
-        with pytest.raises(TypeError, match="inlines Mamba's scan loop"):
-            wavefront.optimize(model)
-        return
-    before = mm.mamba_selective_scan
+    before = getattr(mm, "mamba_selective_scan", None)
     fast = wavefront.optimize(model)
     with pytest.raises(Exception):
         fast(torch.full((1, 5), 10_000))  # token id out of range: fails inside the patched call
-    assert mm.mamba_selective_scan is before
+    assert getattr(mm, "mamba_selective_scan", None) is before
+    assert not any("slow_forward" in vars(m) for m in model.modules())  # 4.x: lifted methods removed
 
 
 def test_refused_at_optimize_time_when_the_kernel_cannot_be_built(monkeypatch):
@@ -59,7 +55,9 @@ def test_refused_at_optimize_time_when_the_kernel_cannot_be_built(monkeypatch):
     broken = sel.native_scan.KernelLibrary("selective", "", [])
     broken._tried, broken.error = True, "RuntimeError: no C compiler found (set CC)"
     monkeypatch.setattr(sel, "KERNEL", broken)
-    expected = "could not be built: RuntimeError: no C compiler" if hasattr(mm, "mamba_selective_scan") \
-        else "inlines Mamba's scan loop"
-    with pytest.raises(TypeError, match=expected):
-        wavefront.optimize(model)
+    if hasattr(mm, "mamba_selective_scan"):
+        with pytest.raises(TypeError, match="could not be built: RuntimeError: no C compiler"):
+            wavefront.optimize(model)
+    else:  # 4.x: the inlined loop is lifted into a first-order scan, which needs no selective kernel
+        from wavefront.loop_model import LoopLiftedModel
+        assert isinstance(wavefront.optimize(model), LoopLiftedModel)

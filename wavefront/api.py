@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -9,18 +10,14 @@ from torch import nn
 
 from wavefront.models.segment import MemoryState, SegmentLMOutput, SegmentRecurrentLM, segment_bounds
 from wavefront.passes.dependence import Verdict, analyse
-from wavefront.scheduler.adapters import bind_model
+from wavefront.scheduler.adapters import bind_model, segment_adapter_for
 from wavefront.scheduler.capture import capture
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 from wavefront.scheduler.schedule import Schedule, build_schedule
 
 SCHEDULES = ("diagonal", "sequential")
 BACKENDS = ("torch", "inductor")
-VERIFY_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-
-
-class VerificationError(AssertionError):
-    """optimize(..., verify=True): the optimized call differs from the sequential reference."""
+from wavefront.verification import VERIFY_RTOL, VerificationError
 
 
 class OptimizedModel(nn.Module):
@@ -105,11 +102,20 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
     """
     from wavefront.scheduler.scan_adapters import ScanAcceleratedModel, scan_adapter_for
     scan_adapter = scan_adapter_for(model)
-    if scan_adapter is not None:  # a model with time loops (Mamba): run them as native scans
-        why = scan_adapter.check(model)
+    why = scan_adapter.check(model) if scan_adapter is not None else ""
+    if scan_adapter is not None and not why:  # a known model family with a native kernel (Mamba)
+        return ScanAcceleratedModel(model, scan_adapter, verify)
+    if scan_adapter is not None or segment_adapter_for(model) is None:
+        from wavefront.loop_model import LoopLiftedModel, model_time_loops
+        loops = model_time_loops(model)  # Python time loops: lift the affine ones into scans
+        if loops:
+            lifted = LoopLiftedModel(model, loops, verify)
+            if not lifted.lifted_any:
+                warnings.warn(f"{type(model).__name__}: no time loop can run as a scan, the model runs as it is:\n"
+                              + "\n".join(lifted.report()), stacklevel=2)
+            return lifted
         if why:
             raise TypeError(f"cannot optimize {type(model).__name__}: {why}")
-        return ScanAcceleratedModel(model, scan_adapter, verify)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: choose one of {list(SCHEDULES)}")
     if backend not in BACKENDS:
@@ -179,14 +185,26 @@ def explain(model: nn.Module, n_segments: int | None = None) -> Explanation:
     >>> print(explain(RMT(RMTConfig(n_layers=2)), n_segments=4).steps)
     {'sequential': 8}
     """
+    from wavefront.loop_model import LoopLiftedModel, model_time_loops
     from wavefront.scheduler.scan_adapters import ScanAcceleratedModel, scan_adapter_for
-    inner = model.model if isinstance(model, ScanAcceleratedModel) else model
+    inner = model.model if isinstance(model, (ScanAcceleratedModel, LoopLiftedModel)) else model
+    no_segments = Verdict(False, "no segment recurrence: diagonal batching does not apply")
     scan_adapter = scan_adapter_for(inner)
-    if scan_adapter is not None:
-        why = scan_adapter.check(inner)
-        return Explanation(type(inner).__name__, scan_adapter.name, scan_adapter.describe(inner),
-                           Verdict(False, "no segment recurrence: diagonal batching does not apply"),
-                           "native scan" if not why else f"unchanged ({why})", 0, None)
+    why = scan_adapter.check(inner) if scan_adapter is not None else ""
+    if scan_adapter is not None and not why:
+        return Explanation(type(inner).__name__, scan_adapter.name, scan_adapter.describe(inner), no_segments,
+                           "native scan", 0, None)
+    if scan_adapter is not None or (segment_adapter_for(inner) is None and not isinstance(model, OptimizedModel)):
+        lifted = model if isinstance(model, LoopLiftedModel) else None
+        if lifted is None:
+            loops = model_time_loops(inner)
+            lifted = LoopLiftedModel(inner, loops) if loops else None
+        if lifted is not None:
+            return Explanation(type(inner).__name__, "time-loops", "Python time loops:\n  " + "\n  ".join(lifted.report()),
+                               no_segments, "loops as scans" if lifted.lifted_any else "unchanged", 0, None)
+        if why:
+            return Explanation(type(inner).__name__, scan_adapter.name, scan_adapter.describe(inner), no_segments,
+                               f"unchanged ({why})", 0, None)
     if isinstance(model, OptimizedModel):
         rg, last = model.rg, model.last_schedule
         n = n_segments if n_segments is not None else (last.n_segments if last else None)

@@ -1,0 +1,186 @@
+"""Run a Python time loop, found by scheduler.time_loops, as a first-order scan.
+
+For a loop `for i in range(n): h = body(h, i, ...)` the body is compiled into two functions of
+(carry, i, the tensors it reads): `step` (returns the new carry) and `outputs` (returns the
+per-iteration output values). `step` is traced with torch.fx once per call (its size does not
+depend on n) and proved affine in the carry (affine_carry.py); then
+  a(i), b(i) for all i at once (vmap over the index tensor) -> linear_scan -> all carries;
+  outputs for all i at once (vmap of the body over the index and the previous carries);
+  the last iteration once more in plain Python, for the values the loop leaves behind.
+Output writes happen last, so a runner that declines (returns None, and the original loop runs)
+has changed nothing.
+"""
+from __future__ import annotations
+
+import ast
+import types
+
+import torch
+from torch import fx, nn
+from torch.func import vmap
+
+from wavefront.backends.linear_scan import linear_scan
+from wavefront.scheduler.time_loops import LoopSite, assigned_after
+
+from .affine_carry import NotAffine, analyse_step
+from .scan_rewrite import coefficients
+
+
+class _StepHolder(nn.Module):
+    """Root module for tracing a loop body: the modules the body calls are registered on it,
+    so torch.fx records them as calls (and their parameters as attributes)."""
+
+
+def _compile_body(site: LoopSite, tensor_names: list[str], other_names: list[str], globals_: dict):
+    """(step, outputs, last) functions of (carry, index, *tensors), closing over the other values."""
+    def fn(name, ret, first="self_holder"):
+        params = [first] if first else []
+        args = ast.arguments([], [ast.arg(a) for a in [*params, *site.carries, site.index, *tensor_names]],
+                             None, [], [], None, [])
+        return ast.FunctionDef(name, args, [*site.body, ast.Return(ret)], [], None, None)
+
+    def names(xs):
+        return ast.Tuple([ast.Name(x, ast.Load()) for x in xs], ast.Load())
+
+    ys = [f"__wf_y{k}" for k in range(len(site.outputs))]
+    # "forward": the holder module's method, and the frame torch.fx starts recording stack traces at
+    defs = [fn("forward", ast.Name(site.carries[0], ast.Load())),
+            fn("outputs", names(ys), first=None),
+            fn("last", ast.Tuple([names(assigned_after(site)[:-1]), names(ys)], ast.Load()), first=None)]
+    maker = ast.FunctionDef("make", ast.arguments([], [ast.arg(a) for a in other_names], None, [], [], None, []),
+                            [*defs, ast.Return(names(["forward", "outputs", "last"]))], [], None, None)
+    ns: dict = {}
+    exec(compile(ast.fix_missing_locations(ast.Module([maker], [])), site.filename or "<wavefront loop body>", "exec"), ns)
+    return types.FunctionType(ns["make"].__code__, globals_, "make")
+
+
+class LoopRunner:
+    """Runs the liftable loops of one function; remembers, per site, how its last call ran.
+
+    `runner(k, env, rng)` returns the values to assign after loop k (carry, temporaries, index),
+    or None to let the original loop run.
+    """
+
+    def __init__(self, sites: list[LoopSite], globals_: dict, method: str = "auto"):
+        self.sites, self.globals, self.method = sites, globals_, method
+        self.status = {k: "not run yet" for k, s in enumerate(sites) if s.liftable}
+        self._plans: dict = {}  # (site, names, non-tensor values) -> (outputs, last, AffineStep)
+
+    def __call__(self, k: int, env: dict, rng: range):
+        site = self.sites[k]
+        try:
+            values = self._run(site, env, rng)
+        except NotAffine as e:
+            self.status[k] = f"left as a loop: {e.reason}"
+            return None
+        except _Decline as e:
+            self.status[k] = f"left as a loop: {e}"
+            return None
+        self.status[k] = "ran as a scan"
+        return values
+
+    def preview(self, k: int, module) -> str:
+        """Before any call: the verdict for site k, tracing its body with `self` bound to `module`
+        and every other name it reads taken as a tensor (exact when that holds; else the first
+        call decides)."""
+        site = self.sites[k]
+        others = ["self"] if "self" in site.free else []
+        tensors = [n for n in site.free if n not in others]
+        try:
+            self._plan(site, tensors, others, [module] * len(others))
+        except NotAffine as e:
+            return f"left as a loop: {e.reason}"
+        except _Decline:
+            return "decided at the first call (the body reads values that are not tensors)"
+        return "affine in its carry: runs as a scan"
+
+    def _plan(self, site: LoopSite, tensors: list[str], others: list[str], other_values: list):
+        """Compile the body for these non-tensor values (closed over) and prove it affine. Depends
+        on which names are tensors and on the non-tensor values, never on the tensors' values."""
+        step, outputs, last = _compile_body(site, tensors, others, self.globals)(*other_values)
+        holder = type("WavefrontLoopStep", (_StepHolder,), {"forward": step})()
+        for n, v in zip(others, other_values):
+            if isinstance(v, nn.Module):
+                holder.add_module(n, v)
+        tracer = fx.Tracer()
+        tracer.record_stack_traces = True  # so a non-affine op is reported with the user's line
+        try:
+            traced = fx.GraphModule(holder, tracer.trace(holder))
+        except Exception as e:  # the body does something fx cannot follow symbolically
+            raise _Decline(f"the body could not be traced ({type(e).__name__}: {e})") from e
+        return outputs, last, analyse_step(traced)
+
+    def _run(self, site: LoopSite, env: dict, rng: range):
+        if len(rng) == 0:
+            raise _Decline("empty range")
+        missing = [n for n in site.free + site.carries if n not in env]
+        if missing:
+            raise _Decline(f"{', '.join(missing)} not bound before the loop")
+        h0 = env[site.carries[0]]
+        if not isinstance(h0, torch.Tensor) or not (h0.is_floating_point() or h0.is_complex()):
+            raise _Decline(f"the carry `{site.carries[0]}` does not start as a float tensor")
+        tensors = [n for n in site.free if isinstance(env[n], torch.Tensor)]
+        others = [n for n in site.free if n not in tensors]
+        key = (id(site), tuple(tensors), tuple(others), tuple(_value_key(env[n]) for n in others))
+        if key not in self._plans:
+            if len(self._plans) >= 16:  # non-tensor values that change every call (a length): keep a few
+                self._plans.pop(next(iter(self._plans)))
+            try:
+                self._plans[key] = self._plan(site, tensors, others, [env[n] for n in others])
+            except (NotAffine, _Decline) as e:
+                self._plans[key] = e
+        plan = self._plans[key]
+        if isinstance(plan, Exception):
+            raise plan
+        outputs, last, affine = plan
+        idx = torch.arange(rng.start, rng.stop, rng.step, device=h0.device)
+        xs = [env[n] for n in tensors]
+        A, B = coefficients(affine, [idx, *xs], (0,) + (None,) * len(xs), h0)
+        dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), h0.dtype)
+        h0 = h0.to(dtype).expand(A.shape[1:])  # the carry may widen on its first step (h = a * 0-dim + b)
+        H = linear_scan(A.to(dtype).contiguous(), B.to(dtype).contiguous(), h0, dim=0, method=self.method)
+        H_prev = torch.cat([h0.unsqueeze(0), H[:-1]])
+        values, _ = last(H_prev[-1], rng[-1], *xs)  # what the loop leaves in its names, exactly
+        writes = []
+        if site.outputs:
+            Y = vmap(outputs, in_dims=(0, 0) + (None,) * len(xs))(H_prev, idx, *xs)
+            writes = [_writer(o, env[o.container], y, idx) for o, y in zip(site.outputs, Y)]
+        for write in writes:  # only now change what the caller can see
+            write()
+        return (*values, rng[-1])
+
+
+def _value_key(v):
+    """Plans are reused for equal hashable values and for the very same object otherwise."""
+    try:
+        hash(v)
+        return (type(v), v) if not isinstance(v, nn.Module) else ("id", id(v))
+    except TypeError:
+        return ("id", id(v))
+
+
+class _Decline(Exception):
+    """The runner will not lift this call of the loop; the original loop runs instead."""
+
+
+def _writer(o, container, y: torch.Tensor, idx: torch.Tensor):
+    """A function doing all of a loop's writes `container[:, i] = y_i` (or appends) at once;
+    checked here, so that a write that cannot happen declines before anything changed."""
+    if o.kind == "append":
+        if not isinstance(container, list):
+            raise _Decline(f"`{o.container}` is not a list")
+        return lambda: container.extend(y.unbind(0))
+    if not isinstance(container, torch.Tensor):
+        raise _Decline(f"`{o.container}` is not a tensor")
+    target = container.movedim(o.position, 0)
+    per_write = target.dim() - 1
+    if y.dim() - 1 > per_write:
+        raise _Decline(f"a value of shape {tuple(y.shape[1:])} does not fit `{o.container}` writes")
+    y = y.reshape(y.shape[0], *([1] * (per_write - (y.dim() - 1))), *y.shape[1:])
+
+    def write():
+        target[idx] = y
+    return write
+
+
+__all__ = ["LoopRunner"]

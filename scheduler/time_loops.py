@@ -1,0 +1,262 @@
+"""Find Python time loops in a function's source and rewrite the function to hand them to a runner.
+
+torch.fx cannot trace `for t in range(x.shape[1])` (the length is a tensor's), and unrolling it
+(torch.export, dynamo) makes the graph grow with T. So the loop is found in the source instead:
+a `for <i> in range(...)` (or `reversed(range(...))`) whose body is straight-line code of
+  - assignments to names: a name read before it is assigned in the body is the carry,
+    the others are temporaries;
+  - output writes `out[:, i] = value` (only `:` besides the index) or `outs.append(value)`.
+The rewritten function asks a runner for the loop's result first and runs the original loop,
+unchanged, when the runner declines (returns None): a loop that cannot be proved affine, an
+empty range, an unexpected value. Why we parse source by hand: no library lifts a Python loop
+over a data-dependent length into a scan without unrolling it.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+import types
+from dataclasses import dataclass, field
+
+RUNNER = "__wavefront_loop__"
+
+
+@dataclass
+class LoopOutput:
+    """One per-iteration output: `container[:, i] = value` (kind 'write', index at `position`)
+    or `container.append(value)` (kind 'append')."""
+
+    kind: str
+    container: str
+    position: int = 0
+
+
+@dataclass
+class LoopSite:
+    """A `for` loop over a range in some function, and whether it can be handed to a runner."""
+
+    qualname: str
+    lineno: int
+    filename: str = ""
+    index: str = ""
+    carries: list[str] = field(default_factory=list)
+    temps: list[str] = field(default_factory=list)
+    free: list[str] = field(default_factory=list)  # names the body reads from the function's locals
+    outputs: list[LoopOutput] = field(default_factory=list)
+    body: list[ast.stmt] = field(default_factory=list)  # outputs rewritten to `__wf_y<k> = value`
+    reason: str = ""  # why it cannot be lifted ('' if it can)
+
+    @property
+    def liftable(self) -> bool:
+        return not self.reason
+
+    def where(self) -> str:
+        return f"{self.qualname} line {self.lineno}"
+
+
+def _names(node: ast.AST, ctx) -> list[str]:
+    return [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ctx)]
+
+
+def _local_names(fn_def: ast.FunctionDef) -> set[str]:
+    a = fn_def.args
+    args = [*a.posonlyargs, *a.args, *a.kwonlyargs, *([a.vararg] if a.vararg else []), *([a.kwarg] if a.kwarg else [])]
+    return {x.arg for x in args} | set(_names(fn_def, ast.Store))
+
+
+def _range_of(it: ast.expr) -> tuple[ast.expr, bool] | None:
+    """(the range call, reversed?) for `range(...)` / `reversed(range(...))`, else None."""
+    def is_call(e, name):
+        return isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and e.func.id == name and not e.keywords
+    if is_call(it, "range"):
+        return it, False
+    if is_call(it, "reversed") and len(it.args) == 1 and is_call(it.args[0], "range"):
+        return it.args[0], True
+    return None
+
+
+def _output(stmt: ast.stmt, index: str) -> tuple[LoopOutput, ast.expr] | str | None:
+    """An output statement as (output, value); a reason string if it looks like one but is not
+    supported; None if it is not an output statement."""
+    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call):
+        c = stmt.value
+        if isinstance(c.func, ast.Attribute) and c.func.attr == "append" and isinstance(c.func.value, ast.Name):
+            if len(c.args) != 1 or c.keywords:
+                return "an append with other than one value"
+            return LoopOutput("append", c.func.value.id), c.args[0]
+        return f"a call statement `{ast.unparse(stmt)}` (a side effect)"
+    if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Subscript):
+        tgt = stmt.targets[0]
+        if not isinstance(tgt.value, ast.Name):
+            return f"a write to `{ast.unparse(tgt)}`"
+        parts = tgt.slice.elts if isinstance(tgt.slice, ast.Tuple) else [tgt.slice]
+        pos = [k for k, p in enumerate(parts) if isinstance(p, ast.Name) and p.id == index]
+        rest_ok = all(isinstance(p, ast.Slice) and p.lower is p.upper is p.step is None
+                      for k, p in enumerate(parts) if k not in pos)
+        if len(pos) != 1 or not rest_ok:
+            return f"the write `{ast.unparse(tgt)}` (supported: the loop index once, `:` elsewhere)"
+        return LoopOutput("write", tgt.value.id, pos[0]), stmt.value
+    return None
+
+
+def _analyse_loop(loop: ast.For, qualname: str, filename: str, fn_locals: set[str]) -> LoopSite:
+    site = LoopSite(qualname, loop.lineno, filename)
+    if not isinstance(loop.target, ast.Name):
+        site.reason = "the loop target is not a single name"
+        return site
+    site.index = i = loop.target.id
+    if loop.orelse:
+        site.reason = "the loop has an else clause"
+        return site
+    stored: list[str] = []
+    carries: list[str] = []
+    containers: set[str] = set()
+    body: list[ast.stmt] = []
+    all_reads: list[str] = []
+    for stmt in loop.body:
+        out = _output(stmt, i)
+        if isinstance(out, str):
+            site.reason = f"its body has {out}"
+            return site
+        if out is not None:
+            o, value = out
+            site.outputs.append(o)
+            containers.add(o.container)
+            reads = _names(value, ast.Load)
+            y = ast.Assign([ast.Name(f"__wf_y{len(site.outputs) - 1}", ast.Store())], value)
+            body.append(ast.fix_missing_locations(ast.copy_location(y, stmt)))
+        elif isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            if not all(isinstance(n, ast.Name) or (isinstance(n, ast.Tuple) and all(isinstance(e, ast.Name) for e in n.elts))
+                       for n in targets):
+                site.reason = f"its body assigns to `{ast.unparse(stmt)}`"
+                return site
+            reads = _names(stmt.value, ast.Load) if stmt.value is not None else []
+            if isinstance(stmt, ast.AugAssign):
+                reads.append(stmt.target.id)
+            body.append(stmt)
+        else:
+            site.reason = f"its body has a `{type(stmt).__name__}` statement at line {stmt.lineno} (straight-line code only)"
+            return site
+        all_reads.extend(reads)
+        for r in reads:
+            if r not in stored and r not in carries and r != i:
+                carries.append(r)  # provisional: read before any store; kept if stored later
+        for t in (targets if out is None else []):
+            for name in _names(t, ast.Store):
+                if name == i:
+                    site.reason = "the body assigns the loop index"
+                    return site
+                if name not in stored:
+                    stored.append(name)
+    own = sorted(containers & set(all_reads))
+    if own:  # a value written in an earlier iteration is read back: a hidden carry
+        site.reason = f"the body reads its own output `{own[0]}`"
+        return site
+    site.carries = [c for c in carries if c in stored]
+    site.temps = [s for s in stored if s not in site.carries]
+    site.free = [c for c in carries if c not in stored and c in fn_locals]
+    site.body = body
+    if not site.carries:
+        site.reason = "no value is carried from one iteration to the next"
+    elif len(site.carries) > 1:
+        site.reason = f"{len(site.carries)} carries ({', '.join(site.carries)}): one carry is supported"
+    return site
+
+
+def _function_ast(fn) -> ast.FunctionDef | None:
+    """`fn`'s definition, with line numbers of its source file (so that code compiled from it
+    reports, and traces record, the user's own lines)."""
+    try:
+        src = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return None
+    fdef = ast.parse(src).body[0]
+    if not isinstance(fdef, ast.FunctionDef):
+        return None
+    ast.increment_lineno(fdef, fn.__code__.co_firstlineno - 1)
+    return fdef
+
+
+def find_time_loops(fn) -> list[LoopSite]:
+    """Every `for ... in range(...)` loop in `fn`'s source, each with what a runner needs or why
+    it cannot be lifted.
+
+    >>> def f(x):
+    ...     h = x[0] * 0
+    ...     for t in range(x.shape[0]):
+    ...         h = 0.5 * h + x[t]
+    ...     return h
+    >>> [(s.carries, s.free, s.liftable) for s in find_time_loops(f)]
+    [(['h'], ['x'], True)]
+    """
+    if "range" not in getattr(getattr(fn, "__code__", None), "co_names", ()):
+        return []
+    fdef = _function_ast(fn)
+    if fdef is None:
+        return []
+    fn_locals = _local_names(fdef)
+    sites = []
+    for node in ast.walk(fdef):
+        if isinstance(node, ast.For) and _range_of(node.iter) is not None:
+            sites.append(_analyse_loop(node, fn.__qualname__, fn.__code__.co_filename, fn_locals))
+    return sites
+
+
+class _ReplaceLoops(ast.NodeTransformer):
+    """Turns liftable loop k into: r = runner(k, locals(), range); run the loop if r is None."""
+
+    def __init__(self, liftable_lines: dict[int, int]):
+        self.liftable_lines = liftable_lines  # line in the source file -> site number
+
+    def visit_For(self, node: ast.For):
+        self.generic_visit(node)
+        k = self.liftable_lines.get(node.lineno)
+        if k is None:
+            return node
+        rng, rev = _range_of(node.iter)
+        if rev:
+            rng = ast.Subscript(rng, ast.Slice(None, None, ast.UnaryOp(ast.USub(), ast.Constant(1))), ast.Load())
+        r = f"__wf_r{k}"
+        call = ast.Call(ast.Name(RUNNER, ast.Load()), [ast.Constant(k), ast.Call(ast.Name("locals", ast.Load()), [], []), rng], [])
+        names = self.names[k]
+        unpack = ast.Assign([ast.Tuple([ast.Name(n, ast.Store()) for n in names], ast.Store())], ast.Name(r, ast.Load()))
+        test = ast.Compare(ast.Name(r, ast.Load()), [ast.Is()], [ast.Constant(None)])
+        return [ast.Assign([ast.Name(r, ast.Store())], call), ast.If(test, [node], [unpack])]
+
+
+def assigned_after(site: LoopSite) -> list[str]:
+    """The names a lifted loop's runner returns, in order: carry, temporaries, loop index."""
+    return [*site.carries, *site.temps, site.index]
+
+
+def rewrite_function(fn, sites: list[LoopSite], runner) -> types.FunctionType:
+    """`fn` with each liftable site k replaced by a call runner(k, locals(), range) and the
+    original loop as the fallback. Same globals, defaults and closure as `fn`."""
+    fdef = _function_ast(fn)
+    fdef.decorator_list = []
+    lines = {s.lineno: k for k, s in enumerate(sites) if s.liftable}
+    tr = _ReplaceLoops(lines)
+    tr.names = {k: assigned_after(s) for k, s in enumerate(sites)}
+    fdef = tr.visit(fdef)
+    freevars = fn.__code__.co_freevars
+    factory = ast.FunctionDef("__wf_factory", ast.arguments([], [ast.arg(RUNNER), *[ast.arg(v) for v in freevars]], None, [], [], None, []),
+                              [fdef, ast.Return(ast.Name(fdef.name, ast.Load()))], [], None, None)
+    mod = ast.fix_missing_locations(ast.Module([factory], []))
+    ns: dict = {}
+    exec(compile(mod, fn.__code__.co_filename, "exec"), ns)
+    make = types.FunctionType(ns["__wf_factory"].__code__, fn.__globals__, "__wf_factory")
+    cells = [c.cell_contents for c in (fn.__closure__ or ())]
+    new = make(runner, *cells)
+    new.__defaults__, new.__kwdefaults__ = fn.__defaults__, fn.__kwdefaults__
+    new.__qualname__, new.__doc__ = fn.__qualname__, fn.__doc__
+    return new
+
+
+def uses_private_names(fn) -> bool:
+    """Names like self.__x are mangled at class compile time; a recompiled copy would miss them."""
+    return any(n.startswith("__") and not n.endswith("__") for n in fn.__code__.co_names)
+
+
+__all__ = ["LoopOutput", "LoopSite", "find_time_loops", "rewrite_function", "assigned_after", "uses_private_names"]

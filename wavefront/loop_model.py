@@ -1,0 +1,136 @@
+"""Models whose modules run Python time loops: optimize() lifts each loop that is affine in its
+carry into a scan, per call, by swapping the rewritten methods in on the module instances for
+the duration of the call (restored afterwards, also on error).
+
+The lifted method asks its LoopRunner first and falls back to its own loop, so a loop the
+runner declines (not affine, an empty range) runs exactly as written; explain() says which
+loops ran as scans and why the others did not.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wavefront.passes.loop_lift import LoopRunner
+from wavefront.scheduler.time_loops import LoopSite, find_time_loops, rewrite_function, uses_private_names
+
+
+@dataclass
+class LiftedFunction:
+    """One function (a module method) with its loops and the rewritten version, if any loop can run as a scan."""
+
+    owner: type
+    name: str
+    sites: list[LoopSite]
+    runner: LoopRunner | None
+    function: object | None  # the rewritten function, None if nothing in it can be lifted
+
+    def verdicts(self, module: nn.Module | None = None) -> list[tuple[LoopSite, str, bool]]:
+        """(site, status, runs as a scan?) per loop; `module` (an instance) lets a loop that has
+        not run yet be judged now."""
+        out = []
+        for k, s in enumerate(self.sites):
+            if not s.liftable:
+                out.append((s, f"left as a loop: {s.reason}", False))
+                continue
+            status = self.runner.status[k]
+            if status == "not run yet" and module is not None:
+                status = self.runner.preview(k, module)
+            out.append((s, status, not status.startswith("left as a loop")))
+        return out
+
+    def report(self, module: nn.Module | None = None) -> list[str]:
+        """One line per loop: lifted or not, and why."""
+        return [f"{s.where()}: loop over `{s.index}`" + (f", carry `{s.carries[0]}`" if s.liftable else "")
+                + f": {status}" for s, status, _ in self.verdicts(module)]
+
+
+_CACHE: dict = {}
+
+
+def _lift(owner: type, name: str, fn) -> LiftedFunction | None:
+    if fn in _CACHE:
+        return _CACHE[fn]
+    sites = find_time_loops(fn)
+    lifted = None
+    if sites:
+        runner, new = None, None
+        if uses_private_names(fn):
+            for s in sites:
+                s.reason = s.reason or "the method uses private (name-mangled) attributes"
+        elif any(s.liftable for s in sites):
+            runner = LoopRunner(sites, fn.__globals__)
+            new = rewrite_function(fn, sites, runner)
+        lifted = LiftedFunction(owner, name, sites, runner, new)
+    _CACHE[fn] = lifted
+    return lifted
+
+
+def model_time_loops(model: nn.Module) -> list[tuple[nn.Module, LiftedFunction]]:
+    """(module, lifted function) for every method, of every module in `model`, that holds a
+    `for ... in range(...)` loop (lifted or not)."""
+    found = []
+    for m in model.modules():
+        seen = set()
+        for cls in type(m).__mro__:
+            if not issubclass(cls, nn.Module) or cls.__module__.startswith("torch."):
+                continue
+            for name, fn in vars(cls).items():
+                if name in seen or name.startswith("__") or not callable(fn) or not hasattr(fn, "__code__"):
+                    continue
+                seen.add(name)
+                lifted = _lift(cls, name, fn)
+                if lifted is not None:
+                    found.append((m, lifted))
+    return found
+
+
+class LoopLiftedModel(nn.Module):
+    """`model` with its affine time loops run as scans; same forward signature and outputs."""
+
+    def __init__(self, model: nn.Module, loops: list[tuple[nn.Module, LiftedFunction]], verify: bool = False):
+        super().__init__()
+        self.model, self.loops, self.verify = model, loops, verify
+
+    @contextlib.contextmanager
+    def _lifted(self):
+        installed = []
+        try:
+            for m, lf in self.loops:
+                if lf.function is not None and lf.name not in m.__dict__:
+                    m.__dict__[lf.name] = lf.function.__get__(m)
+                    installed.append((m, lf.name))
+            yield
+        finally:
+            for m, name in installed:
+                del m.__dict__[name]
+
+    def forward(self, *args, **kwargs):
+        with self._lifted():
+            out = self.model(*args, **kwargs)
+        if self.verify:
+            from wavefront.verification import check_outputs
+            with torch.no_grad():
+                ref = self.model(*args, **kwargs)
+            check_outputs(out, ref, "the model with its loops run as scans (vs its own loops)")
+            self.verify = False
+        return out
+
+    @property
+    def lifted_any(self) -> bool:
+        """Does (or will) any loop run as a scan?"""
+        return any(scan for m, lf in self.loops for _, _, scan in lf.verdicts(m))
+
+    def report(self) -> list[str]:
+        lines, seen = [], set()
+        for m, lf in self.loops:
+            if id(lf) not in seen:
+                seen.add(id(lf))
+                lines.extend(lf.report(m))
+        return lines
+
+
+__all__ = ["LiftedFunction", "LoopLiftedModel", "model_time_loops"]
