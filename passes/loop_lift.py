@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import types
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -22,8 +23,9 @@ from torch.func import vmap
 from wavefront.backends.linear_scan import linear_scan
 from wavefront.scheduler.time_loops import LoopSite, assigned_after
 
-from .affine_carry import NotAffine, analyse_step
-from .scan_rewrite import coefficients
+from .affine_carry import AffineStep, NotAffine, analyse_step
+from .index_hoist import HoistedReads, hoist_index_reads, read_views
+from .scan_rewrite import broadcast_coefficients
 
 
 class _StepHolder(nn.Module):
@@ -32,7 +34,8 @@ class _StepHolder(nn.Module):
 
 
 def _compile_body(site: LoopSite, tensor_names: list[str], other_names: list[str], globals_: dict):
-    """(step, outputs, last) functions of (carry, index, *tensors), closing over the other values."""
+    """(step, last) functions of (carry, index, *tensors), closing over the other values: step (to
+    trace) returns (new carry, *per-iteration outputs); last (to run) the names' values and outputs."""
     def fn(name, ret, first="self_holder"):
         params = [first] if first else []
         args = ast.arguments([], [ast.arg(a) for a in [*params, *site.carries, site.index, *tensor_names]],
@@ -44,11 +47,10 @@ def _compile_body(site: LoopSite, tensor_names: list[str], other_names: list[str
 
     ys = [f"__wf_y{k}" for k in range(len(site.outputs))]
     # "forward": the holder module's method, and the frame torch.fx starts recording stack traces at
-    defs = [fn("forward", ast.Name(site.carries[0], ast.Load())),
-            fn("outputs", names(ys), first=None),
+    defs = [fn("forward", names([site.carries[0], *ys])),
             fn("last", ast.Tuple([names(assigned_after(site)[:-1]), names(ys)], ast.Load()), first=None)]
     maker = ast.FunctionDef("make", ast.arguments([], [ast.arg(a) for a in other_names], None, [], [], None, []),
-                            [*defs, ast.Return(names(["forward", "outputs", "last"]))], [], None, None)
+                            [*defs, ast.Return(names(["forward", "last"]))], [], None, None)
     ns: dict = {}
     exec(compile(ast.fix_missing_locations(ast.Module([maker], [])), site.filename or "<wavefront loop body>", "exec"), ns)
     return types.FunctionType(ns["make"].__code__, globals_, "make")
@@ -94,21 +96,17 @@ class LoopRunner:
             return "decided at the first call (the body reads values that are not tensors)"
         return "affine in its carry: runs as a scan"
 
-    def _plan(self, site: LoopSite, tensors: list[str], others: list[str], other_values: list):
-        """Compile the body for these non-tensor values (closed over) and prove it affine. Depends
-        on which names are tensors and on the non-tensor values, never on the tensors' values."""
-        step, outputs, last = _compile_body(site, tensors, others, self.globals)(*other_values)
-        holder = type("WavefrontLoopStep", (_StepHolder,), {"forward": step})()
-        for n, v in zip(others, other_values):
-            if isinstance(v, nn.Module):
-                holder.add_module(n, v)
-        tracer = fx.Tracer()
-        tracer.record_stack_traces = True  # so a non-affine op is reported with the user's line
-        try:
-            traced = fx.GraphModule(holder, tracer.trace(holder))
-        except Exception as e:  # the body does something fx cannot follow symbolically
-            raise _Decline(f"the body could not be traced ({type(e).__name__}: {e})") from e
-        return outputs, last, analyse_step(traced)
+    def _plan(self, site: LoopSite, tensors: list[str], others: list[str], other_values: list) -> _Plan:
+        """Compile the body for these non-tensor values (closed over), prove it affine, and hoist
+        its indexed reads. Depends on which names are tensors and on the non-tensor values,
+        never on the tensors' values (nor on the length)."""
+        step, last = _compile_body(site, tensors, others, self.globals)(*other_values)
+        traced = _trace(step, [(n, v) for n, v in zip(others, other_values) if isinstance(v, nn.Module)])
+        affine = analyse_step(traced)
+        ys = _outputs_graph(traced) if site.outputs else None
+        hoist = [hoist_index_reads(g, site.index) if g is not None else None for g in (affine.a, affine.b, ys)]
+        reads_previous = ys is not None and len(next(iter(ys.graph.nodes)).users) > 0
+        return _Plan(last, affine, *hoist, reads_previous)
 
     def _run(self, site: LoopSite, env: dict, rng: range):
         if len(rng) == 0:
@@ -132,22 +130,22 @@ class LoopRunner:
         plan = self._plans[key]
         if isinstance(plan, Exception):
             raise plan
-        outputs, last, affine = plan
         idx = torch.arange(rng.start, rng.stop, rng.step, device=h0.device)
         xs = [env[n] for n in tensors]
-        A, B = coefficients(affine, [idx, *xs], (0,) + (None,) * len(xs), h0)
+        A, B = (_over_steps(g, [idx, *xs], (0,) + (None,) * len(xs), rng) for g in (plan.a, plan.b))
+        A, B = broadcast_coefficients(A, B, h0, len(rng))
         dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), h0.dtype)
         h0 = h0.to(dtype).expand(A.shape[1:])  # the carry may widen on its first step (h = a * 0-dim + b)
         H = linear_scan(A.to(dtype).contiguous(), B.to(dtype).contiguous(), h0, dim=0, method=self.method)
-        H_prev = torch.cat([h0.unsqueeze(0), H[:-1]])
-        values, _ = last(H_prev[-1], rng[-1], *xs)  # what the loop leaves in its names, exactly
+        values_after, _ = plan.last(H[-2] if len(rng) > 1 else h0, rng[-1], *xs)  # the loop's names, exactly
         writes = []
         if site.outputs:
-            Y = vmap(outputs, in_dims=(0, 0) + (None,) * len(xs))(H_prev, idx, *xs)
+            H_prev = torch.cat([h0.unsqueeze(0), H[:-1]]) if plan.reads_previous else H  # (else unused)
+            Y = _over_steps(plan.ys, [H_prev, H, idx, *xs], (0, 0, 0) + (None,) * len(xs), rng)
             writes = [_writer(o, env[o.container], y, idx) for o, y in zip(site.outputs, Y)]
         for write in writes:  # only now change what the caller can see
             write()
-        return (*values, rng[-1])
+        return (*values_after, rng[-1])
 
 
 def _value_key(v):
@@ -157,6 +155,62 @@ def _value_key(v):
         return (type(v), v) if not isinstance(v, nn.Module) else ("id", id(v))
     except TypeError:
         return ("id", id(v))
+
+
+@dataclass
+class _Plan:
+    last: object  # the body as plain Python: (carry, index, *tensors) -> (names' values, ys)
+    affine: AffineStep
+    a: HoistedReads | None  # a(i, *tensors), b(i, *tensors); None: a = 1, b = 0
+    b: HoistedReads | None
+    ys: HoistedReads | None  # ys(previous carry, new carry, i, *tensors); None: no outputs
+    reads_previous: bool  # do the ys read the previous carry (else only the new one)?
+
+
+def _outputs_graph(traced: fx.GraphModule) -> fx.GraphModule:
+    """The per-iteration outputs of a traced step (outputs: new carry, *ys) as a graph of
+    (previous carry, new carry, index, *tensors): the new carry comes from the scan instead of
+    being computed again."""
+    graph, env = fx.Graph(), {}
+    out = next(n for n in traced.graph.nodes if n.op == "output")
+    new_carry, *ys = out.args[0]
+    for n in traced.graph.nodes:
+        if n is out:
+            graph.output(tuple(fx.node.map_arg(y, lambda a: env[a]) for y in ys))
+        elif n is new_carry:
+            continue  # bound below, right after the previous carry
+        else:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+            if n.op == "placeholder" and len(env) == 1:
+                env[new_carry] = graph.placeholder("wf_new_carry")
+    gm = fx.GraphModule(traced, graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _trace(fn, modules) -> fx.GraphModule:
+    """Trace `fn(self_holder, ...)` with the modules it calls registered on the holder."""
+    holder = type("WavefrontLoopStep", (_StepHolder,), {"forward": fn})()
+    for n, m in modules:
+        holder.add_module(n, m)
+    tracer = fx.Tracer()
+    tracer.record_stack_traces = True  # so a non-affine op is reported with the user's line
+    try:
+        return fx.GraphModule(holder, tracer.trace(holder))
+    except Exception as e:  # the body does something fx cannot follow symbolically
+        raise _Decline(f"the body could not be traced ({type(e).__name__}: {e})") from e
+
+
+def _over_steps(h: HoistedReads | None, args: list, in_dims: tuple, rng: range):
+    """Evaluate a per-step graph for every step at once (vmap over dim 0 of the batched args),
+    its indexed reads fed as views where the range allows."""
+    if h is None:
+        return None
+    views = read_views(h.reads, args, rng)
+    if views is None:  # fall back to gathers: the original graph, unhoisted
+        return vmap(h.original, in_dims=in_dims)(*args)
+    return vmap(h.gm, in_dims=in_dims + (0,) * len(views))(*args, *views)
 
 
 class _Decline(Exception):

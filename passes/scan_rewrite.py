@@ -54,6 +54,12 @@ def coefficients(step: AffineStep, args: list, in_dims: tuple, h0: torch.Tensor)
     T = next(x.shape[0] for x, d in zip(args, in_dims) if d == 0)
     A = vmap(step.a, in_dims=in_dims)(*args) if step.a is not None else None
     B = vmap(step.b, in_dims=in_dims)(*args) if step.b is not None else None
+    return broadcast_coefficients(A, B, h0, T)
+
+
+def broadcast_coefficients(A, B, h0: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B ([T, ...] or None for 1 and 0) expanded to [T, *shape], the carry's shape
+    broadcast with theirs."""
     inner = torch.broadcast_shapes(h0.shape, *[x.shape[1:] for x in (A, B) if x is not None])
     shape = (T, *inner)
     A = A.expand(shape) if A is not None else h0.new_ones(shape)

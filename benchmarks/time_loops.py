@@ -1,0 +1,87 @@
+"""Python time loops lifted into scans (optimize() on modules with `for t in range(T)` loops).
+
+Both sides in the same run, median of --repeats after warm-up, CPU fp32:
+  - mingru: a user's minGRU module (outputs appended to a list), B x d = 1 x 256, T in --T;
+    `first_call_s` is optimize() plus the first call at that T (analysis and tracing included:
+    the capture cost must not grow with T);
+  - rg_lru: RecurrentGemma's RG-LRU `_rnn_scan` method alone (loop vs lifted), and the whole
+    small RecurrentGemmaForCausalLM (where attention and projections also count).
+Errors are relative to a float64 run of the original loop.
+
+    python benchmarks/time_loops.py [--T 1024 4096 16384] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import types
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from harness import compare  # noqa: E402
+
+import wavefront  # noqa: E402
+from wavefront.loop_model import model_time_loops  # noqa: E402
+from wavefront.models import MinGRU  # noqa: E402
+from wavefront.testing import rel_err  # noqa: E402
+
+
+def bench_mingru(T: int, repeats: int, d: int = 256):
+    torch.manual_seed(0)
+    model = MinGRU(d)
+    x = torch.randn(1, T, d)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        fast = wavefront.optimize(model)
+        out = fast(x)
+        first = time.perf_counter() - t0
+        ref64 = model.double()(x.double())
+        model.float()
+        compare("time_loop_mingru", lambda: model(x), lambda: fast(x), config={"B": 1, "d": d, "T": T},
+                dtype=torch.float32, error=rel_err(out, ref64), repeats=repeats, baseline_label="loop",
+                candidate_label="wavefront", extra={"first_call_s": first})
+
+
+def bench_rg_lru(T: int, repeats: int):
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+    torch.manual_seed(0)
+    cfg = dict(num_hidden_layers=3, vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+               num_key_value_heads=1, lru_width=256, attention_window_size=16, conv1d_width=4,
+               block_types=["recurrent", "recurrent", "attention"])
+    model = RecurrentGemmaForCausalLM(RecurrentGemmaConfig(**cfg)).eval()
+    rg = model.model.layers[0].temporal_block.rg_lru
+    lifted = next(lf for m, lf in model_time_loops(model) if lf.name == "_rnn_scan")
+    fast_scan = types.MethodType(lifted.function, rg)
+    x, g = torch.randn(1, T, cfg["lru_width"]), torch.rand(1, T, cfg["lru_width"])
+    reset = torch.zeros(1, T, 1, dtype=torch.bool)
+    with torch.inference_mode():
+        ref64, _ = rg._rnn_scan(x.double(), g.double(), reset, None, acc_dtype=torch.float64)
+        err = rel_err(fast_scan(x, g, reset, None)[0], ref64)
+        compare("time_loop_rg_lru", lambda: rg._rnn_scan(x, g, reset, None), lambda: fast_scan(x, g, reset, None),
+                config={"B": 1, "lru_width": cfg["lru_width"], "T": T}, dtype=torch.float32, error=err,
+                repeats=repeats, baseline_label="loop", candidate_label="wavefront")
+        ids = torch.randint(0, cfg["vocab_size"], (1, T))
+        fast = wavefront.optimize(model)
+        err = rel_err(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+        compare("time_loop_recurrent_gemma_model", lambda: model(ids, use_cache=False),
+                lambda: fast(ids, use_cache=False), config={**cfg, "T": T}, dtype=torch.float32, error=err,
+                repeats=repeats, baseline_label="transformers", candidate_label="wavefront")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip-hf", action="store_true", help="only the user module (no transformers models)")
+    args = ap.parse_args(argv)
+    for T in args.T:
+        bench_mingru(T, args.repeats)
+        if not args.skip_hf:
+            bench_rg_lru(T, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Small modules written the way users write recurrences: a Python loop over time. They are the
+inputs of the time-loop lifting pass (wavefront.loop_model) in tests, benchmarks and examples;
+their own forward is the reference."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MinGRU(nn.Module):
+    """minGRU (Feng et al. 2024): h_t = (1 - z_t) h_{t-1} + z_t h~_t with z_t, h~_t from x_t alone,
+    so the loop is affine in h. Outputs are appended to a list, as users often write it.
+
+    >>> MinGRU(4)(torch.randn(2, 7, 4)).shape
+    torch.Size([2, 7, 4])
+    """
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.lin_z, self.lin_h = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], x.shape[2], dtype=x.dtype, device=x.device)
+        outs = []
+        for t in range(x.shape[1]):
+            z = torch.sigmoid(self.lin_z(x[:, t]))
+            h = (1 - z) * h + z * self.lin_h(x[:, t])
+            outs.append(h)
+        return torch.stack(outs, 1)
+
+
+class ElmanRNN(nn.Module):
+    """h_t = tanh(W h_{t-1} + x_t): the carry enters a matmul and a tanh, so it is not a scan
+    (wavefront reports why and leaves the loop as it is).
+
+    >>> ElmanRNN(4)(torch.randn(2, 7, 4)).shape
+    torch.Size([2, 4])
+    """
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.w = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], x.shape[2], dtype=x.dtype, device=x.device)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.w(h) + x[:, t])
+        return h
+
+
+__all__ = ["MinGRU", "ElmanRNN"]
