@@ -13,6 +13,7 @@ has changed nothing.
 from __future__ import annotations
 
 import ast
+import os
 import types
 from dataclasses import dataclass
 
@@ -130,6 +131,10 @@ class LoopRunner:
         plan = self._plans[key]
         if isinstance(plan, Exception):
             raise plan
+        need = 3 * len(rng) * h0.numel() * h0.element_size()  # a, b and all carries, at least
+        if need > _memory_budget():
+            raise _Decline(f"running it as a scan would hold {need / 2**30:.1f} GiB of per-step coefficients and "
+                           f"states (over WAVEFRONT_SCAN_MEMORY_GB={_memory_budget() / 2**30:g})")
         idx = torch.arange(rng.start, rng.stop, rng.step, device=h0.device)
         xs = [env[n] for n in tensors]
         A, B = (_over_steps(g, [idx, *xs], (0,) + (None,) * len(xs), rng) for g in (plan.a, plan.b))
@@ -146,6 +151,10 @@ class LoopRunner:
         for write in writes:  # only now change what the caller can see
             write()
         return (*values_after, rng[-1])
+
+
+def _memory_budget() -> float:
+    return float(os.environ.get("WAVEFRONT_SCAN_MEMORY_GB", "4")) * 2**30
 
 
 def _value_key(v):

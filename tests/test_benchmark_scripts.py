@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("diagonal_speedup.py", ["--preset", "tiny", "--repeats", "1", "--flops"],
      ["sequential_s", "diagonal_s", "step_bound", "gflops_diagonal", "gflops_matmul_2048"]),
     ("time_loops.py", ["--T", "64", "--repeats", "1"], ["wavefront_s"]),
+    ("scan_matrix.py", ["--T", "40", "--heads", "2", "--dk", "4", "--dv", "4", "--repeats", "1"], ["loop_s", "chunked_s"]),
 ])
 def test_script_prints_json_lines(script, args, fields):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,

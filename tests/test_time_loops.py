@@ -197,3 +197,12 @@ def test_methods_are_restored_after_each_call_even_on_error():
         warnings.simplefilter("error")
         fast(torch.randn(1, 4, 3))
     assert "forward" not in vars(model)
+
+
+def test_a_scan_too_large_for_memory_is_declined_and_the_loop_runs(monkeypatch):
+    monkeypatch.setenv("WAVEFRONT_SCAN_MEMORY_GB", "0.000001")
+    x = torch.randn(2, 300, 8, dtype=F64)
+    model = MinGRU(8).to(F64)
+    fast = wavefront.optimize(model)
+    assert torch.equal(fast(x), model(x))
+    assert "GiB of per-step coefficients" in str(wavefront.explain(fast))
