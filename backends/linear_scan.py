@@ -1,10 +1,12 @@
 """linear_scan: the first-order scan op the scan pass lowers to, with a small cost model.
 
-Forms: "native" (the fused CPU kernel, native_scan.py), "chunked" (plain torch, any device and
-dtype, chunked_scan.py) and "loop" (the reference, one step at a time). "auto" picks native
-where it applies (CPU float32/64/complex, kernel built); otherwise the loop when the sequence is
-short or every step is already a wide tensor op (the per-step dispatch is amortised, so the
-chunked form's extra work would not pay), else the chunked form with a chunk near sqrt(T).
+Forms: "native" (the fused CPU kernel, native_scan.py), "triton" (the fused GPU kernel,
+triton_scan.py, forward only), "chunked" (plain torch, any device and dtype, chunked_scan.py)
+and "loop" (the reference, one step at a time). "auto" picks native where it applies (CPU
+float32/64/complex, kernel built), triton on a CUDA device when no gradient is needed; otherwise
+the loop when the sequence is short or every step is already a wide tensor op (the per-step
+dispatch is amortised, so the chunked form's extra work would not pay), else the chunked form
+with a chunk near sqrt(T).
 """
 from __future__ import annotations
 
@@ -14,11 +16,16 @@ import torch
 
 from wavefront.models.scan_reference import linear_scan_reference
 
-from . import native_scan
+from . import native_scan, triton_scan
 from .chunked_scan import chunked_linear_scan
 
-METHODS = ("auto", "native", "chunked", "loop")
+METHODS = ("auto", "native", "triton", "chunked", "loop")
 WIDE_STEP = 1 << 20  # elements per step above which a Python step's overhead is negligible
+
+
+def needs_grad(*xs) -> bool:
+    """Would autograd need gradients through these tensors (the Triton kernels are forward only)?"""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
 
 def choose_method(a: torch.Tensor, dim: int) -> tuple[str, int]:
@@ -27,6 +34,8 @@ def choose_method(a: torch.Tensor, dim: int) -> tuple[str, int]:
     width = a.numel() // max(T, 1)
     if native_scan.supports(a):
         return "native", 0
+    if a.is_cuda and not a.is_complex() and not needs_grad(a) and triton_scan.available(a.device)[0]:
+        return "triton", 0
     if T <= 16 or width >= WIDE_STEP:
         return "loop", 0
     return "chunked", max(8, 1 << round(math.log2(math.sqrt(T))))
@@ -48,6 +57,10 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
         method, chunk = choose_method(a, dim)
     if method == "native":
         return native_scan.native_linear_scan(a, b, h0, dim, reverse)
+    if method == "triton":
+        if needs_grad(a, b, h0):
+            raise ValueError("method='triton' is forward only: use method='auto' or 'chunked' when gradients are needed")
+        return triton_scan.triton_linear_scan(a, b, h0, dim, reverse)
     if method == "chunked":
         return chunked_linear_scan(a, b, h0, dim, reverse, chunk=chunk)
     return linear_scan_reference(a, b, h0, dim, reverse)

@@ -108,4 +108,26 @@ def chunked_matrix_scan(q, k, v, decay=None, S0=None, chunk: int | None = None):
     return o.to(out_dtype), S_last.to(out_dtype)
 
 
-__all__ = ["chunked_matrix_scan"]
+def matrix_scan(q, k, v, decay=None, S0=None, method: str = "auto"):
+    """(o, last state) of S_t = diag(a_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t: the Triton kernels
+    on a CUDA device when no gradient is needed ("auto"), else the chunked torch form.
+
+    >>> o, S = matrix_scan(torch.ones(1, 3, 2), torch.ones(1, 3, 2), torch.ones(1, 3, 4))
+    >>> o[0, :, 0]
+    tensor([2., 4., 6.])
+    """
+    from . import triton_scan
+    from .linear_scan import needs_grad
+    if method == "auto":
+        method = "triton" if q.is_cuda and not needs_grad(q, k, v, decay, S0) and triton_scan.available(q.device)[0] \
+            else "chunked"
+    if method == "triton":
+        if needs_grad(q, k, v, decay, S0):
+            raise ValueError("method='triton' is forward only: use method='auto' or 'chunked' when gradients are needed")
+        return triton_scan.triton_matrix_scan(q, k, v, decay, S0)
+    if method == "chunked":
+        return chunked_matrix_scan(q, k, v, decay, S0)
+    raise ValueError(f"unknown method {method!r}: choose 'auto', 'triton' or 'chunked'")
+
+
+__all__ = ["chunked_matrix_scan", "matrix_scan"]

@@ -14,5 +14,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$DEST/gp
 python3 benchmarks/armt_llama1b.py --device cuda --tokens 32768 131072 --repeats 3 | tee "$DEST/armt_llama1b-$TAG.jsonl"
 # 2. diagonal batching on the issue's presets, on the GPU
 python3 benchmarks/diagonal_speedup.py --device cuda --preset dispatch --preset small --flops | tee "$DEST/diagonal_speedup-$TAG.jsonl"
-# 3. the diagonal-batching and HF tests on CUDA tensors are CPU tests today; run the suite for regressions
+# 3. scans: first-order at (8, 1536, T = 1k..128k) as GB/s vs a device copy; matrix state (Triton vs torch)
+python3 benchmarks/scan_device.py --device cuda | tee "$DEST/scan_device-$TAG.jsonl"
+# 4. the Triton kernels' tests, compiled for the GPU this time (not the interpreter)
+python3 -m pip install -q "triton>=3.0" 2>/dev/null
+python3 -m pytest -q -p no:cacheprovider tests/test_triton_scan.py 2>&1 | tail -3 | tee "$DEST/pytest-triton-$TAG.txt"
+# 5. the diagonal-batching and HF tests on CUDA tensors are CPU tests today; run the suite for regressions
 python3 -m pytest -q -p no:cacheprovider tests/test_diagonal.py tests/test_hf_armt.py 2>&1 | tail -3 | tee "$DEST/pytest-$TAG.txt"

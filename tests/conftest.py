@@ -1,8 +1,12 @@
 """Shared tiny models for the suite (a few layers, d_model 16-32: the suite must stay fast)."""
+import os
 import warnings
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on CPU only in the interpreter, set before they are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from wavefront.models import ARMT, RMT, ARMTConfig, RMTConfig, wrap_armt
 
