@@ -72,8 +72,9 @@ if triton is not None:
             carry = tl.sum(tl.where(steps[:, None] == t0 + BT - 1, h, 0.0), 0)
 
     @triton.jit
-    def _matrix_recurrent_kernel(q_ptr, k_ptr, v_ptr, a_ptr, s0_ptr, o_ptr, sT_ptr, T, dk, dv,
-                                 DECAY: tl.constexpr, HAS_S0: tl.constexpr, DK: tl.constexpr, BV: tl.constexpr):
+    def _program_state(s0_ptr, T, dk, dv, HAS_S0: tl.constexpr, DK: tl.constexpr, BV: tl.constexpr):
+        # A matrix-scan program's (batch x head, value block): its indices, masks, the [DK, BV]
+        # state block it carries (from S0 or zero) and the offsets of its rows of q/k and v.
         bh, vb = tl.program_id(0), tl.program_id(1)
         kk = tl.arange(0, DK)
         vv = vb * BV + tl.arange(0, BV)
@@ -84,8 +85,12 @@ if triton is not None:
             S = tl.load(s0_ptr + soffs, mask=smask, other=0.0).to(tl.float32)
         else:
             S = tl.zeros([DK, BV], dtype=tl.float32)
-        base_k = bh.to(tl.int64) * T * dk
-        base_v = bh.to(tl.int64) * T * dv
+        return bh, kk, vv, km, vm, soffs, smask, S, bh.to(tl.int64) * T * dk, bh.to(tl.int64) * T * dv
+
+    @triton.jit
+    def _matrix_recurrent_kernel(q_ptr, k_ptr, v_ptr, a_ptr, s0_ptr, o_ptr, sT_ptr, T, dk, dv,
+                                 DECAY: tl.constexpr, HAS_S0: tl.constexpr, DK: tl.constexpr, BV: tl.constexpr):
+        bh, kk, vv, km, vm, soffs, smask, S, base_k, base_v = _program_state(s0_ptr, T, dk, dv, HAS_S0, DK, BV)
         for t in range(T):
             q = tl.load(q_ptr + base_k + t * dk + kk, mask=km, other=0.0).to(tl.float32)
             k = tl.load(k_ptr + base_k + t * dk + kk, mask=km, other=0.0).to(tl.float32)
@@ -108,19 +113,8 @@ if triton is not None:
     def _matrix_chunked_kernel(q_ptr, k_ptr, v_ptr, a_ptr, s0_ptr, o_ptr, sT_ptr, T, dk, dv,
                                DECAY: tl.constexpr, HAS_S0: tl.constexpr, C: tl.constexpr, DK: tl.constexpr,
                                BV: tl.constexpr):
-        bh, vb = tl.program_id(0), tl.program_id(1)
-        kk = tl.arange(0, DK)
-        vv = vb * BV + tl.arange(0, BV)
+        bh, kk, vv, km, vm, soffs, smask, S, base_k, base_v = _program_state(s0_ptr, T, dk, dv, HAS_S0, DK, BV)
         ii = tl.arange(0, C)
-        km, vm = kk < dk, vv < dv
-        smask = km[:, None] & vm[None, :]
-        soffs = bh.to(tl.int64) * dk * dv + kk[:, None] * dv + vv[None, :]
-        if HAS_S0:
-            S = tl.load(s0_ptr + soffs, mask=smask, other=0.0).to(tl.float32)
-        else:
-            S = tl.zeros([DK, BV], dtype=tl.float32)
-        base_k = bh.to(tl.int64) * T * dk
-        base_v = bh.to(tl.int64) * T * dv
         lower = ii[:, None] >= ii[None, :]
         for t0 in range(0, T, C):
             rows = t0 + ii
