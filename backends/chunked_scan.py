@@ -58,3 +58,44 @@ def chunked_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | Non
     if reverse:
         h = h.flip(0)
     return torch.movedim(h, 0, dim).to(out_dtype)
+
+
+def exportable_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, dim: int = 1,
+                           reverse: bool = False, chunk: int = 64) -> torch.Tensor:
+    """The chunked scan in a form torch.export keeps dynamic in T (for ONNX export): padding by a
+    ceil-divided chunk count, the prefix composition inside chunks as whole-tensor ops, and the
+    carry across chunks in torch's scan higher-order op (an ONNX Scan over T / chunk steps),
+    never a Python loop over a length.
+
+    >>> a = torch.full((1, 5), 0.5); b = torch.ones(1, 5)
+    >>> exportable_linear_scan(a, b, chunk=2)
+    tensor([[1.0000, 1.5000, 1.7500, 1.8750, 1.9375]])
+    """
+    from torch._higher_order_ops.scan import scan
+    dim = dim % a.dim()
+    out_dtype = torch.promote_types(a.dtype, b.dtype)
+    ct = _compute_dtype(out_dtype)
+    x, y = torch.movedim(a.to(ct), dim, 0), torch.movedim(b.to(ct), dim, 0)
+    if reverse:
+        x, y = x.flip(0), y.flip(0)
+    T, rest = x.shape[0], x.shape[1:]
+    n = (T + chunk - 1) // chunk  # not (-T) % chunk: modulo guards make torch.export give up on T
+    pad = n * chunk - T
+    x = torch.cat([x, x.new_ones((pad, *rest))]).reshape(n, chunk, *rest)
+    y = torch.cat([y, y.new_zeros((pad, *rest))]).reshape(n, chunk, *rest)
+    step = 1
+    while step < chunk:  # a Python loop over log2(chunk), a constant: fine to unroll
+        y = torch.cat([y[:, :step], x[:, step:] * y[:, :-step] + y[:, step:]], dim=1)
+        x = torch.cat([x[:, :step], x[:, step:] * x[:, :-step]], dim=1)
+        step *= 2
+
+    def across(carry, xy):
+        h = xy[0] * carry + xy[1]
+        return h[-1].clone(), h.clone()
+
+    carry = torch.zeros(rest, dtype=ct, device=x.device) if h0 is None else h0.to(ct)
+    _, h = scan(across, carry, (x, y))
+    h = h.reshape(n * chunk, *rest)[:T]
+    if reverse:
+        h = h.flip(0)
+    return torch.movedim(h, 0, dim).to(out_dtype)

@@ -17,7 +17,7 @@ import torch
 from wavefront.models.scan_reference import linear_scan_reference
 
 from . import native_scan, triton_scan
-from .chunked_scan import chunked_linear_scan
+from .chunked_scan import chunked_linear_scan, exportable_linear_scan
 
 METHODS = ("auto", "native", "triton", "chunked", "loop")
 WIDE_STEP = 1 << 20  # elements per step above which a Python step's overhead is negligible
@@ -52,6 +52,8 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     if method not in METHODS:
         raise ValueError(f"unknown scan method {method!r}: choose one of {list(METHODS)}")
     dim = dim % a.dim()
+    if torch.compiler.is_exporting():  # torch.export / ONNX: the chunked form with its carry in a scan op
+        return exportable_linear_scan(a, b, h0, dim, reverse)
     chunk = 64  # for an explicit method="chunked"
     if method == "auto":
         method, chunk = choose_method(a, dim)

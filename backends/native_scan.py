@@ -262,4 +262,7 @@ def native_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None
         if out.shape != a.shape or out.dtype != a.dtype or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {a.dtype} tensor of shape {tuple(a.shape)}")
         return _run(a.contiguous(), b.contiguous(), h0.contiguous() if h0 is not None else None, dim, reverse, out)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, h0))):
+        # no gradient needed: skip the autograd.Function (its bookkeeping is most of a short scan's time)
+        return _run(a.contiguous(), b.contiguous(), h0.contiguous() if h0 is not None else None, dim, reverse)
     return _NativeScan.apply(a, b, h0, dim, reverse)

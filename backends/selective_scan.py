@@ -161,3 +161,25 @@ def selective_scan(u, delta, A, B, C, D=None, z=None):
         raise TypeError(f"the native selective scan runs float32/float64 CPU tensors of one dtype "
                         f"(got {dtype} on {u.device}); {KERNEL.error}")
     return _SelectiveScan.apply(*[t.contiguous() if t is not None else None for t in tensors])
+
+
+def selective_scan_torch(u, delta, A, B, C, D=None, z=None):
+    """The selective scan as torch ops around linear_scan (any device, autograd, and under
+    torch.export the chunked form with its carry in a scan op). Materialises the [batch,
+    channels, T, N] coefficients; same contract as selective_scan.
+
+    >>> from wavefront.models.scan_reference import selective_scan_reference
+    >>> args = (torch.rand(1, 2, 9), torch.rand(1, 2, 9), -torch.rand(2, 4), torch.rand(1, 4, 9), torch.rand(1, 4, 9))
+    >>> all(torch.allclose(x, y, atol=1e-6) for x, y in zip(selective_scan_torch(*args), selective_scan_reference(*args)))
+    True
+    """
+    from .linear_scan import linear_scan
+    dA = torch.exp(delta[..., None] * A[None, :, None, :])  # [batch, channels, T, N]
+    dBu = (delta * u)[..., None] * B.transpose(-1, -2)[:, None]
+    h = linear_scan(dA, dBu, dim=2)
+    y = (h * C.transpose(-1, -2)[:, None]).sum(-1)
+    if D is not None:
+        y = y + u * D[None, :, None]
+    if z is not None:
+        y = y * torch.nn.functional.silu(z)
+    return y, h[:, :, -1]

@@ -60,8 +60,10 @@ def _compile_body(site: LoopSite, tensor_names: list[str], other_names: list[str
 class LoopRunner:
     """Runs the liftable loops of one function; remembers, per site, how its last call ran.
 
-    `runner(k, env, rng)` returns the values to assign after loop k (carry, temporaries, index),
-    or None to let the original loop run.
+    `runner(k, env, bounds, reverse)` (the loop runs over range(*bounds), reversed if asked)
+    returns the values to assign after loop k (carry, temporaries, index), or None to let the
+    original loop run. Under torch.export the bounds stay symbolic, and a loop that cannot run as
+    a scan raises instead (its Python loop would be unrolled into a fixed length).
     """
 
     def __init__(self, sites: list[LoopSite], globals_: dict, method: str = "auto"):
@@ -69,15 +71,18 @@ class LoopRunner:
         self.status = {k: "not run yet" for k, s in enumerate(sites) if s.liftable}
         self._plans: dict = {}  # (site, names, non-tensor values) -> (outputs, last, AffineStep)
 
-    def __call__(self, k: int, env: dict, rng: range):
+    def __call__(self, k: int, env: dict, bounds: tuple, reverse: bool):
         site = self.sites[k]
+        exporting = torch.compiler.is_exporting()
         try:
-            values = self._run(site, env, rng)
-        except NotAffine as e:
-            self.status[k] = f"left as a loop: {e.reason}"
-            return None
-        except _Decline as e:
-            self.status[k] = f"left as a loop: {e}"
+            values = self._run(site, env, _Steps(bounds, reverse, exporting))
+        except (NotAffine, _Decline) as e:
+            reason = e.reason if isinstance(e, NotAffine) else str(e)
+            self.status[k] = f"left as a loop: {reason}"
+            if exporting:
+                raise LoopExportError(f"{site.where()}: the loop over `{site.index}` cannot be exported with a dynamic "
+                                      f"length: {reason}. As a Python loop it would be unrolled to the example's "
+                                      "length; rewrite it (see explain()) or export at a fixed length") from e
             return None
         self.status[k] = "ran as a scan"
         return values
@@ -109,8 +114,8 @@ class LoopRunner:
         reads_previous = ys is not None and len(next(iter(ys.graph.nodes)).users) > 0
         return _Plan(last, affine, *hoist, reads_previous)
 
-    def _run(self, site: LoopSite, env: dict, rng: range):
-        if len(rng) == 0:
+    def _run(self, site: LoopSite, env: dict, steps: _Steps):
+        if steps.rng is not None and len(steps.rng) == 0:
             raise _Decline("empty range")
         missing = [n for n in site.free + site.carries if n not in env]
         if missing:
@@ -131,26 +136,27 @@ class LoopRunner:
         plan = self._plans[key]
         if isinstance(plan, Exception):
             raise plan
-        need = 3 * len(rng) * h0.numel() * h0.element_size()  # a, b and all carries, at least
-        if need > _memory_budget():
+        need = 3 * steps.n * h0.numel() * h0.element_size()  # a, b and all carries, at least
+        if steps.rng is not None and need > _memory_budget():
             raise _Decline(f"running it as a scan would hold {need / 2**30:.1f} GiB of per-step coefficients and "
                            f"states (over WAVEFRONT_SCAN_MEMORY_GB={_memory_budget() / 2**30:g})")
-        idx = torch.arange(rng.start, rng.stop, rng.step, device=h0.device)
+        idx = steps.index_tensor(h0.device)
         xs = [env[n] for n in tensors]
-        A, B = (_over_steps(g, [idx, *xs], (0,) + (None,) * len(xs), rng) for g in (plan.a, plan.b))
-        A, B = broadcast_coefficients(A, B, h0, len(rng))
+        A, B = (_over_steps(g, [idx, *xs], (0,) + (None,) * len(xs), steps) for g in (plan.a, plan.b))
+        A, B = broadcast_coefficients(A, B, h0, steps.n)
         dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), h0.dtype)
         h0 = h0.to(dtype).expand(A.shape[1:])  # the carry may widen on its first step (h = a * 0-dim + b)
         H = linear_scan(A.to(dtype).contiguous(), B.to(dtype).contiguous(), h0, dim=0, method=self.method)
-        values_after, _ = plan.last(H[-2] if len(rng) > 1 else h0, rng[-1], *xs)  # the loop's names, exactly
+        before_last = torch.cat([h0.unsqueeze(0), H])[-2]  # the carry entering the last iteration
+        values_after, _ = plan.last(before_last, steps.last, *xs)  # what the loop leaves in its names, exactly
         writes = []
         if site.outputs:
             H_prev = torch.cat([h0.unsqueeze(0), H[:-1]]) if plan.reads_previous else H  # (else unused)
-            Y = _over_steps(plan.ys, [H_prev, H, idx, *xs], (0, 0, 0) + (None,) * len(xs), rng)
+            Y = _over_steps(plan.ys, [H_prev, H, idx, *xs], (0, 0, 0) + (None,) * len(xs), steps)
             writes = [_writer(o, env[o.container], y, idx) for o, y in zip(site.outputs, Y)]
         for write in writes:  # only now change what the caller can see
             write()
-        return (*values_after, rng[-1])
+        return (*values_after, steps.last)
 
 
 def _memory_budget() -> float:
@@ -211,15 +217,61 @@ def _trace(fn, modules) -> fx.GraphModule:
         raise _Decline(f"the body could not be traced ({type(e).__name__}: {e})") from e
 
 
-def _over_steps(h: HoistedReads | None, args: list, in_dims: tuple, rng: range):
+def _over_steps(h: HoistedReads | None, args: list, in_dims: tuple, steps: "_Steps"):
     """Evaluate a per-step graph for every step at once (vmap over dim 0 of the batched args),
     its indexed reads fed as views where the range allows."""
     if h is None:
         return None
-    views = read_views(h.reads, args, rng)
-    if views is None:  # fall back to gathers: the original graph, unhoisted
-        return vmap(h.original, in_dims=in_dims)(*args)
-    return vmap(h.gm, in_dims=in_dims + (0,) * len(views))(*args, *views)
+    views = steps.views(h.reads, args)
+    if views is not None:
+        return vmap(h.gm, in_dims=in_dims + (0,) * len(views))(*args, *views)
+    if steps.rng is None:  # exporting: a gather by a symbolic index does not trace under vmap
+        raise _Decline("its body uses the loop index other than as a plain read `x[:, t]`, which does not export")
+    return vmap(h.original, in_dims=in_dims)(*args)  # gathers: the original graph, unhoisted
+
+
+class _Steps:
+    """The loop's index values: a Python range when the bounds are numbers; under torch.export,
+    symbolic bounds turned into tensors and sizes without ever becoming ints (which would fix T)."""
+
+    def __init__(self, bounds: tuple, reverse: bool, symbolic: bool):
+        self.bounds, self.reverse = bounds, reverse
+        self.rng = None
+        if not symbolic:
+            rng = range(*bounds)
+            self.rng = rng[::-1] if reverse else rng
+            self.n, self.last = len(self.rng), (self.rng[-1] if len(self.rng) else None)
+        else:
+            start, stop, step = (0, bounds[0], 1) if len(bounds) == 1 else (*bounds, 1)[:3]
+            if not isinstance(step, int) or step <= 0:
+                raise _Decline("under export, only ranges with a positive constant step are supported")
+            self.n = (stop - start + step - 1) // step
+            first, final = start, start + (self.n - 1) * step
+            self.last = first if reverse else final
+
+    def views(self, reads, args) -> list | None:
+        """Views feeding hoisted reads; symbolic bounds are taken to lie within the read tensors
+        (as they must for the loop itself to run) and to start at a non-negative constant."""
+        if self.rng is not None:
+            return read_views(reads, args, self.rng)
+        start, stop, step = (0, self.bounds[0], 1) if len(self.bounds) == 1 else (*self.bounds, 1)[:3]
+        if not (isinstance(start, int) and start >= 0):
+            return None
+        out = []
+        for pos, dim in reads:
+            v = args[pos].movedim(dim, 0)[start:stop:step]
+            out.append(v.flip(0) if self.reverse else v)
+        return out
+
+    def index_tensor(self, device) -> torch.Tensor:
+        if self.rng is not None:
+            return torch.arange(self.rng.start, self.rng.stop, self.rng.step, device=device)
+        idx = torch.arange(*self.bounds, device=device)
+        return idx.flip(0) if self.reverse else idx
+
+
+class LoopExportError(RuntimeError):
+    """A time loop that cannot run as a scan was met while exporting: it would be unrolled."""
 
 
 class _Decline(Exception):
@@ -230,6 +282,9 @@ def _writer(o, container, y: torch.Tensor, idx: torch.Tensor):
     """A function doing all of a loop's writes `container[:, i] = y_i` (or appends) at once;
     checked here, so that a write that cannot happen declines before anything changed."""
     if o.kind == "append":
+        if torch.compiler.is_exporting():
+            raise _Decline(f"its outputs are appended to the list `{o.container}`, whose length an export fixes; "
+                           f"write them into a tensor instead (`{o.container}[:, t] = ...`)")
         if not isinstance(container, list):
             raise _Decline(f"`{o.container}` is not a list")
         return lambda: container.extend(y.unbind(0))
@@ -246,4 +301,4 @@ def _writer(o, container, y: torch.Tensor, idx: torch.Tensor):
     return write
 
 
-__all__ = ["LoopRunner"]
+__all__ = ["LoopRunner", "LoopExportError"]

@@ -37,6 +37,8 @@ def _native_mamba_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=No
     def f32(t):
         return t.float().contiguous() if t is not None else None
 
+    if torch.compiler.is_exporting():  # the native kernel is a ctypes call: export the torch form
+        from wavefront.backends.selective_scan import selective_scan_torch as selective_scan
     y, h = selective_scan(f32(hidden_states), f32(dt), f32(A), f32(B), f32(C), f32(D), f32(z))
     y = y.to(hidden_states.dtype)
     return (y, h) if return_last_state else y

@@ -205,7 +205,7 @@ def find_time_loops(fn) -> list[LoopSite]:
 
 
 class _ReplaceLoops(ast.NodeTransformer):
-    """Turns liftable loop k into: r = runner(k, locals(), range); run the loop if r is None."""
+    """Turns liftable loop k into: r = runner(k, locals(), range bounds, reversed?); run the loop if r is None."""
 
     def __init__(self, liftable_lines: dict[int, int]):
         self.liftable_lines = liftable_lines  # line in the source file -> site number
@@ -216,10 +216,11 @@ class _ReplaceLoops(ast.NodeTransformer):
         if k is None:
             return node
         rng, rev = _range_of(node.iter)
-        if rev:
-            rng = ast.Subscript(rng, ast.Slice(None, None, ast.UnaryOp(ast.USub(), ast.Constant(1))), ast.Load())
         r = f"__wf_r{k}"
-        call = ast.Call(ast.Name(RUNNER, ast.Load()), [ast.Constant(k), ast.Call(ast.Name("locals", ast.Load()), [], []), rng], [])
+        # the range's bounds, not a range object: under torch.export they stay symbolic (range() would fix them)
+        bounds = ast.Tuple(list(rng.args), ast.Load())
+        call = ast.Call(ast.Name(RUNNER, ast.Load()), [ast.Constant(k), ast.Call(ast.Name("locals", ast.Load()), [], []),
+                                                       bounds, ast.Constant(rev)], [])
         names = self.names[k]
         unpack = ast.Assign([ast.Tuple([ast.Name(n, ast.Store()) for n in names], ast.Store())], ast.Name(r, ast.Load()))
         test = ast.Compare(ast.Name(r, ast.Load()), [ast.Is()], [ast.Constant(None)])
@@ -232,7 +233,7 @@ def assigned_after(site: LoopSite) -> list[str]:
 
 
 def rewrite_function(fn, sites: list[LoopSite], runner) -> types.FunctionType:
-    """`fn` with each liftable site k replaced by a call runner(k, locals(), range) and the
+    """`fn` with each liftable site k replaced by a call runner(k, locals(), bounds, reversed) and the
     original loop as the fallback. Same globals, defaults and closure as `fn`."""
     fdef = _function_ast(fn)
     fdef.decorator_list = []

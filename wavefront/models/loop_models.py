@@ -29,6 +29,28 @@ class MinGRU(nn.Module):
         return torch.stack(outs, 1)
 
 
+class LinearRecurrence(nn.Module):
+    """A gated linear recurrence (HGRN / RG-LRU family): h_t = a_t h_{t-1} + (1 - a_t) W x_t with
+    a_t = sigmoid(G x_t), each h_t written into a preallocated output (the form that exports).
+
+    >>> LinearRecurrence(4)(torch.randn(2, 7, 4)).shape
+    torch.Size([2, 7, 4])
+    """
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.gate, self.proj = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], x.shape[2], dtype=x.dtype, device=x.device)
+        out = torch.zeros_like(x)
+        for t in range(x.shape[1]):
+            a = torch.sigmoid(self.gate(x[:, t]))
+            h = a * h + (1 - a) * self.proj(x[:, t])
+            out[:, t] = h
+        return out
+
+
 class ElmanRNN(nn.Module):
     """h_t = tanh(W h_{t-1} + x_t): the carry enters a matmul and a tanh, so it is not a scan
     (wavefront reports why and leaves the loop as it is).
@@ -48,4 +70,4 @@ class ElmanRNN(nn.Module):
         return h
 
 
-__all__ = ["MinGRU", "ElmanRNN"]
+__all__ = ["MinGRU", "LinearRecurrence", "ElmanRNN"]

@@ -1,0 +1,152 @@
+"""export_onnx: an optimized model as an ONNX graph whose sequence length stays dynamic.
+
+Scan-parallelized models (Python time loops lifted into scans, Hugging Face Mamba) export with
+every scan in its chunked form: the prefix composition inside chunks as whole-tensor ops and the
+carry across chunks in one ONNX Scan over T / chunk steps. Nothing is unrolled: a loop that cannot
+run as a scan stops the export with the reason (LoopExportError) instead of being frozen at the
+example's length. The export is checked in onnxruntime against the eager model on the example
+inputs, and the graph carries wavefront's version and what was rewritten in metadata_props.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+import wavefront
+
+EXPORT_RTOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+class ExportError(RuntimeError):
+    """The model (or a part of it) cannot be exported as asked; the message names the part."""
+
+
+class _Outputs(nn.Module):
+    """The tensors of a model's output: `logits` for language-model outputs, else every tensor
+    in the (nested) output, in order. Keyword arguments are fixed (e.g. use_cache=False)."""
+
+    def __init__(self, model: nn.Module, kwargs: dict):
+        super().__init__()
+        self.model, self.kwargs = model, kwargs
+
+    def forward(self, *args):
+        out = self.model(*args, **self.kwargs)
+        if hasattr(out, "logits"):
+            return out.logits
+        return tuple(t for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+def _prepare(model: nn.Module):
+    """(the module to export, what kind it is, a function describing what was rewritten)."""
+    from wavefront.api import OptimizedModel, optimize
+    from wavefront.loop_model import LoopLiftedModel
+    from wavefront.scheduler.scan_adapters import ScanAcceleratedModel
+    if isinstance(model, OptimizedModel):
+        raise ExportError(f"exporting a segment-recurrent model ({model.rg.family}, schedule {model.schedule_kind!r}) "
+                          "is not supported yet: only scan-parallelized models (time loops, Mamba) export for now")
+    if not isinstance(model, (LoopLiftedModel, ScanAcceleratedModel)):
+        model = optimize(model)
+        if isinstance(model, OptimizedModel):
+            return _prepare(model)
+    if isinstance(model, LoopLiftedModel):
+        return model, "time-loops", model.report
+    return model, model.adapter.name, lambda: [model.adapter.describe(model.model)]
+
+
+def _dynamic_shapes(example_inputs: tuple, time_dims):
+    """One spec per input: its time dim dynamic, the others as in the example (AUTO dims trip
+    torch.export's shape solver on small examples; pass dynamic_shapes to choose otherwise)."""
+    from torch.export import Dim
+    if time_dims is None:
+        time_dims = [1 if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0 for x in example_inputs]
+    specs = []
+    for x, td in zip(example_inputs, time_dims):
+        specs.append({td % x.dim(): Dim.DYNAMIC} if isinstance(x, torch.Tensor) and td is not None else None)
+    return (tuple(specs),)
+
+
+def export_onnx(model: nn.Module, example_inputs, path: str, *, dynamic: bool = True, time_dims=None,
+                dynamic_shapes=None, kwargs: dict | None = None, check: bool = True):
+    """Export `model` (optimized or not) to the ONNX file `path`; returns the onnx.ModelProto.
+
+    dynamic=True keeps each input's time dim (`time_dims`, default dim 1 of inputs with 2+ dims)
+    dynamic, the other dims as in the example; `dynamic_shapes` (torch.export's format, one entry
+    per input inside a 1-tuple) overrides that. `kwargs` are fixed keyword arguments (e.g.
+    {"use_cache": False} for HF models).
+    check=True runs the exported graph in onnxruntime (CPU) on the example inputs and raises
+    ExportError if it differs from the eager model by more than the dtype's tolerance.
+
+    >>> import tempfile, os
+    >>> from wavefront.models.loop_models import LinearRecurrence
+    >>> path = os.path.join(tempfile.mkdtemp(), "lru.onnx")
+    >>> proto = export_onnx(LinearRecurrence(4), (torch.randn(1, 10, 4),), path)
+    >>> "Scan" in {n.op_type for n in proto.graph.node}
+    True
+    """
+    import onnx
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    kwargs = dict(kwargs or {})
+    module, kind, report = _prepare(model)
+    wrapper = _Outputs(module, kwargs).eval()
+    with torch.no_grad():
+        expected = wrapper(*example_inputs)  # also warms the loop plans up, outside the export trace
+    torch._dynamo.reset()  # repeated exports in one process otherwise interfere
+    shapes = dynamic_shapes if dynamic_shapes is not None else (
+        _dynamic_shapes(example_inputs, time_dims) if dynamic else None)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(wrapper, example_inputs, dynamic_shapes=shapes, dynamo=True, verbose=False)
+    except Exception as e:
+        from wavefront.passes.loop_lift import LoopExportError
+        cause = e
+        while cause is not None and not isinstance(cause, LoopExportError):
+            cause = cause.__cause__ or cause.__context__
+        raise ExportError(str(cause) if cause is not None else f"torch.onnx.export failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    proto = program.model_proto
+    meta = {"wavefront.version": wavefront.__version__, "wavefront.kind": kind,
+            "wavefront.rewrites": json.dumps(report()), "wavefront.dynamic": json.dumps(bool(dynamic)),
+            "wavefront.inputs": json.dumps([list(x.shape) if isinstance(x, torch.Tensor) else repr(x)
+                                            for x in example_inputs])}
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+    if check:
+        _check_in_onnxruntime(path, example_inputs, expected)
+    return proto
+
+
+def _check_in_onnxruntime(path: str, example_inputs: tuple, expected) -> None:
+    from wavefront.testing import rel_err
+    got = run_onnx(path, example_inputs)
+    want = [t for t in tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    for k, (g, w) in enumerate(zip(got, want)):
+        err, tol = rel_err(g, w), EXPORT_RTOL.get(w.dtype, 1e-4)
+        if err > tol:
+            raise ExportError(f"the exported graph differs from the eager model on the example inputs: output {k} "
+                              f"relative error {err:.3e} > {tol:.0e}")
+
+
+def run_onnx(path: str, inputs, providers=("CPUExecutionProvider",)) -> list[torch.Tensor]:
+    """Run an exported graph in onnxruntime; returns its outputs as tensors.
+
+    The session's providers are checked: asking for CUDAExecutionProvider on a machine without
+    it raises instead of silently running on the CPU.
+    """
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=list(providers))
+    missing = [p for p in providers if p not in session.get_providers()]
+    if missing:
+        raise RuntimeError(f"onnxruntime did not give the providers {missing} (it gave {session.get_providers()})")
+    names = [i.name for i in session.get_inputs()]
+    tensors = [x for x in (inputs if isinstance(inputs, (tuple, list)) else (inputs,)) if isinstance(x, torch.Tensor)]
+    feed = {n: x.detach().cpu().numpy() for n, x in zip(names, tensors)}
+    return [torch.from_numpy(o) for o in session.run(None, feed)]
+
+
+__all__ = ["ExportError", "export_onnx", "run_onnx"]
