@@ -13,6 +13,8 @@ batched call checks the result against vmap.
 """
 from __future__ import annotations
 
+import contextlib
+
 import copy
 
 import torch
@@ -27,6 +29,7 @@ class LaneContext:
     def __init__(self):
         self.params: dict[str, torch.Tensor] = {}
         self.lanes = 0
+        self.pinned = False
 
 
 class LaneLinear(nn.Module):
@@ -59,9 +62,10 @@ class LaneScaledNorm(nn.Module):
         key = (w.shape[1:], w.dtype, w.device)
         if key != self._unit_key:  # made once per dtype/device, not on every call
             one = torch.ones(w.shape[1:], dtype=w.dtype, device=w.device)
-            self.base._parameters["weight"] = one
+            # Parameters (frozen), not plain tensors: torch.export requires what sits in _parameters to be one
+            self.base._parameters["weight"] = nn.Parameter(one, requires_grad=False)
             if self.bias_name:
-                self.base._parameters["bias"] = torch.zeros_like(one)
+                self.base._parameters["bias"] = nn.Parameter(torch.zeros_like(one), requires_grad=False)
             self._unit_key = key
         y = lane_elementwise("mul", self.base(x), w, self.ctx.lanes, False)
         if self.bias_name:
@@ -111,8 +115,20 @@ class LaneBlock(nn.Module):
         self.clone = lane_clone(block, prefix, self.ctx, invariant)
 
     def forward(self, *args, lane_params, lanes, **kwargs):
+        if self.ctx.pinned:  # set by the caller for a whole traced scan, whose body may not mutate it
+            return self.clone(*args, **kwargs)
         self.ctx.params, self.ctx.lanes = lane_params, lanes
         try:
             return self.clone(*args, **kwargs)
         finally:
             self.ctx.params = {}
+
+    @contextlib.contextmanager
+    def pinned(self, lane_params: dict, lanes: int):
+        """Hold these parameters for every call inside the block (export: the calls sit in a
+        scan body, where mutating this context is a side effect torch.export refuses)."""
+        self.ctx.params, self.ctx.lanes, self.ctx.pinned = lane_params, lanes, True
+        try:
+            yield
+        finally:
+            self.ctx.params, self.ctx.pinned = {}, False

@@ -50,12 +50,77 @@ def test_a_loop_that_is_not_a_scan_is_refused_with_the_reason(tmp_path):
             export_onnx(ElmanRNN(4), (torch.randn(1, 9, 4),), str(tmp_path / "e.onnx"))
 
 
-def test_segment_models_are_refused_by_name(tmp_path):
-    from conftest import tiny_armt, tiny_rmt
-    with pytest.raises(ExportError, match="segment-recurrent model .* not supported yet"):
-        export_onnx(tiny_armt(torch.float32), (torch.randint(0, 50, (1, 12)),), str(tmp_path / "a.onnx"))
+@pytest.fixture(scope="module")
+def exported_armt(tmp_path_factory):
+    from conftest import SEG, tiny_armt
+    model = tiny_armt(torch.float32)
+    path = str(tmp_path_factory.mktemp("onnx") / "armt.onnx")
+    proto = wavefront.export_onnx(wavefront.optimize(model), (torch.randint(0, 50, (2, 4 * SEG)),), path)
+    return model, path, proto
+
+
+@pytest.mark.parametrize("n_segments", [1, 2, 7])  # S < L, S = L - 1 ... and S > L (L = 3)
+def test_armt_diagonal_graph_runs_any_segment_count(exported_armt, n_segments):
+    from conftest import SEG
+    from wavefront.export_segments import OnnxSegmentSession
+    model, path, _ = exported_armt
+    ids = torch.randint(0, 50, (2, n_segments * SEG))
+    out = OnnxSegmentSession(path)(ids)
+    with torch.no_grad():
+        ref = model(ids)
+    assert_close(out.logits, ref.logits, 1e-4, "logits")
+    for a, b in zip(out.memory.tensors, ref.memory.tensors):
+        assert_close(a, b, 1e-4, "memory")
+    assert out.memory.segments_seen == n_segments
+
+
+def test_armt_graph_streams_in_pieces_and_records_its_schedule(exported_armt):
+    from conftest import SEG
+    from wavefront.export_segments import OnnxSegmentSession
+    from wavefront.scheduler.schedule import Schedule
+    model, path, proto = exported_armt
+    ops = {n.op_type for n in proto.graph.node}
+    assert "Scan" in ops
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert Schedule.from_json(meta["wavefront.schedule"]).num_steps == 3 + 4 - 1
+    assert (meta["wavefront.segment_len"], meta["wavefront.n_layers"]) == (str(SEG), "3")
+    session = OnnxSegmentSession(path)
+    ids = torch.randint(0, 50, (2, 8 * SEG))
+    first = session(ids[:, :3 * SEG])
+    second = session(ids[:, 3 * SEG:], first.memory)
+    with torch.no_grad():
+        ref = model(ids)
+    assert_close(torch.cat([first.logits, second.logits], 1), ref.logits, 1e-4, "streamed logits")
+    with pytest.raises(ValueError, match=f"whole segments of {SEG} tokens; got {SEG + 2} tokens: pass {SEG} now"):
+        session(ids[:, :SEG + 2])
+
+
+def test_segment_models_that_cannot_export_say_why(tmp_path):
+    from conftest import SEG, tiny_armt, tiny_rmt
+    ids = torch.randint(0, 50, (1, 2 * SEG))
+    with pytest.raises(ExportError, match="whole segments of 6 tokens"):
+        export_onnx(wavefront.optimize(tiny_armt(torch.float32)), (ids[:, :SEG + 1],), str(tmp_path / "p.onnx"))
+    with pytest.raises(ExportError, match="only the diagonal schedule exports"):
+        export_onnx(wavefront.optimize(tiny_armt(torch.float32), schedule="sequential"), (ids,), str(tmp_path / "s.onnx"))
+    with pytest.raises(ExportError, match="2 layer kinds"):
+        hybrid = tiny_armt(torch.float32, d_ff_per_layer=(32, 48, 32))
+        export_onnx(wavefront.optimize(hybrid), (ids,), str(tmp_path / "h.onnx"))
     with pytest.raises(Exception, match=r"edge \(2, s\) -> \(0, s\+1\)"):  # RMT: the illegal edge, from optimize()
-        export_onnx(tiny_rmt(torch.float32), (torch.randint(0, 50, (1, 12)),), str(tmp_path / "r.onnx"))
+        export_onnx(tiny_rmt(torch.float32), (ids,), str(tmp_path / "r.onnx"))
+
+
+@pytest.mark.hf
+def test_armt_over_hf_llama_exports_too(tmp_path):
+    from conftest import SEG, tiny_llama
+    from wavefront.export_segments import OnnxSegmentSession
+    from wavefront.models import wrap_armt
+    model = wrap_armt(tiny_llama(torch.float32), SEG, 3, 4).eval()
+    path = str(tmp_path / "llama_armt.onnx")
+    export_onnx(wavefront.optimize(model), (torch.randint(0, 50, (1, 4 * SEG)),), path)
+    for n_segments in (1, 5):
+        ids = torch.randint(0, 50, (1, n_segments * SEG))
+        with torch.no_grad():
+            assert_close(OnnxSegmentSession(path)(ids).logits, model(ids).logits, 1e-4, f"S={n_segments}")
 
 
 def test_a_missing_provider_is_an_error_not_a_silent_cpu_fallback(exported_recurrence):

@@ -45,8 +45,7 @@ def _prepare(model: nn.Module):
     from wavefront.loop_model import LoopLiftedModel
     from wavefront.scheduler.scan_adapters import ScanAcceleratedModel
     if isinstance(model, OptimizedModel):
-        raise ExportError(f"exporting a segment-recurrent model ({model.rg.family}, schedule {model.schedule_kind!r}) "
-                          "is not supported yet: only scan-parallelized models (time loops, Mamba) export for now")
+        return model, "segments", None
     if not isinstance(model, (LoopLiftedModel, ScanAcceleratedModel)):
         model = optimize(model)
         if isinstance(model, OptimizedModel):
@@ -86,44 +85,59 @@ def export_onnx(model: nn.Module, example_inputs, path: str, *, dynamic: bool = 
     >>> "Scan" in {n.op_type for n in proto.graph.node}
     True
     """
-    import onnx
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(kwargs or {})
     module, kind, report = _prepare(model)
+    if kind == "segments":
+        from wavefront.export_segments import export_segments
+        return export_segments(module, example_inputs, path, dynamic=dynamic, check=check)
     wrapper = _Outputs(module, kwargs).eval()
     with torch.no_grad():
         expected = wrapper(*example_inputs)  # also warms the loop plans up, outside the export trace
-    torch._dynamo.reset()  # repeated exports in one process otherwise interfere
     shapes = dynamic_shapes if dynamic_shapes is not None else (
         _dynamic_shapes(example_inputs, time_dims) if dynamic else None)
-    try:
-        with torch.no_grad():
-            program = torch.onnx.export(wrapper, example_inputs, dynamic_shapes=shapes, dynamo=True, verbose=False)
-    except Exception as e:
-        from wavefront.passes.loop_lift import LoopExportError
-        cause = e
-        while cause is not None and not isinstance(cause, LoopExportError):
-            cause = cause.__cause__ or cause.__context__
-        raise ExportError(str(cause) if cause is not None else f"torch.onnx.export failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    program = _to_onnx(wrapper, example_inputs, shapes)
     proto = program.model_proto
-    meta = {"wavefront.version": wavefront.__version__, "wavefront.kind": kind,
-            "wavefront.rewrites": json.dumps(report()), "wavefront.dynamic": json.dumps(bool(dynamic)),
+    meta = {"wavefront.kind": kind, "wavefront.rewrites": json.dumps(report()),
+            "wavefront.dynamic": json.dumps(bool(dynamic)),
             "wavefront.inputs": json.dumps([list(x.shape) if isinstance(x, torch.Tensor) else repr(x)
                                             for x in example_inputs])}
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.checker.check_model(proto)
-    onnx.save(proto, path)
+    save_with_metadata(proto, path, meta)
     if check:
         _check_in_onnxruntime(path, example_inputs, expected)
     return proto
 
 
-def _check_in_onnxruntime(path: str, example_inputs: tuple, expected) -> None:
+def _to_onnx(module: nn.Module, args: tuple, dynamic_shapes):
+    """torch.export (non-strict: our Python runs, with symbolic sizes) then torch.onnx; a
+    LoopExportError inside is reported as itself, not as the exporter's generic failure."""
+    torch._dynamo.reset()  # repeated exports in one process otherwise interfere
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+            return torch.onnx.export(exported, dynamo=True, verbose=False)
+    except Exception as e:
+        from wavefront.passes.loop_lift import LoopExportError
+        cause = e
+        while cause is not None and not isinstance(cause, LoopExportError):
+            cause = cause.__cause__ or cause.__context__
+        raise ExportError(str(cause) if cause is not None else f"export failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def save_with_metadata(proto, path: str, meta: dict) -> None:
+    """Add wavefront's version and `meta` to the graph's metadata_props, check it, save it."""
+    import onnx
+    for k, v in {"wavefront.version": wavefront.__version__, **meta}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+
+
+def _check_in_onnxruntime(path: str, example_inputs: tuple, expected, got=None) -> None:
     from wavefront.testing import rel_err
-    got = run_onnx(path, example_inputs)
+    got = run_onnx(path, example_inputs) if got is None else got
     want = [t for t in tree_leaves(expected) if isinstance(t, torch.Tensor)]
     for k, (g, w) in enumerate(zip(got, want)):
         err, tol = rel_err(g, w), EXPORT_RTOL.get(w.dtype, 1e-4)
