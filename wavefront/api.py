@@ -16,7 +16,7 @@ from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 from wavefront.scheduler.schedule import Schedule, build_schedule
 
 SCHEDULES = ("diagonal", "sequential")
-BACKENDS = ("torch", "inductor")
+BACKENDS = ("torch", "inductor", "onnxruntime")
 from wavefront.verification import VERIFY_RTOL, VerificationError
 
 
@@ -84,7 +84,8 @@ class OptimizedModel(nn.Module):
         return f"schedule={self.schedule_kind!r}, backend={self.backend!r}, family={self.rg.family!r}"
 
 
-def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "torch", verify: bool = False) -> OptimizedModel:
+def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "torch", verify: bool = False,
+             kwargs: dict | None = None) -> nn.Module:
     """Capture `model`'s recurrence and run it under `schedule` ('diagonal' or 'sequential').
 
     The result has the model's forward(input_ids, memory=None) and outputs, carries memory across
@@ -92,6 +93,9 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
     batching: state_dict keys and values unchanged). verify=True checks the first call against
     the sequential reference and raises VerificationError with the error if they differ.
     Illegal rewrites (diagonal on RMT) raise an error naming the offending edge.
+    backend="onnxruntime" exports the optimized model (cached on disk) and runs it in an
+    onnxruntime session (`kwargs`: fixed keyword arguments of the model's call, e.g.
+    {"use_cache": False} for Hugging Face models).
 
     >>> from wavefront.models import ARMT, ARMTConfig
     >>> model = ARMT(ARMTConfig(n_layers=3, segment_len=8)).eval()
@@ -100,6 +104,9 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
     >>> last_schedule(fast).num_steps   # L + S - 1 = 3 + 5 - 1
     7
     """
+    if backend == "onnxruntime":  # the torch-optimized model, exported and run by an onnxruntime session
+        from wavefront.backends.onnxruntime_backend import OnnxRuntimeModel
+        return OnnxRuntimeModel(optimize(model, schedule=schedule, backend="torch"), kwargs=kwargs, verify=verify)
     from wavefront.scheduler.scan_adapters import ScanAcceleratedModel, scan_adapter_for
     scan_adapter = scan_adapter_for(model)
     why = scan_adapter.check(model) if scan_adapter is not None else ""
@@ -185,6 +192,11 @@ def explain(model: nn.Module, n_segments: int | None = None) -> Explanation:
     >>> print(explain(RMT(RMTConfig(n_layers=2)), n_segments=4).steps)
     {'sequential': 8}
     """
+    from wavefront.backends.onnxruntime_backend import OnnxRuntimeModel
+    if isinstance(model, OnnxRuntimeModel):
+        e = explain(model.optimized, n_segments)
+        e.backend = "onnxruntime; " + model.describe()
+        return e
     from wavefront.loop_model import LoopLiftedModel, model_time_loops
     from wavefront.scheduler.scan_adapters import ScanAcceleratedModel, scan_adapter_for
     inner = model.model if isinstance(model, (ScanAcceleratedModel, LoopLiftedModel)) else model

@@ -55,14 +55,28 @@ def _prepare(model: nn.Module):
     return model, model.adapter.name, lambda: [model.adapter.describe(model.model)]
 
 
+def _time_dims(example_inputs: tuple, time_dims) -> list:
+    if time_dims is not None:
+        return list(time_dims)
+    return [1 if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0 for x in example_inputs]
+
+
+def _at_least_two_steps(example_inputs: tuple, time_dims) -> tuple:
+    """The example with every time dim of length 1 doubled (its values only feed the trace)."""
+    out = []
+    for x, td in zip(example_inputs, _time_dims(example_inputs, time_dims)):
+        if isinstance(x, torch.Tensor) and td is not None and x.shape[td % x.dim()] == 1:
+            x = torch.cat([x, x], dim=td % x.dim())
+        out.append(x)
+    return tuple(out)
+
+
 def _dynamic_shapes(example_inputs: tuple, time_dims):
     """One spec per input: its time dim dynamic, the others as in the example (AUTO dims trip
     torch.export's shape solver on small examples; pass dynamic_shapes to choose otherwise)."""
     from torch.export import Dim
-    if time_dims is None:
-        time_dims = [1 if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0 for x in example_inputs]
     specs = []
-    for x, td in zip(example_inputs, time_dims):
+    for x, td in zip(example_inputs, _time_dims(example_inputs, time_dims)):
         specs.append({td % x.dim(): Dim.DYNAMIC} if isinstance(x, torch.Tensor) and td is not None else None)
     return (tuple(specs),)
 
@@ -91,6 +105,8 @@ def export_onnx(model: nn.Module, example_inputs, path: str, *, dynamic: bool = 
     if kind == "segments":
         from wavefront.export_segments import export_segments
         return export_segments(module, example_inputs, path, dynamic=dynamic, check=check)
+    if dynamic and dynamic_shapes is None:  # a length-1 example would fix the length at 1 (0/1 specialisation)
+        example_inputs = _at_least_two_steps(example_inputs, time_dims)
     wrapper = _Outputs(module, kwargs).eval()
     with torch.no_grad():
         expected = wrapper(*example_inputs)  # also warms the loop plans up, outside the export trace

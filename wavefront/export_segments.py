@@ -173,7 +173,8 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
         state = optimized.rg.initial_state(B, dtype, input_ids.device)
         memory = MemoryState(state, 0)
     A, z = stacked_memory(memory.tensors, L)
-    args = (input_ids.reshape(B, T // seg, seg), A, z, torch.tensor(memory.segments_seen == 0))
+    traced = input_ids if T >= 2 * seg else input_ids.repeat(1, 2)  # one segment would fix S at 1 (0/1 specialisation)
+    args = (traced.reshape(B, traced.shape[1] // seg, seg), A, z, torch.tensor(memory.segments_seen == 0))
     shapes = ({1: torch.export.Dim.DYNAMIC}, None, None, None) if dynamic else None
     onnx_program = _to_onnx(program, args, shapes)
     proto = onnx_program.model_proto
