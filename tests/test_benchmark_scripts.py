@@ -16,6 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("time_loops.py", ["--T", "64", "--repeats", "1"], ["wavefront_s"]),
     ("scan_device.py", ["--device", "cpu", "--T", "40", "--batch", "1", "--channels", "8", "--heads", "2", "--d", "4",
                         "--repeats", "1"], ["seconds", "gbps", "form"]),
+    ("onnxruntime_speed.py", ["--preset", "tiny", "--channels", "4", "--T", "64", "--repeats", "1"],
+     ["name", "providers"]),
     ("scan_matrix.py", ["--T", "40", "--heads", "2", "--dk", "4", "--dv", "4", "--repeats", "1"], ["loop_s", "chunked_s"]),
 ])
 def test_script_prints_json_lines(script, args, fields):
