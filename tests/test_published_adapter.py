@@ -62,3 +62,17 @@ def test_optimize_runs_a_published_model_diagonally(kind):
     assert_close(fast(ids).logits, ref, 1e-9, f"optimized published {kind}")
     assert wavefront.last_schedule(fast).num_steps == 3 + 5 - 1
     assert "published-armt" in str(wavefront.explain(fast))
+
+
+def test_published_model_exports_to_onnx_under_the_diagonal_schedule(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import wavefront
+    from wavefront.export_segments import OnnxSegmentSession
+    model = published("llama").float()
+    path = str(tmp_path / "published.onnx")
+    wavefront.export_onnx(wavefront.optimize(model), (ids_for(4, batch=1),), path)
+    for n_segments in (2, 6):
+        ids = ids_for(n_segments, batch=1)
+        with torch.no_grad():
+            assert_close(OnnxSegmentSession(path)(ids).logits, model(ids), 1e-4, f"published ARMT, S={n_segments}")
