@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 
@@ -174,6 +175,36 @@ def supports(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in _KERNELS and library() is not None
 
 
+_HUGE_FROM = 4 << 20  # bytes: below this, first-touch page faults cost little
+_MADV_HUGEPAGE = 14
+
+
+def _fresh_like(a: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like(a), asking Linux for transparent huge pages on a large buffer: its first
+    touch then faults once per 2 MB instead of once per 4 kB (a fresh 64 MB output took 45 ms to
+    touch in 4 kB pages and 15 ms in huge pages on this machine). A no-op where madvise fails."""
+    h = torch.empty_like(a, memory_format=torch.contiguous_format)
+    nbytes = h.numel() * h.element_size()
+    if nbytes >= _HUGE_FROM and _LIBC is not None:
+        p = h.data_ptr()
+        start = (p + 4095) // 4096 * 4096
+        length = (p + nbytes - start) // 4096 * 4096
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_HUGEPAGE)
+    return h
+
+
+def _libc():
+    try:
+        import ctypes.util
+        name = ctypes.util.find_library("c")
+        return ctypes.CDLL(name) if name and sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
 def _run(a, b, h0, dim, reverse, out=None):
     """Raw kernel call on contiguous tensors: a, b [..., T, ...] with time at `dim`."""
     outer = 1
@@ -181,7 +212,7 @@ def _run(a, b, h0, dim, reverse, out=None):
         outer *= s
     T = a.shape[dim]
     inner = a.numel() // max(outer * T, 1)
-    h = torch.empty_like(a) if out is None else out
+    h = _fresh_like(a) if out is None else out
     if a.numel() == 0:
         return h
     fn = getattr(library(), _KERNELS[a.dtype])

@@ -93,6 +93,8 @@ def test_armt_graph_streams_in_pieces_and_records_its_schedule(exported_armt):
     assert_close(torch.cat([first.logits, second.logits], 1), ref.logits, 1e-4, "streamed logits")
     with pytest.raises(ValueError, match=f"whole segments of {SEG} tokens; got {SEG + 2} tokens: pass {SEG} now"):
         session(ids[:, :SEG + 2])
+    with pytest.raises(ValueError, match="exported for batch 2, got batch 1"):
+        session(ids[:1, :SEG])
 
 
 def test_segment_models_that_cannot_export_say_why(tmp_path):

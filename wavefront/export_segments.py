@@ -123,6 +123,7 @@ class OnnxSegmentSession:
             raise RuntimeError(f"onnxruntime did not give the providers {missing} (it gave {self.session.get_providers()})")
         self.providers = self.session.get_providers()
         self.names = [i.name for i in self.session.get_inputs()]
+        self.batch = self.session.get_inputs()[0].shape[0]  # fixed at export (an int), or symbolic (a str)
         self.d_key, self.d_model = (int(x) for x in meta["wavefront.memory_shape"].split(","))
         self.dtype = getattr(torch, meta["wavefront.dtype"].split(".")[-1])
 
@@ -130,6 +131,9 @@ class OnnxSegmentSession:
         from wavefront.models.segment import MemoryState, SegmentLMOutput, check_input_ids
         check_input_ids(input_ids)
         B, T = input_ids.shape
+        if isinstance(self.batch, int) and B != self.batch:
+            raise ValueError(f"this graph was exported for batch {self.batch}, got batch {B}: export again with an "
+                             f"example of batch {B} (optimize(..., backend='onnxruntime') does that per batch)")
         if T % self.segment_len:
             raise ValueError(f"the exported graph runs whole segments of {self.segment_len} tokens; got {T} tokens: "
                              f"pass {T - T % self.segment_len} now and the rest with the next piece")
