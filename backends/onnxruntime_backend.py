@@ -154,7 +154,7 @@ class OnnxRuntimeModel(nn.Module):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _segments(self, input_ids: torch.Tensor, memory=None):
-        from wavefront.export_segments import stacked_memory, unstacked_memory
+        from wavefront.backends.diagonal_program import stacked_memory, unstacked_memory
         from wavefront.models.segment import MemoryState, SegmentLMOutput, check_input_ids
         check_input_ids(input_ids)
         rg, opt = self.optimized.rg, self.optimized

@@ -59,6 +59,13 @@ class TorchExecutor:
         self._keep = set(rg.state_out_nodes) | {rg.logits_node}
         self._validated: dict = {}
         self._flat_tuple: dict = {}
+        self._diagonal: dict = {}
+        self.program = None  # DiagonalProgram, built on the first call it applies to
+        self.program_reason = ""  # why it does not apply to this model (never retried)
+        self.compile_program = False  # backend="inductor": compile the whole program (set by optimize)
+        self.compiled_program = None
+        self.program_compile_s: float | None = None  # the first compiled call (compile included)
+        self.program_error = ""  # why compiling the program failed, if it did
 
     def _dtype_device(self):
         p = next(self.rg.cell.parameters())
@@ -93,6 +100,9 @@ class TorchExecutor:
             check_memory(memory, fresh)
         bounds = segment_bounds(input_ids.shape[1], self.rg.segment_len)
         schedule = self._schedule(schedule, len(bounds))
+        program = self._program_for(input_ids, schedule)
+        if program is not None:
+            return self._run_program(program, input_ids, memory)
         params = {n: get_attr_path(self.rg.graph_module, t) for n, t in self._params}
         envs = []
         for s, (a, b) in enumerate(bounds):
@@ -124,6 +134,73 @@ class TorchExecutor:
         logits = torch.cat([env[self.rg.logits_node] for env in envs], dim=1)
         final = tuple(envs[-1][n] for n in state_out)
         return SegmentLMOutput(logits, MemoryState(final, memory.segments_seen + len(bounds)))
+
+    def _program_for(self, input_ids, schedule):
+        """The one-program form of the diagonal schedule (backends/diagonal_program.py), where it
+        applies: the diagonal schedule over whole segments, no gradient needed (the program reads
+        the stacks as plain tensors), a single lane-folded layer kind that has checked itself."""
+        if self.batched is None or self.program_reason or input_ids.shape[1] % self.rg.segment_len:
+            return None
+        if schedule is not self._diagonal_schedule(schedule):
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.rg.cell.parameters()):
+            return None
+        if self.program is None:
+            from .diagonal_program import DiagonalProgram, ProgramNotApplicable
+            cell = self.batched.groups[0].cell
+            if len(self.batched.groups) == 1 and getattr(cell, "mode", "") == "fold" and not cell.checked:
+                return None  # the fold checks itself on a step-by-step call first
+            try:
+                self.program = DiagonalProgram(self)
+            except ProgramNotApplicable as e:
+                self.program_reason = str(e)
+                return None
+        return self.program
+
+    def describe_program(self) -> str:
+        """How whole-segment inference calls run (for explain())."""
+        if self.batched is None:
+            return ""
+        if self.program_reason:
+            return f"  step by step: {self.program_reason}"
+        if self.program is None:
+            return "  whole-segment inference calls: one program (memory stacked per layer, hidden per lane), from the next call"
+        how = "compiled" if self.compiled_program is not None and not self.program_error else "eager"
+        extra = f"; compile failed, running eager: {self.program_error}" if self.program_error else (
+            f"; first compiled call {self.program_compile_s:.1f} s" if self.program_compile_s else "")
+        return f"  whole-segment inference calls: one program, {how} (memory stacked per layer, hidden per lane{extra})"
+
+    def _diagonal_schedule(self, schedule: Schedule):
+        """`schedule` if it is exactly the diagonal schedule for its size (else None)."""
+        key = (schedule.n_layers, schedule.n_segments)
+        if self._diagonal.get(key) is None:
+            self._diagonal = {key: build_schedule("diagonal", *key)}
+        return schedule if schedule.steps == self._diagonal[key].steps else None
+
+    def _run_program(self, program, input_ids, memory):
+        from .diagonal_program import stacked_memory, unstacked_memory
+        self.batched.check()
+        B, T = input_ids.shape
+        seg = self.rg.segment_len
+        A, z = stacked_memory(memory.tensors, self.rg.n_layers)
+        fresh = torch.tensor(memory.segments_seen == 0, device=input_ids.device)
+        args = (input_ids.reshape(B, T // seg, seg), A, z, fresh)
+        if self.compile_program and self.program_error == "":
+            import time
+            try:
+                if self.compiled_program is None:  # one dynamic compile: the steps stay a scan op, any S
+                    self.compiled_program = torch.compile(program, dynamic=True)
+                t0 = time.perf_counter()
+                with torch.fx.experimental._config.patch(use_duck_shape=False):  # sizes equal by chance stay apart
+                    logits, A, z = self.compiled_program(*args)
+                if self.program_compile_s is None:
+                    self.program_compile_s = time.perf_counter() - t0
+            except Exception as e:  # a program torch.compile cannot handle runs eager from now on
+                self.program_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                logits, A, z = program(*args)
+        else:
+            logits, A, z = program(*args)
+        return SegmentLMOutput(logits, MemoryState(unstacked_memory(A, z), memory.segments_seen + T // seg))
 
     def _layer_groups(self, step, lengths):
         """Cells of a step that one batched call can run: same kind and segment length,

@@ -48,18 +48,21 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--flops", action="store_true", help="also report GFLOP/s against a large matmul")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--backend", default="torch", choices=["torch", "inductor"],
+                    help="inductor compiles the whole diagonal program once (tens of seconds cold on a CPU)")
     args = ap.parse_args(argv)
     for preset in args.preset or ["dispatch", "small"]:
         cfg, S = split_preset(preset)
         torch.manual_seed(0)
         model = ARMT(ARMTConfig(**cfg)).to(args.device).eval()
         ids = torch.randint(0, cfg["vocab_size"], (args.batch, S * cfg["segment_len"]), device=args.device)
-        fast = wavefront.optimize(model)
+        fast = wavefront.optimize(model, backend=args.backend)
         with torch.inference_mode():
             err = rel_err(fast(ids).logits, model(ids).logits)
             L = cfg["n_layers"]
             rec = compare("diagonal_speedup", lambda: model(ids), lambda: fast(ids),
-                          config={**cfg, "n_segments": S, "batch": args.batch, "preset": preset},
+                          config={**cfg, "n_segments": S, "batch": args.batch, "preset": preset,
+                                  "backend": args.backend},
                           dtype=torch.float32, device=args.device, error=err, repeats=args.repeats,
                           baseline_label="sequential",
                           candidate_label="diagonal", quiet=True)

@@ -45,6 +45,27 @@ class FoldLaneCell(OpaqueModule):
                 for n in self.invariant for i in range(1, self.stack.stacks[n].shape[0])):
             self.fallback_reason = "a buffer that was equal in every layer changed"
 
+    def _folded_inputs(self, params, lane_values, rows):
+        """The folded graph's (args, kwargs, stacked parameters): lanes folded into the batch;
+        per-lane values broadcast over the batch (masks, rotary tables: batch 1) given per row."""
+        flag = self.signature.flag_lane
+        folded = [v.repeat_interleave(rows) if k == flag else
+                  (v.expand(v.shape[0], rows, *v.shape[2:]) if v.shape[1] != rows else v).flatten(0, 1)
+                  for k, v in enumerate(lane_values)]
+        args, kwargs = self.signature.rebuild(folded)
+        return args, kwargs, {"lane_" + n.replace(".", "_"): params[n] for n in self.names}
+
+    def _unfolded(self, out, lanes):
+        leaves, spec = tree_flatten(out)
+        return [x.reshape(lanes, -1, *x.shape[1:]) if t == "B" else x for x, t in zip(leaves, self.out_tags)], spec
+
+    def run_folded(self, params, lane_values):
+        """The folded graph alone, for a cell that has checked itself (no compiled path, no check,
+        no fallback): what a program traced as a whole (torch.compile, torch.export) calls."""
+        lanes, rows = lane_values[0].shape[0], lane_values[0].shape[1]
+        args, kwargs, extra = self._folded_inputs(params, lane_values, rows)
+        return self._unfolded(self.folded(*args, **kwargs, **extra, lanes=lanes), lanes)
+
     def forward(self, params, lane_values):
         if self.fallback_reason:
             return self.vmap_cell(params, lane_values)
@@ -54,12 +75,7 @@ class FoldLaneCell(OpaqueModule):
         if rows is None or any((v.dim() < 2 or v.shape[1] not in (rows, 1)) for k, v in enumerate(lane_values)
                                if k != flag):
             return self.vmap_cell(params, lane_values)  # inputs without a common batch dim
-        # per-lane values broadcast over the batch (masks, rotary tables: batch 1) are given per row
-        folded = [v.repeat_interleave(rows) if k == flag else
-                  (v.expand(v.shape[0], rows, *v.shape[2:]) if v.shape[1] != rows else v).flatten(0, 1)
-                  for k, v in enumerate(lane_values)]
-        args, kwargs = self.signature.rebuild(folded)
-        extra = {"lane_" + n.replace(".", "_"): params[n] for n in self.names}
+        args, kwargs, extra = self._folded_inputs(params, lane_values, rows)
         if self.compiled is not None and self.checked and not torch.is_grad_enabled():
             # Duck sizing would tie unrelated sizes that happen to be equal on the first call
             # (lanes == batch == layers) and recompile when they part; keep them independent.
@@ -71,8 +87,7 @@ class FoldLaneCell(OpaqueModule):
                 out = self.folded(*args, **kwargs, **extra, lanes=lanes)
         else:
             out = self.folded(*args, **kwargs, **extra, lanes=lanes)
-        leaves, spec = tree_flatten(out)
-        leaves = [x.reshape(lanes, -1, *x.shape[1:]) if t == "B" else x for x, t in zip(leaves, self.out_tags)]
+        leaves, spec = self._unfolded(out, lanes)
         if not self.checked and lanes >= 2:
             self.checked = True
             ref, _ = self.vmap_cell(params, lane_values)

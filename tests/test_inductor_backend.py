@@ -38,6 +38,23 @@ def test_a_failing_compiled_cell_falls_back_to_eager_and_says_why():
 
         cell = fast.batched.groups[0].cell
         cell.compiled = broken
+        ids = ids_for(N_LAYERS + 1, batch=2, short_last=1)  # a short last segment: the step-by-step executor
         assert_close(fast(ids).logits, model(ids).logits, 1e-5, "after compile failure")
     assert cell.compiled is None and "unsupported by the compiler" in cell.compile_error
     assert "compile failed, running eager" in str(wavefront.explain(fast))
+
+
+def test_whole_segment_calls_compile_the_program_once_for_any_segment_count():
+    torch._dynamo.reset()
+    model = tiny_armt(torch.float32)
+    fast = wavefront.optimize(model, backend="inductor")
+    with torch.no_grad():
+        fast(ids_for(3, batch=2, short_last=1))  # step by step: the fold checks itself
+        for n_segments in (N_LAYERS + 2, 2 * N_LAYERS + 1, 2):
+            ids = ids_for(n_segments, batch=2)
+            # after the first compile, a recompile would raise (and the program would fall back to eager)
+            with torch._dynamo.config.patch(error_on_recompile=n_segments != N_LAYERS + 2):
+                out = fast(ids)
+            assert_close(out.logits, model(ids).logits, 1e-4, f"compiled program, S={n_segments}")
+    assert fast.executor.compiled_program is not None and not fast.executor.program_error
+    assert "one program, compiled" in str(wavefront.explain(fast))

@@ -138,7 +138,9 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
             raise ValueError("backend='inductor' compiles the batched diagonal cell: use schedule='diagonal'")
         compile_batched(batched)
     reference = SegmentRecurrentLM(bound.cell, bound.segment_len)
-    return OptimizedModel(model, rg, schedule, backend, verify, batched, TorchExecutor(rg, batched), reference)
+    executor = TorchExecutor(rg, batched)
+    executor.compile_program = backend == "inductor"
+    return OptimizedModel(model, rg, schedule, backend, verify, batched, executor, reference)
 
 
 def last_schedule(optimized: OptimizedModel) -> Schedule | None:
@@ -221,6 +223,8 @@ def explain(model: nn.Module, n_segments: int | None = None) -> Explanation:
         rg, last = model.rg, model.last_schedule
         n = n_segments if n_segments is not None else (last.n_segments if last else None)
         batching = model.batched.describe() if model.batched is not None else ""
+        if model.batched is not None:
+            batching += "\n" + model.executor.describe_program()
         return Explanation(rg.family, rg.adapter, rg.describe(), analyse(rg), model.schedule_kind, rg.n_layers, n,
                            batching, model.backend)
     rg = capture(model)

@@ -16,95 +16,9 @@ the caller's to run (see OnnxSegmentSession), never padded into a wrong memory.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from torch import nn
 
-
-class DiagonalProgram(nn.Module):
-    """The export form of an optimized ARMT (one layer kind, lane-folded cell). Built from what
-    optimize() returned, after at least one call with L or more segments (the folded cell checks
-    itself against vmap on its first multi-lane call; that must happen eagerly)."""
-
-    def __init__(self, optimized):
-        super().__init__()
-        from wavefront.export import ExportError
-        batched, rg = optimized.batched, optimized.rg
-        if batched is None:
-            raise ExportError("only the diagonal schedule exports (this model was optimized with schedule='sequential')")
-        if len(batched.groups) != 1:
-            raise ExportError(f"the layer stack has {len(batched.groups)} layer kinds (a hybrid stack): exporting "
-                              "runs one batched cell per step, so all layers must be of one kind for now")
-        group = batched.groups[0]
-        if getattr(group.cell, "mode", "") != "fold" or not getattr(group.cell, "checked", False):
-            why = getattr(group.cell, "fallback_reason", "") or f"its batched cell runs as {group.cell.mode!r}"
-            raise ExportError(f"the batched cell does not export: {why} (vmap inside an ONNX Scan does not lower)")
-        cell = optimized.reference.cell
-        self.n_layers, self.segment_len, self.n_mem = len(cell.layers), optimized.rg.segment_len, cell.n_mem_tokens
-        self.embed_stage, self.norm, self.lm_head, self.memory = cell.embed_stage, cell.norm, cell.lm_head, cell.memory
-        object.__setattr__(self, "cell", group.cell)  # not a submodule: its layer templates alias the model's
-        self.folded = group.cell.folded  # registered: the graph's own constants are traced as this module's
-        self.stack_names = list(group.cell.param_names)
-        with torch.no_grad():  # the stacks as buffers of their own (export lifts them into initializers)
-            for i, t in enumerate(group.stack.slices(0, self.n_layers, self.stack_names).values()):
-                self.register_buffer(f"stack{i}", t.detach().clone())
-        self.family = rg.family
-
-    def forward(self, segments, A, z, fresh):
-        from torch._higher_order_ops.scan import scan
-        B, S, seg = segments.shape
-        L = self.n_layers
-        out = self.embed_stage(segments.transpose(0, 1).reshape(S * B, seg), self.memory)
-        h, ctx = out[0], tuple(out[1:])  # ctx (masks, positions, rotary tables) is the same for every segment
-        h = h.reshape(S, B, *h.shape[1:])
-        xs = torch.cat([h, h.new_zeros(L - 1, *h.shape[1:])])  # lane 0's input per step; drain steps read padding
-        s = torch.arange(S + L - 1, device=h.device)[:, None] - torch.arange(L, device=h.device)[None, :]
-        active = (s >= 0) & (s < S)  # lane l at step t holds segment t - l
-        first = (s == 0) & fresh
-        params = {n: getattr(self, f"stack{i}") for i, n in enumerate(self.stack_names)}
-        ctx_lanes = [c.expand(L, *c.shape) for c in ctx]
-        cell = self.cell
-
-        def step(carry, x):
-            prev, A_, z_ = carry
-            x_t, act, fst = x
-            lane_in = torch.cat([x_t.unsqueeze(0), prev[:-1]])  # lane l reads lane l - 1's output of the last step
-            (o, A2, z2), _ = cell(params, [lane_in, A_, z_, fst, *ctx_lanes])
-            A2 = torch.where(act.view(L, *([1] * (A_.dim() - 1))), A2, A_)
-            z2 = torch.where(act.view(L, *([1] * (z_.dim() - 1))), z2, z_)
-            return (o, A2, z2), o[-1].clone()
-
-        with contextlib.ExitStack() as pins:
-            for block, mine in self._lane_blocks(params):
-                pins.enter_context(block.pinned(mine, L))
-            (_, A_out, z_out), ys = scan(step, (h.new_zeros(L, *h.shape[1:]), A, z), (xs, active, first))
-        top = ys[L - 1:, :, :seg]  # segment s left the top lane at step s + L - 1; memory rows dropped
-        logits = self.lm_head(self.norm(top))
-        return logits.transpose(0, 1).reshape(B, S * seg, logits.shape[-1]), A_out, z_out
-
-
-    def _lane_blocks(self, params: dict):
-        """(LaneBlock, the stacked parameters it reads) for each opaque block in the folded graph
-        (Hugging Face layers): what its calls would pass as lane_params, resolved up front."""
-        from wavefront.passes.module_fold import LaneBlock
-        by_input = {"lane_" + n.replace(".", "_"): t for n, t in params.items()}
-        out = []
-        for node in self.folded.graph.nodes:
-            if node.op == "call_module" and isinstance(self.folded.get_submodule(node.target), LaneBlock):
-                mine = {k: by_input[v.target] for k, v in node.kwargs["lane_params"].items()}
-                out.append((self.folded.get_submodule(node.target), mine))
-        return out
-
-
-def stacked_memory(memory_tensors, n_layers: int):
-    """(A, z) stacked over layers from a MemoryState's (A_0, z_0, A_1, z_1, ...)."""
-    return torch.stack(memory_tensors[0::2]), torch.stack(memory_tensors[1::2])
-
-
-def unstacked_memory(A, z):
-    """The MemoryState tensor order (A_0, z_0, A_1, z_1, ...) from stacked A and z."""
-    return tuple(t for pair in zip(A.unbind(0), z.unbind(0)) for t in pair)
+from wavefront.backends.diagonal_program import DiagonalProgram, ProgramNotApplicable, stacked_memory, unstacked_memory
 
 
 class OnnxSegmentSession:
@@ -150,7 +64,7 @@ class OnnxSegmentSession:
         return SegmentLMOutput(logits, MemoryState(unstacked_memory(A2, z2), seen + T // self.segment_len))
 
 
-__all__ = ["DiagonalProgram", "OnnxSegmentSession", "stacked_memory", "unstacked_memory"]
+__all__ = ["OnnxSegmentSession", "export_segments"]
 
 
 def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: bool = True, check: bool = True):
@@ -171,7 +85,10 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
     with torch.no_grad():  # the folded cell checks itself on its first full-width step: eagerly, here
         optimized(torch.zeros(B, (L + 1) * seg, dtype=input_ids.dtype, device=input_ids.device))
         expected = optimized(input_ids, memory)
-    program = DiagonalProgram(optimized).eval()
+    try:
+        program = DiagonalProgram(optimized, own_copies=True).eval()
+    except ProgramNotApplicable as e:
+        raise ExportError(f"this model does not export: {e}") from e
     dtype = next(program.buffers()).dtype
     if memory is None:
         state = optimized.rg.initial_state(B, dtype, input_ids.device)
