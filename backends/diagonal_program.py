@@ -27,8 +27,9 @@ class ProgramNotApplicable(Exception):
 
 class DiagonalProgram(nn.Module):
     """An optimized ARMT (one layer kind, lane-folded cell) as one program. Built from what
-    optimize() returned (or its TorchExecutor: anything with .rg and .batched), after at least one call with two or more lanes in a step (the folded
-    cell checks itself against vmap on its first multi-lane call; that must happen eagerly).
+    optimize() returned (or its TorchExecutor: anything with .rg and .batched), after at least
+    one call with two or more lanes in a step (the folded cell checks itself against vmap on its
+    first multi-lane call; that must happen eagerly).
 
     own_copies=True (export) keeps the stacked parameters as buffers of its own; False (the
     torch backend) reads the live stacks, the model's own storage, on every call.
@@ -44,10 +45,17 @@ class DiagonalProgram(nn.Module):
             raise ProgramNotApplicable(f"the layer stack has {len(batched.groups)} layer kinds (a hybrid stack): one "
                                        "program runs one batched cell per step, so all layers must be of one kind")
         group = batched.groups[0]
-        if getattr(group.cell, "mode", "") != "fold" or not getattr(group.cell, "checked", False):
+        if getattr(group.cell, "mode", "") != "fold":
             why = getattr(group.cell, "fallback_reason", "") or f"its batched cell runs as {group.cell.mode!r}"
             raise ProgramNotApplicable(f"the batched cell is not lane-folded: {why} (vmap inside a scan does not lower)")
+        if not group.cell.checked:
+            raise ProgramNotApplicable("the lane-folded cell has not checked itself yet: run the model once with two "
+                                       "or more full segments per step first")
         cell = rg.cell
+        parts = ("embed_stage", "layers", "norm", "lm_head", "memory", "n_mem_tokens")
+        if not all(hasattr(cell, p) for p in parts):
+            raise ProgramNotApplicable(f"the cell ({type(cell).__name__}) is not an ARMT cell with {', '.join(parts)}: "
+                                       "the program knows ARMT's layer call (h, A, z, first, ctx) -> (h, A, z)")
         self.n_layers, self.segment_len, self.n_mem = len(cell.layers), optimized.rg.segment_len, cell.n_mem_tokens
         self.embed_stage, self.norm, self.lm_head, self.memory = cell.embed_stage, cell.norm, cell.lm_head, cell.memory
         object.__setattr__(self, "cell", group.cell)  # not a submodule: its layer templates alias the model's

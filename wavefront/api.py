@@ -14,10 +14,10 @@ from wavefront.scheduler.adapters import bind_model, segment_adapter_for
 from wavefront.scheduler.capture import capture
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 from wavefront.scheduler.schedule import Schedule, build_schedule
+from wavefront.verification import VERIFY_RTOL, VerificationError
 
 SCHEDULES = ("diagonal", "sequential")
 BACKENDS = ("torch", "inductor", "onnxruntime")
-from wavefront.verification import VERIFY_RTOL, VerificationError
 
 
 class OptimizedModel(nn.Module):

@@ -48,6 +48,9 @@ class LiftedFunction:
                 + f": {status}" for s, status, _ in self.verdicts(module)]
 
 
+# One rewritten function (and runner) per class method, shared by every instance and model: the
+# source is parsed once. A runner keeps at most 16 plans (see LoopRunner), so what it holds on to
+# stays bounded.
 _CACHE: dict = {}
 
 
