@@ -100,7 +100,9 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cache_dir() -> str:
+def cache_root() -> str:
+    """wavefront's on-disk cache ($WAVEFRONT_CACHE_DIR, default ~/.cache/wavefront): built kernels,
+    exported graphs."""
     return os.environ.get("WAVEFRONT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "wavefront")
 
 
@@ -113,10 +115,10 @@ def build_library(name: str, source: str, flags: list[str], libs: tuple[str, ...
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(repr((source, flags, libs, version, platform.machine(), _cpu_signature())).encode()
                          ).hexdigest()[:16]
-    os.makedirs(_cache_dir(), exist_ok=True)
-    path = os.path.join(_cache_dir(), f"{name}-{key}.so")
+    os.makedirs(cache_root(), exist_ok=True)
+    path = os.path.join(cache_root(), f"{name}-{key}.so")
     if not os.path.exists(path):
-        with tempfile.TemporaryDirectory(dir=_cache_dir()) as tmp:
+        with tempfile.TemporaryDirectory(dir=cache_root()) as tmp:
             src = os.path.join(tmp, f"{name}.c")
             with open(src, "w") as f:
                 f.write(source)

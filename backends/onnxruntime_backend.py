@@ -33,10 +33,25 @@ def available() -> tuple[bool, str]:
 
 
 def _cache_dir() -> str:
-    root = os.environ.get("WAVEFRONT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "wavefront")
-    path = os.path.join(root, "onnx")
+    from .native_scan import cache_root
+    path = os.path.join(cache_root(), "onnx")
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def open_session(path: str, providers, strict: bool = True):
+    """An onnxruntime InferenceSession asking for `providers`. onnxruntime drops a provider it
+    lacks without a word: strict=True raises then, with what it got; strict=False asks only for
+    the available ones (the caller reports what it got)."""
+    import onnxruntime as ort
+    providers = list(providers)
+    wanted = providers if strict else ([p for p in providers if p in ort.get_available_providers()]
+                                        or ["CPUExecutionProvider"])
+    session = ort.InferenceSession(path, providers=wanted)
+    missing = [p for p in providers if p not in session.get_providers()]
+    if strict and missing:
+        raise RuntimeError(f"onnxruntime did not give the providers {missing} (it gave {session.get_providers()})")
+    return session
 
 
 def model_key(model: nn.Module, *parts) -> str:
@@ -58,9 +73,7 @@ class Session:
     """One onnxruntime session over IOBinding, with the providers it really got."""
 
     def __init__(self, path: str, providers=PROVIDERS):
-        import onnxruntime as ort
-        wanted = [p for p in providers if p in ort.get_available_providers()] or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(path, providers=wanted)
+        self.session = open_session(path, providers, strict=False)
         self.providers = self.session.get_providers()
         self.requested = list(providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
@@ -184,4 +197,4 @@ class OnnxRuntimeModel(nn.Module):
         return self.last_session.describe()
 
 
-__all__ = ["OnnxRuntimeModel", "Session", "available", "model_key"]
+__all__ = ["OnnxRuntimeModel", "Session", "available", "model_key", "open_session"]

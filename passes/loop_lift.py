@@ -236,13 +236,14 @@ class _Steps:
 
     def __init__(self, bounds: tuple, reverse: bool, symbolic: bool):
         self.bounds, self.reverse = bounds, reverse
+        self.start, self.stop, self.step = (0, bounds[0], 1) if len(bounds) == 1 else (*bounds, 1)[:3]
         self.rng = None
         if not symbolic:
             rng = range(*bounds)
             self.rng = rng[::-1] if reverse else rng
             self.n, self.last = len(self.rng), (self.rng[-1] if len(self.rng) else None)
         else:
-            start, stop, step = (0, bounds[0], 1) if len(bounds) == 1 else (*bounds, 1)[:3]
+            start, stop, step = self.start, self.stop, self.step
             if not isinstance(step, int) or step <= 0:
                 raise _Decline("under export, only ranges with a positive constant step are supported")
             self.n = (stop - start + step - 1) // step
@@ -254,12 +255,11 @@ class _Steps:
         (as they must for the loop itself to run) and to start at a non-negative constant."""
         if self.rng is not None:
             return read_views(reads, args, self.rng)
-        start, stop, step = (0, self.bounds[0], 1) if len(self.bounds) == 1 else (*self.bounds, 1)[:3]
-        if not (isinstance(start, int) and start >= 0):
+        if not (isinstance(self.start, int) and self.start >= 0):
             return None
         out = []
         for pos, dim in reads:
-            v = args[pos].movedim(dim, 0)[start:stop:step]
+            v = args[pos].movedim(dim, 0)[self.start:self.stop:self.step]
             out.append(v.flip(0) if self.reverse else v)
         return out
 

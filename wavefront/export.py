@@ -168,11 +168,8 @@ def run_onnx(path: str, inputs, providers=("CPUExecutionProvider",)) -> list[tor
     The session's providers are checked: asking for CUDAExecutionProvider on a machine without
     it raises instead of silently running on the CPU.
     """
-    import onnxruntime as ort
-    session = ort.InferenceSession(path, providers=list(providers))
-    missing = [p for p in providers if p not in session.get_providers()]
-    if missing:
-        raise RuntimeError(f"onnxruntime did not give the providers {missing} (it gave {session.get_providers()})")
+    from wavefront.backends.onnxruntime_backend import open_session
+    session = open_session(path, providers)
     names = [i.name for i in session.get_inputs()]
     tensors = [x for x in (inputs if isinstance(inputs, (tuple, list)) else (inputs,)) if isinstance(x, torch.Tensor)]
     feed = {n: x.detach().cpu().numpy() for n, x in zip(names, tensors)}

@@ -28,13 +28,11 @@ class OnnxSegmentSession:
 
     def __init__(self, path: str, providers=("CPUExecutionProvider",)):
         import onnx
-        import onnxruntime as ort
+
+        from wavefront.backends.onnxruntime_backend import open_session
         meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
         self.segment_len, self.n_layers = int(meta["wavefront.segment_len"]), int(meta["wavefront.n_layers"])
-        self.session = ort.InferenceSession(path, providers=list(providers))
-        missing = [p for p in providers if p not in self.session.get_providers()]
-        if missing:
-            raise RuntimeError(f"onnxruntime did not give the providers {missing} (it gave {self.session.get_providers()})")
+        self.session = open_session(path, providers)
         self.providers = self.session.get_providers()
         self.names = [i.name for i in self.session.get_inputs()]
         self.batch = self.session.get_inputs()[0].shape[0]  # fixed at export (an int), or symbolic (a str)
