@@ -62,10 +62,6 @@ class TorchExecutor:
         self._diagonal: dict = {}
         self.program = None  # DiagonalProgram, built on the first call it applies to
         self.program_reason = ""  # why it does not apply to this model (never retried)
-        self.compile_program = False  # backend="inductor": compile the whole program (set by optimize)
-        self.compiled_program = None
-        self.program_compile_s: float | None = None  # the first compiled call (compile included)
-        self.program_error = ""  # why compiling the program failed, if it did
 
     def _dtype_device(self):
         p = next(self.rg.cell.parameters())
@@ -165,10 +161,12 @@ class TorchExecutor:
             return f"  step by step: {self.program_reason}"
         if self.program is None:
             return "  whole-segment inference calls: one program (memory stacked per layer, hidden per lane), from the next call"
-        how = "compiled" if self.compiled_program is not None and not self.program_error else "eager"
-        extra = f"; compile failed, running eager: {self.program_error}" if self.program_error else (
-            f"; first compiled call {self.program_compile_s:.1f} s" if self.program_compile_s else "")
-        return f"  whole-segment inference calls: one program, {how} (memory stacked per layer, hidden per lane{extra})"
+        cell = self.batched.groups[0].cell
+        how = ("its batched cell compiled (inductor)" if getattr(cell, "compiled", None) is not None else
+               f"its batched cell eager (compile failed: {cell.compile_error})" if getattr(cell, "compile_error", "")
+               else "eager")
+        return (f"  whole-segment inference calls: one program, {how}: memory stacked per layer, hidden per lane, "
+                "each step runs only its active lanes")
 
     def _diagonal_schedule(self, schedule: Schedule):
         """`schedule` if it is exactly the diagonal schedule for its size (else None)."""
@@ -185,21 +183,7 @@ class TorchExecutor:
         A, z = stacked_memory(memory.tensors, self.rg.n_layers)
         fresh = torch.tensor(memory.segments_seen == 0, device=input_ids.device)
         args = (input_ids.reshape(B, T // seg, seg), A, z, fresh)
-        if self.compile_program and self.program_error == "":
-            import time
-            try:
-                if self.compiled_program is None:  # one dynamic compile: the steps stay a scan op, any S
-                    self.compiled_program = torch.compile(program, dynamic=True)
-                t0 = time.perf_counter()
-                with torch.fx.experimental._config.patch(use_duck_shape=False):  # sizes equal by chance stay apart
-                    logits, A, z = self.compiled_program(*args)
-                if self.program_compile_s is None:
-                    self.program_compile_s = time.perf_counter() - t0
-            except Exception as e:  # a program torch.compile cannot handle runs eager from now on
-                self.program_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                logits, A, z = program(*args)
-        else:
-            logits, A, z = program(*args)
+        logits, A, z = program(*args)
         return SegmentLMOutput(logits, MemoryState(unstacked_memory(A, z), memory.segments_seen + T // seg))
 
     def _layer_groups(self, step, lengths):

@@ -59,12 +59,34 @@ class FoldLaneCell(OpaqueModule):
         leaves, spec = tree_flatten(out)
         return [x.reshape(lanes, -1, *x.shape[1:]) if t == "B" else x for x, t in zip(leaves, self.out_tags)], spec
 
-    def run_folded(self, params, lane_values):
-        """The folded graph alone, for a cell that has checked itself (no compiled path, no check,
-        no fallback): what a program traced as a whole (torch.compile, torch.export) calls."""
+    def run_folded(self, params, lane_values, compiled: bool = False):
+        """The folded graph alone, for a cell that has checked itself (no check, no fallback):
+        what a program calls step by step. compiled=True takes the compiled graph when the
+        inductor backend set one (inference only); a program traced as a whole (torch.export)
+        passes False."""
         lanes, rows = lane_values[0].shape[0], lane_values[0].shape[1]
         args, kwargs, extra = self._folded_inputs(params, lane_values, rows)
-        return self._unfolded(self.folded(*args, **kwargs, **extra, lanes=lanes), lanes)
+        call = self._call_compiled if compiled else self.folded
+        return self._unfolded(call(*args, **kwargs, **extra, lanes=lanes), lanes)
+
+    def _call_compiled(self, *args, **kwargs):
+        """The compiled folded graph when there is one and it may run (checked, no autograd);
+        a graph torch.compile cannot handle runs eager from then on, the reason kept."""
+        if self.compiled is None or not self.checked or torch.is_grad_enabled():
+            return self.folded(*args, **kwargs)
+        # Duck sizing would tie unrelated sizes that happen to be equal on the first call
+        # (lanes == batch == layers) and recompile when they part; keep them independent. (Set and
+        # restored by hand: config.patch costs ~0.1 ms, as much as a small step.)
+        shape_config = torch.fx.experimental._config
+        duck = shape_config.use_duck_shape
+        shape_config.use_duck_shape = False
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as e:
+            self.compiled, self.compile_error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            return self.folded(*args, **kwargs)
+        finally:
+            shape_config.use_duck_shape = duck
 
     def forward(self, params, lane_values):
         if self.fallback_reason:
@@ -76,17 +98,7 @@ class FoldLaneCell(OpaqueModule):
                                if k != flag):
             return self.vmap_cell(params, lane_values)  # inputs without a common batch dim
         args, kwargs, extra = self._folded_inputs(params, lane_values, rows)
-        if self.compiled is not None and self.checked and not torch.is_grad_enabled():
-            # Duck sizing would tie unrelated sizes that happen to be equal on the first call
-            # (lanes == batch == layers) and recompile when they part; keep them independent.
-            try:
-                with torch.fx.experimental._config.patch(use_duck_shape=False):
-                    out = self.compiled(*args, **kwargs, **extra, lanes=lanes)
-            except Exception as e:  # a graph torch.compile cannot handle runs eager from now on
-                self.compiled, self.compile_error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                out = self.folded(*args, **kwargs, **extra, lanes=lanes)
-        else:
-            out = self.folded(*args, **kwargs, **extra, lanes=lanes)
+        out = self._call_compiled(*args, **kwargs, **extra, lanes=lanes)
         leaves, spec = self._unfolded(out, lanes)
         if not self.checked and lanes >= 2:
             self.checked = True

@@ -59,3 +59,19 @@ def test_a_hybrid_stack_says_why_it_runs_step_by_step():
         assert_close(fast(ids).logits, model(ids).logits, 1e-12, "hybrid")
     assert fast.executor.program is None and "2 layer kinds" in fast.executor.program_reason
     assert "step by step: the layer stack has 2 layer kinds" in str(wavefront.explain(fast))
+
+
+@pytest.mark.parametrize("S", [2, N_LAYERS + 2])
+def test_warm_up_and_drain_steps_run_only_their_active_lanes(S):
+    model = tiny_armt(torch.float64)
+    fast = wavefront.optimize(model)
+    with torch.no_grad():
+        fast(ids_for(3, batch=2, short_last=1))
+        cell, widths = fast.batched.groups[0].cell, []
+        run = cell.run_folded
+        cell.run_folded = lambda params, values, **kw: (widths.append(values[0].shape[0]), run(params, values, **kw))[1]
+        ids = ids_for(S, batch=2)
+        assert_close(fast(ids).logits, model(ids).logits, 1e-12, "narrowed lanes")
+    L = N_LAYERS
+    assert fast.executor.program is not None
+    assert widths == [min(L, t + 1) - max(0, t - S + 1) for t in range(L + S - 1)]

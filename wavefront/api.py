@@ -139,7 +139,6 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
         compile_batched(batched)
     reference = SegmentRecurrentLM(bound.cell, bound.segment_len)
     executor = TorchExecutor(rg, batched)
-    executor.compile_program = backend == "inductor"
     return OptimizedModel(model, rg, schedule, backend, verify, batched, executor, reference)
 
 
