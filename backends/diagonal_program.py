@@ -23,6 +23,8 @@ import contextlib
 import torch
 from torch import nn
 
+from .step_timer import maybe_step
+
 
 class ProgramNotApplicable(Exception):
     """This optimized model cannot run as one program (the reason says why)."""
@@ -72,6 +74,7 @@ class DiagonalProgram(nn.Module):
                     self.register_buffer(f"stack{i}", t.detach().clone())
         self.family = rg.family
         object.__setattr__(self, "lane_blocks", self._find_lane_blocks())
+        self.step_timer = None  # a StepTimer while profile() runs (eager steps only)
 
     def forward(self, segments, A, z, fresh):
         from torch._higher_order_ops.scan import scan
@@ -121,16 +124,17 @@ class DiagonalProgram(nn.Module):
         prev = xs.new_zeros(L, *xs.shape[1:])  # lane l's output of the last step
         outs = []
         for t in range(xs.shape[0]):
-            lo, hi = max(0, t - S + 1), min(L, t + 1)
-            mine = params if hi - lo == L else {n: v[lo:hi] for n, v in params.items()}
-            lane_in = prev[lo - 1:hi - 1] if lo else torch.cat([xs[t].unsqueeze(0), prev[:hi - 1]])
-            lane_ctx = [c.expand(hi - lo, *c.shape) for c in ctx]
-            (o, A2, z2), _ = self.cell.run_folded(mine, [lane_in, A_out[lo:hi], z_out[lo:hi], first[t, lo:hi], *lane_ctx],
-                                                  compiled=True)
-            A_out[lo:hi], z_out[lo:hi] = A2, z2
-            prev[lo:hi] = o
-            if hi == L:
-                outs.append(o[-1].clone())
+            with maybe_step(self.step_timer, t):
+                lo, hi = max(0, t - S + 1), min(L, t + 1)
+                mine = params if hi - lo == L else {n: v[lo:hi] for n, v in params.items()}
+                lane_in = prev[lo - 1:hi - 1] if lo else torch.cat([xs[t].unsqueeze(0), prev[:hi - 1]])
+                lane_ctx = [c.expand(hi - lo, *c.shape) for c in ctx]
+                (o, A2, z2), _ = self.cell.run_folded(
+                    mine, [lane_in, A_out[lo:hi], z_out[lo:hi], first[t, lo:hi], *lane_ctx], compiled=True)
+                A_out[lo:hi], z_out[lo:hi] = A2, z2
+                prev[lo:hi] = o
+                if hi == L:
+                    outs.append(o[-1].clone())
         return torch.stack(outs), A_out, z_out
 
     def _find_lane_blocks(self):

@@ -19,6 +19,7 @@ from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 from wavefront.scheduler.schedule import Schedule, build_schedule, validate
 
 from .cell_parts import compile_part
+from .step_timer import maybe_step
 
 
 class TorchExecutor:
@@ -62,6 +63,7 @@ class TorchExecutor:
         self._diagonal: dict = {}
         self.program = None  # DiagonalProgram, built on the first call it applies to
         self.program_reason = ""  # why it does not apply to this model (never retried)
+        self.step_timer = None  # a StepTimer while profile() runs
 
     def _dtype_device(self):
         p = next(self.rg.cell.parameters())
@@ -111,16 +113,12 @@ class TorchExecutor:
         state_out = self.rg.state_out_nodes
         if self.batched is not None:
             self.batched.check()
-        for step in schedule.steps:
+        if self.step_timer is not None:
+            self.step_timer.path = "step by step"
+        for t, step in enumerate(schedule.steps):
+            with maybe_step(self.step_timer, t):
+                self._run_step(step, envs, memory, lengths)
             for l, s in step:
-                env = envs[s]
-                for node, j in self._state_in[l]:
-                    env[node] = memory.tensors[j] if s == 0 else envs[s - 1][state_out[j]]
-                self._before[l].run(env)
-            for cells in self._layer_groups(step, lengths):
-                self._run_layers(cells, envs)
-            for l, s in step:
-                self._after[l].run(envs[s])
                 done[s] += 1
                 if done[s] == self.rg.n_layers:  # segment finished: keep only what others read
                     envs[s] = {n: envs[s][n] for n in self._keep}
@@ -130,6 +128,20 @@ class TorchExecutor:
         logits = torch.cat([env[self.rg.logits_node] for env in envs], dim=1)
         final = tuple(envs[-1][n] for n in state_out)
         return SegmentLMOutput(logits, MemoryState(final, memory.segments_seen + len(bounds)))
+
+    def _run_step(self, step, envs, memory, lengths):
+        """One schedule step: each cell's part before its layer, the layers (batched where
+        possible), each cell's part after."""
+        state_out = self.rg.state_out_nodes
+        for l, s in step:
+            env = envs[s]
+            for node, j in self._state_in[l]:
+                env[node] = memory.tensors[j] if s == 0 else envs[s - 1][state_out[j]]
+            self._before[l].run(env)
+        for cells in self._layer_groups(step, lengths):
+            self._run_layers(cells, envs)
+        for l, s in step:
+            self._after[l].run(envs[s])
 
     def _program_for(self, input_ids, schedule):
         """The one-program form of the diagonal schedule (backends/diagonal_program.py), where it
@@ -183,7 +195,13 @@ class TorchExecutor:
         A, z = stacked_memory(memory.tensors, self.rg.n_layers)
         fresh = torch.tensor(memory.segments_seen == 0, device=input_ids.device)
         args = (input_ids.reshape(B, T // seg, seg), A, z, fresh)
-        logits, A, z = program(*args)
+        if self.step_timer is not None:
+            self.step_timer.path = "one program"
+        program.step_timer = self.step_timer
+        try:
+            logits, A, z = program(*args)
+        finally:
+            program.step_timer = None
         return SegmentLMOutput(logits, MemoryState(unstacked_memory(A, z), memory.segments_seen + T // seg))
 
     def _layer_groups(self, step, lengths):

@@ -16,12 +16,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from harness import compare, emit, time_fn  # noqa: E402
+from harness import emit, time_fn  # noqa: E402
 from presets import ARMT_PRESETS, split_preset  # noqa: E402
 
-import wavefront  # noqa: E402
-from wavefront.models import ARMT, ARMTConfig  # noqa: E402
-from wavefront.testing import rel_err  # noqa: E402
+from wavefront.bench_families import diagonal_speedup  # noqa: E402
+
 
 def armt_flops(c: dict, batch: int) -> float:
     """Multiply-add FLOPs (x2) of one forward over n_segments full segments."""
@@ -53,22 +52,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     for preset in args.preset or ["dispatch", "small"]:
         cfg, S = split_preset(preset)
-        torch.manual_seed(0)
-        model = ARMT(ARMTConfig(**cfg)).to(args.device).eval()
-        ids = torch.randint(0, cfg["vocab_size"], (args.batch, S * cfg["segment_len"]), device=args.device)
-        fast = wavefront.optimize(model, backend=args.backend)
-        with torch.inference_mode():
-            err = rel_err(fast(ids).logits, model(ids).logits)
-            L = cfg["n_layers"]
-            rec = compare("diagonal_speedup", lambda: model(ids), lambda: fast(ids),
-                          config={**cfg, "n_segments": S, "batch": args.batch, "preset": preset,
-                                  "backend": args.backend},
-                          dtype=torch.float32, device=args.device, error=err, repeats=args.repeats,
-                          baseline_label="sequential",
-                          candidate_label="diagonal", quiet=True)
-        rec["step_bound"] = L * S / (L + S - 1)
-        rec["fraction_of_bound"] = rec["ratio"] / rec["step_bound"]
-        rec["batching"] = [g.mode for g in fast.batched.groups]
+        rec = diagonal_speedup(preset, backend=args.backend, batch=args.batch, repeats=args.repeats,
+                               device=args.device)
         if args.flops:
             flops = armt_flops({**cfg, "n_segments": S}, args.batch)
             rec["gflops_sequential"] = flops / rec["sequential_s"] / 1e9

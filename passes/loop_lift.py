@@ -26,6 +26,7 @@ from wavefront.scheduler.time_loops import LoopSite, assigned_after
 
 from .affine_carry import AffineStep, NotAffine, analyse_step
 from .index_hoist import HoistedReads, hoist_index_reads, read_views
+from .matrix_state import match_matrix_step
 from .scan_rewrite import broadcast_coefficients
 
 
@@ -84,7 +85,8 @@ class LoopRunner:
                                       f"length: {reason}. As a Python loop it would be unrolled to the example's "
                                       "length; rewrite it (see explain()) or export at a fixed length") from e
             return None
-        self.status[k] = "ran as a scan"
+        values, form = values
+        self.status[k] = f"ran as a {form}"
         return values
 
     def preview(self, k: int, module) -> str:
@@ -100,6 +102,9 @@ class LoopRunner:
             return f"left as a loop: {e.reason}"
         except _Decline:
             return "decided at the first call (the body reads values that are not tensors)"
+        plan = self._plan(site, tensors, others, [module] * len(others))
+        if plan.matrix is not None:
+            return "affine in its carry, an outer-product update read out by S^T q: runs as a chunked matrix-state scan"
         return "affine in its carry: runs as a scan"
 
     def _plan(self, site: LoopSite, tensors: list[str], others: list[str], other_values: list) -> _Plan:
@@ -112,7 +117,10 @@ class LoopRunner:
         ys = _outputs_graph(traced) if site.outputs else None
         hoist = [hoist_index_reads(g, site.index) if g is not None else None for g in (affine.a, affine.b, ys)]
         reads_previous = ys is not None and len(next(iter(ys.graph.nodes)).users) > 0
-        return _Plan(last, affine, *hoist, reads_previous)
+        matrix = match_matrix_step(affine.b, ys)
+        if matrix is not None:
+            matrix = tuple(hoist_index_reads(g, site.index) for g in (matrix.k, matrix.v, matrix.q))
+        return _Plan(last, affine, *hoist, reads_previous, matrix)
 
     def _run(self, site: LoopSite, env: dict, steps: _Steps):
         if steps.rng is not None and len(steps.rng) == 0:
@@ -136,12 +144,16 @@ class LoopRunner:
         plan = self._plans[key]
         if isinstance(plan, Exception):
             raise plan
+        idx = steps.index_tensor(h0.device)
+        xs = [env[n] for n in tensors]
+        if plan.matrix is not None and steps.rng is not None and h0.dim() >= 2:
+            routed = _matrix_state_scan(plan, site, env, steps, h0, idx, xs)
+            if routed is not None:
+                return routed, "chunked matrix-state scan"
         need = 3 * steps.n * h0.numel() * h0.element_size()  # a, b and all carries, at least
         if steps.rng is not None and need > _memory_budget():
             raise _Decline(f"running it as a scan would hold {need / 2**30:.1f} GiB of per-step coefficients and "
                            f"states (over WAVEFRONT_SCAN_MEMORY_GB={_memory_budget() / 2**30:g})")
-        idx = steps.index_tensor(h0.device)
-        xs = [env[n] for n in tensors]
         A, B = (_over_steps(g, [idx, *xs], (0,) + (None,) * len(xs), steps) for g in (plan.a, plan.b))
         A, B = broadcast_coefficients(A, B, h0, steps.n)
         dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), h0.dtype)
@@ -156,7 +168,7 @@ class LoopRunner:
             writes = [_writer(o, env[o.container], y, idx) for o, y in zip(site.outputs, Y)]
         for write in writes:  # only now change what the caller can see
             write()
-        return (*values_after, steps.last)
+        return (*values_after, steps.last), "scan"
 
 
 def _memory_budget() -> float:
@@ -180,6 +192,47 @@ class _Plan:
     b: HoistedReads | None
     ys: HoistedReads | None  # ys(previous carry, new carry, i, *tensors); None: no outputs
     reads_previous: bool  # do the ys read the previous carry (else only the new one)?
+    matrix: tuple | None = None  # (k, v, q) HoistedReads of a matrix-state loop (passes/matrix_state.py)
+
+
+def _matrix_state_scan(plan: _Plan, site: LoopSite, env: dict, steps: "_Steps", h0, idx, xs):
+    """S = a S + k v^T with the output S^T q, as the chunked matrix scan over all but the last
+    step (no [T, ..., dk, dv] states held), then the last step in plain Python for the values
+    the loop leaves. None (the generic scan runs) when a's shape is not a scalar or per-key-dim
+    decay, or the parts do not broadcast to the state."""
+    from wavefront.backends.matrix_scan import matrix_scan
+    n, in_dims = steps.n, (0,) + (None,) * len(xs)
+    lead, (dk, dv) = tuple(h0.shape[:-2]), tuple(h0.shape[-2:])
+    K, V, Q = (_over_steps(g, [idx, *xs], in_dims, steps) for g in plan.matrix)
+    A = _over_steps(plan.a, [idx, *xs], in_dims, steps)
+    if A is not None:
+        shape = (1,) * (h0.dim() - (A.dim() - 1)) + tuple(A.shape[1:])
+        if len(shape) != h0.dim() or shape[-1] != 1 or shape[-2] not in (1, dk):
+            return None
+        A = A.reshape(n, *shape)
+        A = A[..., 0, 0] if shape[-2] == 1 else A[..., 0]
+    dtype = h0.dtype
+    for t in (A, K, V, Q):
+        dtype = torch.promote_types(dtype, t.dtype) if t is not None else dtype
+    try:  # [n, ..., d] -> [lead..., n, d]; decay [n, ...] -> [lead..., n] (or [lead..., n, dk])
+        K, Q = (x.to(dtype).movedim(0, -2).expand(*lead, n, dk) for x in (K, Q))
+        V = V.to(dtype).movedim(0, -2).expand(*lead, n, dv)
+        if A is not None:
+            A = A.to(dtype).movedim(0, -2).expand(*lead, n, dk) if A.dim() == h0.dim() else \
+                A.to(dtype).movedim(0, -1).expand(*lead, n)
+    except RuntimeError:
+        return None
+    S = h0.to(dtype)
+    Y = []
+    if n > 1:
+        decay = None if A is None else (A[..., :-1, :] if A.dim() == h0.dim() else A[..., :-1])
+        O, S = matrix_scan(Q[..., :-1, :], K[..., :-1, :], V[..., :-1, :], decay, S)
+        Y.append(O.movedim(-2, 0))
+    values_after, ys_last = plan.last(S, steps.last, *xs)  # the carry entering the last iteration
+    Y.append(ys_last[0].unsqueeze(0))
+    Y = torch.cat([y.to(ys_last[0].dtype) for y in Y])
+    _writer(site.outputs[0], env[site.outputs[0].container], Y, idx)()
+    return (*values_after, steps.last)
 
 
 def _outputs_graph(traced: fx.GraphModule) -> fx.GraphModule:

@@ -106,6 +106,32 @@ class Schedule:
         from .views import grid_text
         return grid_text(self)
 
+    def lanes_text(self) -> str:
+        """Per step, the cells that run together (the terminal twin of the timeline)."""
+        from .views import lanes_text
+        return lanes_text(self)
+
+    def to_chrome_trace(self, path: str, timings=None, grid=None) -> str:
+        """Write Chrome trace-event JSON (Perfetto, chrome://tracing): a track per layer, a slice
+        per cell, flow arrows for the dependencies; real durations when `timings` (from
+        wavefront.profile) are given. `grid` (passes.build_grid) supplies the edges; without
+        it, the segment-recurrent ones (hidden l-1 -> l, memory s-1 -> s). Returns the path."""
+        from .trace import write_chrome_trace
+        return write_chrome_trace(self, path, timings, grid)
+
+    def to_html(self, path: str, timings=None, compare=None) -> str:
+        """Write one self-contained HTML report (inline SVG and CSS, no scripts, no network):
+        the grid coloured by step, the timeline, hover details per cell, step counts and the
+        speedup bound; `compare` (a Schedule, or (Schedule, Timings)) is shown beside. Returns the path."""
+        from .html_report import write_html
+        return write_html(self, path, timings, compare)
+
+    def plot(self, timings=None):
+        """A matplotlib Figure: heat map of the step (or, with `timings`, the measured time) per
+        cell. Needs matplotlib (pip install 'wavefront[viz]')."""
+        from .plot import plot_schedule
+        return plot_schedule(self, timings)
+
 
 def sequential(n_layers: int, n_segments: int) -> Schedule:
     """Segment-major order, one cell per step: what the model's own forward does. L * S steps."""

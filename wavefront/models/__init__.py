@@ -2,9 +2,9 @@
 from .armt import ARMT, ARMTCell, ARMTConfig, ARMTLayer
 from .associative_memory import AssociativeMemory, dpfp
 from .hf import HFARMT, wrap_armt
-from .loop_models import ElmanRNN, LinearRecurrence, MinGRU
+from .loop_models import ElmanRNN, GatedLinearAttention, LinearRecurrence, MinGRU
 from .rmt import RMT, RMTConfig
 from .segment import MemoryState, SegmentLMOutput, SegmentRecurrentLM
 
-__all__ = ["ARMT", "ARMTCell", "ARMTConfig", "ARMTLayer", "AssociativeMemory", "dpfp", "HFARMT", "wrap_armt", "ElmanRNN", "LinearRecurrence", "MinGRU",
+__all__ = ["ARMT", "ARMTCell", "ARMTConfig", "ARMTLayer", "AssociativeMemory", "dpfp", "HFARMT", "wrap_armt", "ElmanRNN", "GatedLinearAttention", "LinearRecurrence", "MinGRU",
            "RMT", "RMTConfig", "MemoryState", "SegmentLMOutput", "SegmentRecurrentLM"]

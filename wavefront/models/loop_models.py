@@ -71,3 +71,40 @@ class ElmanRNN(nn.Module):
 
 
 __all__ = ["MinGRU", "LinearRecurrence", "ElmanRNN"]
+
+
+class GatedLinearAttention(nn.Module):
+    """Linear attention with a matrix state per head, written as a loop: S_t = g_t S_{t-1} +
+    k_t v_t^T, o_t = S_t^T q_t. decay: "none" (g = 1: plain linear attention), "scalar" (one gate
+    per head: RetNet / Lightning / Mamba-2 style) or "per_dim" (a gate per key dim: GLA).
+
+    >>> GatedLinearAttention(8, 2, 4)(torch.randn(2, 5, 8)).shape
+    torch.Size([2, 5, 8])
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_head: int, decay: str = "scalar"):
+        super().__init__()
+        if decay not in ("none", "scalar", "per_dim"):
+            raise ValueError(f"decay must be 'none', 'scalar' or 'per_dim', got {decay!r}")
+        self.n_heads, self.d_head, self.decay = n_heads, d_head, decay
+        self.q, self.k, self.v = (nn.Linear(d_model, n_heads * d_head, bias=False) for _ in range(3))
+        self.g = nn.Linear(d_model, n_heads * (d_head if decay == "per_dim" else 1))
+        self.o = nn.Linear(n_heads * d_head, d_model, bias=False)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.d_head
+        q, k, v = (f(x).view(B, T, H, D) for f in (self.q, self.k, self.v))
+        k = k / D ** 0.5
+        g = torch.sigmoid(self.g(x)).view(B, T, H, -1, 1)  # [B, T, H, 1 or D, 1]
+        S = x.new_zeros(B, H, D, D)
+        out = x.new_empty(B, T, H, D)
+        if self.decay == "none":
+            for t in range(T):
+                S = S + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
+                out[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
+        else:
+            for t in range(T):
+                S = g[:, t] * S + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
+                out[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
+        return self.o(out.reshape(B, T, H * D))

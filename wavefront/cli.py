@@ -1,0 +1,257 @@
+"""The `wavefront` command: demo, inspect, bench, export.
+
+    wavefront demo
+    wavefront inspect armt-tiny --segments 6 --html report.html --trace trace.json --profile
+    wavefront inspect --file my_model.py --factory make_model
+    wavefront bench diagonal --preset dispatch --json
+    wavefront export armt-tiny -o armt.onnx
+
+User mistakes (a missing file, an unknown model, a model wavefront cannot schedule) print one
+line, `wavefront: error: ...`, and exit with status 2; set WAVEFRONT_TRACEBACK=1 to see where.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, KeyError)
+
+
+class CLIError(Exception):
+    """A mistake in what the user asked for; printed without a traceback."""
+
+
+def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
+    """tqdm over `iterable` on stderr when enabled and installed, else the iterable itself."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False)
+
+
+def load_model(args):
+    """(model, segment count) from a named example or a user's file exposing a factory."""
+    from wavefront.presets import example_model
+    if args.file:
+        if not os.path.isfile(args.file):
+            raise CLIError(f"--file {args.file}: no such file")
+        spec = importlib.util.spec_from_file_location("wavefront_user_model", args.file)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise CLIError(f"--file {args.file} failed to import: {type(e).__name__}: {e}") from e
+        factory = getattr(module, args.factory, None)
+        if not callable(factory):
+            raise CLIError(f"{args.file} has no callable {args.factory!r}: define `def {args.factory}(): return model` "
+                           "or name another with --factory")
+        model = factory()
+        from torch import nn
+        if not isinstance(model, nn.Module):
+            raise CLIError(f"{args.factory}() returned {type(model).__name__}, not a torch nn.Module")
+        return model.eval(), args.segments or 4
+    if not args.model:
+        raise CLIError("name an example model (see `wavefront inspect --help`) or pass --file PATH")
+    model, S = example_model(args.model, seed=args.seed)
+    return model, args.segments or S
+
+
+def example_ids(model, optimized, n_segments: int, batch: int):
+    """Random token ids for `n_segments` whole segments (vocabulary from the model's embedding)."""
+    import torch
+    from torch import nn
+    vocab = next((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), 2)
+    device = next(model.parameters()).device
+    return torch.randint(0, vocab, (batch, n_segments * optimized.rg.segment_len), device=device)
+
+
+def _optimize(model, schedule: str, backend: str = "torch"):
+    import wavefront
+    try:
+        return wavefront.optimize(model, schedule=schedule, backend=backend)
+    except ValueError as e:
+        hint = " (try --schedule sequential)" if schedule == "diagonal" and "sequential" not in str(e) else ""
+        raise CLIError(f"cannot run this model under the {schedule} schedule: {str(e).splitlines()[0]}{hint}") from e
+
+
+def _profiled(optimized, ids, repeats: int, show_progress: bool):
+    """Timings of the run with the median total among `repeats` profiled runs (after a warm-up)."""
+    import torch
+
+    import wavefront
+    with torch.inference_mode():
+        optimized(ids)  # warm-up: the fold checks itself, kernels compile
+        runs = [wavefront.profile(optimized, ids) for _ in _progress(range(repeats), "profiling", show_progress)]
+    runs.sort(key=lambda t: t.total_s)
+    return runs[len(runs) // 2]
+
+
+def cmd_demo(args) -> int:
+    from wavefront import demo
+    demo.main()
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import wavefront
+    model, S = load_model(args)
+    optimized = _optimize(model, args.schedule, args.backend)
+    ids = example_ids(model, optimized, S, args.batch)
+    timings = compare = None
+    if args.profile or args.html:
+        timings = _profiled(optimized, ids, args.repeats, not args.quiet)
+        if args.html:  # the other schedule beside this one, measured the same way
+            other_kind = "sequential" if args.schedule == "diagonal" else "diagonal"
+            try:
+                other = _optimize(model, other_kind)
+            except CLIError:
+                other = None  # e.g. RMT: no diagonal schedule to compare with
+            if other is not None:
+                other_timings = _profiled(other, ids, args.repeats, not args.quiet)
+                compare = (wavefront.last_schedule(other), other_timings)
+    else:
+        import torch
+        with torch.inference_mode():
+            optimized(ids)
+    schedule = wavefront.last_schedule(optimized)
+    print(wavefront.explain(optimized))
+    print()
+    print(schedule)
+    print("\ncells that run together, per step:")
+    print(schedule.lanes_text())
+    if timings is not None:
+        print()
+        print(timings.table(schedule))
+    if args.html:
+        schedule.to_html(args.html, timings, compare=compare)
+        print(f"\nwrote {args.html}")
+    if args.trace:
+        schedule.to_chrome_trace(args.trace, timings)
+        print(f"wrote {args.trace} (open it in https://ui.perfetto.dev or chrome://tracing)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from wavefront import bench_families
+    from wavefront.presets import ARMT_PRESETS
+    if args.family == "diagonal":
+        presets = args.preset or ["tiny"]
+        unknown = [p for p in presets if p not in ARMT_PRESETS]
+        if unknown:
+            raise CLIError(f"unknown preset(s) {', '.join(unknown)}: choose from {', '.join(ARMT_PRESETS)}")
+        jobs = [(f"preset {p}", lambda p=p: bench_families.diagonal_speedup(p, backend=args.backend,
+                                                                              repeats=args.repeats)) for p in presets]
+    else:
+        jobs = [(f"{c} ch x T {T}", lambda c=c, T=T: bench_families.first_order_scan(c, T, repeats=args.repeats))
+                for c in args.channels for T in args.T]
+    records = []
+    for label, job in _progress(jobs, f"bench {args.family}", not args.quiet and not args.json, total=len(jobs)):
+        rec = job()
+        records.append((label, rec))
+        if args.json:
+            print(json.dumps(rec), flush=True)
+    if not args.json:
+        base, cand = ("sequential", "diagonal") if args.family == "diagonal" else ("loop", "wavefront")
+        print(f"{'config':<22} {base + ' ms':>14} {cand + ' ms':>14} {'ratio':>8} {'rel err':>9}")
+        for label, rec in records:
+            print(f"{label:<22} {1e3 * rec[base + '_s']:>14.3f} {1e3 * rec[cand + '_s']:>14.3f} "
+                  f"{rec['ratio']:>7.2f}x {rec['error']:>9.1e}")
+        print(f"({records[0][1]['device']}, median of {args.repeats}; ratios above 1: wavefront is faster)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    import wavefront
+    model, S = load_model(args)
+    optimized = _optimize(model, "diagonal")
+    ids = example_ids(model, optimized, S, args.batch)
+    with torch.inference_mode():
+        optimized(ids)  # the fold checks itself before the program is exported
+    proto = wavefront.export_onnx(optimized, (ids,), args.output)
+    ops = sorted({n.op_type for n in proto.graph.node})
+    print(f"wrote {args.output}: {len(proto.graph.node)} nodes ({', '.join(ops[:12])}{' ...' if len(ops) > 12 else ''}),"
+          f" checked against the model in onnxruntime")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from wavefront import bench_families
+    from wavefront.presets import ARMT_PRESETS, EXAMPLE_MODELS
+    p = argparse.ArgumentParser(prog="wavefront", description="Schedule recurrent sequence models: see what runs "
+                                "together, when, and how fast.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("demo", help="capture an ARMT, show its schedules, run them exactly, refuse RMT (what make demo runs)")
+
+    def model_args(sp):
+        sp.add_argument("model", nargs="?", choices=EXAMPLE_MODELS, metavar="MODEL",
+                        help=f"a built-in example with random weights: {', '.join(EXAMPLE_MODELS)}")
+        sp.add_argument("--file", help="a Python file that builds your model (instead of MODEL)")
+        sp.add_argument("--factory", default="make_model",
+                        help="the function in --file that returns the nn.Module (default: make_model)")
+        sp.add_argument("--segments", type=int, help="number of segments in the example input (default: the "
+                        "example's own, or 4 for --file)")
+        sp.add_argument("--batch", type=int, default=1, help="batch size of the example input (default: 1)")
+        sp.add_argument("--seed", type=int, default=0, help="seed for the example's random weights (default: 0)")
+
+    ins = sub.add_parser("inspect", help="optimize a model, print what was found and its schedule grid; "
+                         "write an HTML report or a Chrome trace")
+    model_args(ins)
+    ins.add_argument("--schedule", default="diagonal", choices=["diagonal", "sequential"],
+                     help="schedule to run (default: diagonal)")
+    ins.add_argument("--backend", default="torch", choices=["torch", "inductor"], help="default: torch")
+    ins.add_argument("--profile", action="store_true", help="time each step (perf_counter on CPU, CUDA events on GPU)")
+    ins.add_argument("--repeats", type=int, default=3, help="profiled runs; the median one is reported (default: 3)")
+    ins.add_argument("--html", metavar="PATH", help="write a self-contained HTML report (profiles both schedules)")
+    ins.add_argument("--trace", metavar="PATH", help="write Chrome trace-event JSON (Perfetto)")
+    ins.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    b = sub.add_parser("bench", help="run a benchmark family and print a table (or JSON lines)",
+                       description="Families: " + "; ".join(f"{k}: {v}" for k, v in bench_families.FAMILIES.items()))
+    b.add_argument("family", choices=sorted(bench_families.FAMILIES), help="which benchmark family")
+    b.add_argument("--preset", action="append", help=f"diagonal: ARMT preset(s) ({', '.join(ARMT_PRESETS)}; "
+                   "default tiny; repeat the flag for several)")
+    b.add_argument("--backend", default="torch", choices=["torch", "inductor"], help="diagonal: default torch")
+    b.add_argument("--channels", type=int, nargs="+", default=[256], help="scan: batch x channels (default 256)")
+    b.add_argument("--T", type=int, nargs="+", default=[4096], help="scan: sequence lengths (default 4096)")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs per side after a warm-up (default: 5)")
+    b.add_argument("--json", action="store_true", help="print one JSON line per measurement instead of a table")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("export", help="export an optimized model to ONNX (checked in onnxruntime)")
+    model_args(e)
+    e.add_argument("-o", "--output", required=True, metavar="PATH", help="the .onnx file to write")
+    return p
+
+
+COMMANDS = {"demo": cmd_demo, "inspect": cmd_inspect, "bench": cmd_bench, "export": cmd_export}
+
+
+def main(argv=None) -> int:
+    """Entry point of the `wavefront` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    for name in ("segments", "batch", "repeats"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            print(f"wavefront: error: --{name} must be at least 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    from wavefront.export import ExportError
+    try:
+        return COMMANDS[args.command](args)
+    except (CLIError, ExportError, *USER_ERRORS) as e:
+        if os.environ.get("WAVEFRONT_TRACEBACK"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"wavefront: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
