@@ -4,6 +4,8 @@ Both sides in the same run, median of --repeats after warm-up, CPU fp32:
   - mingru: a user's minGRU module (outputs appended to a list), B x d = 1 x 256, T in --T;
     `first_call_s` is optimize() plus the first call at that T (analysis and tracing included:
     the capture cost must not grow with T);
+  - gla: a user's gated linear attention loop (matrix state 4 heads x 64 x 64), run as the
+    chunked matrix-state scan; `generic_scan_s` is the generic lifting (all T states held);
   - rg_lru: RecurrentGemma's RG-LRU `_rnn_scan` method alone (loop vs lifted), and the whole
     small RecurrentGemmaForCausalLM (where attention and projections also count).
 Errors are relative to a float64 run of the original loop.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 import types
@@ -21,7 +24,7 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from harness import compare  # noqa: E402
+from harness import compare, time_fn  # noqa: E402
 
 import wavefront  # noqa: E402
 from wavefront.loop_model import model_time_loops  # noqa: E402
@@ -71,6 +74,36 @@ def bench_rg_lru(T: int, repeats: int):
                 repeats=repeats, baseline_label="transformers", candidate_label="wavefront")
 
 
+def bench_gla(T: int, repeats: int, decay: str = "scalar"):
+    """A user's gated linear attention loop (matrix state per head): the loop, the routed chunked
+    matrix scan (what optimize() runs), and the generic first-order scan over all T states."""
+    import wavefront.passes.loop_lift as loop_lift
+    from wavefront.models import GatedLinearAttention
+    torch.manual_seed(0)
+    model = GatedLinearAttention(256, 4, 64, decay)
+    x = torch.randn(1, T, 256)
+    with torch.inference_mode():
+        fast = wavefront.optimize(model)
+        out = fast(x)
+        ref64 = model.double()(x.double())
+        model.float()
+        extra = {"decay": decay, "routed": "chunked matrix-state" in str(wavefront.explain(fast))}
+        match = loop_lift.match_matrix_step
+        loop_lift.match_matrix_step = lambda *a: None  # the generic lifting alone, for comparison
+        try:
+            generic = wavefront.optimize(model)
+            generic(x)
+            extra["generic_scan_s"] = statistics.median(
+                time_fn(lambda: generic(x), warmup=1, repeats=max(1, repeats // 2)))
+        except Exception as e:  # e.g. over the memory guard at long T
+            extra["generic_scan_s"] = f"not run: {type(e).__name__}"
+        finally:
+            loop_lift.match_matrix_step = match
+        compare("time_loop_gla", lambda: model(x), lambda: fast(x), config={"B": 1, "d_model": 256, "heads": 4,
+                "d_head": 64, "T": T}, dtype=torch.float32, error=rel_err(out, ref64), repeats=repeats,
+                baseline_label="loop", candidate_label="wavefront", extra=extra)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -79,6 +112,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     for T in args.T:
         bench_mingru(T, args.repeats)
+        bench_gla(T, args.repeats)
         if not args.skip_hf:
             bench_rg_lru(T, args.repeats)
 
