@@ -36,6 +36,25 @@ def test_inspect_loads_a_users_file(tmp_path, capsys):
     assert "sequential schedule: 2 layers x 2 segments, 4 steps" in capsys.readouterr().out
 
 
+LOOP_FILE = """
+import torch
+from wavefront.models import LinearRecurrence
+
+def make_model():
+    return LinearRecurrence(4), (torch.randn(1, 9, 4),)
+"""
+
+
+def test_a_time_loop_model_is_reported_and_exported(tmp_path, capsys):
+    f, out = tmp_path / "loop.py", tmp_path / "loop.onnx"
+    f.write_text(LOOP_FILE)
+    assert main(["inspect", "--file", str(f)]) == 0
+    assert "carry `h`: ran as a scan" in capsys.readouterr().out
+    assert main(["export", "--file", str(f), "-o", str(out)]) == 0 and out.exists()
+    assert main(["inspect", "--file", str(f), "--html", str(tmp_path / "x.html")]) == 2
+    assert "this model has none" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["inspect", "--file", "/no/such/file.py"], "no such file"),
     (["inspect", "--file", "{file}", "--factory", "build"], "has no callable 'build'"),

@@ -36,7 +36,8 @@ def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
 
 
 def load_model(args):
-    """(model, segment count) from a named example or a user's file exposing a factory."""
+    """(model, segment count, example inputs or None) from a named example or a user's file
+    exposing a factory (which returns the model, or (model, example input tuple))."""
     from wavefront.presets import example_model
     if args.file:
         if not os.path.isfile(args.file):
@@ -51,15 +52,24 @@ def load_model(args):
         if not callable(factory):
             raise CLIError(f"{args.file} has no callable {args.factory!r}: define `def {args.factory}(): return model` "
                            "or name another with --factory")
-        model = factory()
+        made = factory()
         from torch import nn
+        model, inputs = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
         if not isinstance(model, nn.Module):
-            raise CLIError(f"{args.factory}() returned {type(model).__name__}, not a torch nn.Module")
-        return model.eval(), args.segments or 4
+            raise CLIError(f"{args.factory}() returned {type(model).__name__}, not a torch nn.Module (or a "
+                           "(module, example inputs) pair)")
+        if inputs is not None and not isinstance(inputs, (tuple, list)):
+            inputs = (inputs,)
+        return model.eval(), args.segments or 4, inputs
     if not args.model:
         raise CLIError("name an example model (see `wavefront inspect --help`) or pass --file PATH")
     model, S = example_model(args.model, seed=args.seed)
-    return model, args.segments or S
+    return model, args.segments or S, None
+
+
+def _segment_model(optimized) -> bool:
+    from wavefront.api import OptimizedModel
+    return isinstance(optimized, OptimizedModel)
 
 
 def example_ids(model, optimized, n_segments: int, batch: int):
@@ -100,8 +110,20 @@ def cmd_demo(args) -> int:
 
 def cmd_inspect(args) -> int:
     import wavefront
-    model, S = load_model(args)
+    model, S, inputs = load_model(args)
     optimized = _optimize(model, args.schedule, args.backend)
+    if not _segment_model(optimized):  # time loops / scans: no layer x segment schedule to draw
+        if args.html or args.trace or args.profile:
+            raise CLIError("--html, --trace and --profile show a layer x segment schedule; this model has none "
+                           "(run inspect without them to see its time loops)")
+        if inputs is not None:
+            import torch
+            with torch.inference_mode():
+                optimized(*inputs)
+        print(wavefront.explain(optimized))
+        if inputs is None:
+            print("\n(return (model, example_inputs) from the factory to run it once and see how each loop ran)")
+        return 0
     ids = example_ids(model, optimized, S, args.batch)
     timings = compare = None
     if args.profile or args.html:
@@ -170,12 +192,16 @@ def cmd_export(args) -> int:
     import torch
 
     import wavefront
-    model, S = load_model(args)
+    model, S, inputs = load_model(args)
     optimized = _optimize(model, "diagonal")
-    ids = example_ids(model, optimized, S, args.batch)
-    with torch.inference_mode():
-        optimized(ids)  # the fold checks itself before the program is exported
-    proto = wavefront.export_onnx(optimized, (ids,), args.output)
+    if _segment_model(optimized):
+        inputs = (example_ids(model, optimized, S, args.batch),)
+        with torch.inference_mode():
+            optimized(*inputs)  # the fold checks itself before the program is exported
+    elif inputs is None:
+        raise CLIError("this model has no segment recurrence, so its example inputs are unknown: return "
+                       "(model, example_inputs) from the factory")
+    proto = wavefront.export_onnx(optimized, tuple(inputs), args.output)
     ops = sorted({n.op_type for n in proto.graph.node})
     print(f"wrote {args.output}: {len(proto.graph.node)} nodes ({', '.join(ops[:12])}{' ...' if len(ops) > 12 else ''}),"
           f" checked against the model in onnxruntime")
@@ -196,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"a built-in example with random weights: {', '.join(EXAMPLE_MODELS)}")
         sp.add_argument("--file", help="a Python file that builds your model (instead of MODEL)")
         sp.add_argument("--factory", default="make_model",
-                        help="the function in --file that returns the nn.Module (default: make_model)")
+                        help="the function in --file that returns the nn.Module, or (module, example inputs) for models "
+                        "that are not segment-recurrent (default: make_model)")
         sp.add_argument("--segments", type=int, help="number of segments in the example input (default: the "
                         "example's own, or 4 for --file)")
         sp.add_argument("--batch", type=int, default=1, help="batch size of the example input (default: 1)")
