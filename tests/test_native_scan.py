@@ -99,3 +99,39 @@ def test_complex_values_and_gradients(reverse):
                  linear_scan_reference(a, b, h0, 1, reverse), 1e-5, "c64")
     args = tuple(t[:, :4].clone().requires_grad_() if t.dim() == 3 else t.clone().requires_grad_() for t in (a, b, h0))
     assert torch.autograd.gradcheck(lambda a, b, h0: native_linear_scan(a, b, h0, 1, reverse), args)
+
+
+def test_dropped_large_outputs_are_reused_and_held_ones_never(monkeypatch):
+    monkeypatch.setenv("WAVEFRONT_SCAN_CACHE_MB", "64")
+    from wavefront.backends.output_cache import OUTPUTS, clear_output_cache
+    clear_output_cache()
+    a, b = inputs((1024, 1024), torch.float32)  # 4 MB: large enough to cache
+    ref = linear_scan_reference(a, b, dim=0)
+    with torch.no_grad():
+        first = native_linear_scan(a, b, dim=0)
+        ptr = first.data_ptr()
+        held = native_linear_scan(a, b, dim=0)  # `first` is still alive: a buffer of its own
+        assert held.data_ptr() != ptr and torch.equal(first, ref)
+        view = first[:, -1]
+        del first
+        other = native_linear_scan(a * 0.5, b, dim=0)  # a view keeps the storage: not reused
+        assert other.data_ptr() != ptr and torch.equal(view, ref[:, -1])
+        del view, other
+        again = native_linear_scan(a, b, dim=0)  # now nothing references it
+        assert again.data_ptr() == ptr and torch.equal(again, ref)
+    assert 0 < OUTPUTS.cached_bytes <= 64 << 20
+    x = a.clone().requires_grad_()
+    out = native_linear_scan(x, b, dim=0)
+    loss, kept = (out * ref).sum(), out.data_ptr()
+    del out  # the graph still saves the output: it must not be handed out again
+    with torch.no_grad():
+        assert native_linear_scan(a, b, dim=0).data_ptr() != kept
+    loss.backward()
+    x64 = a.double().requires_grad_()
+    (linear_scan_reference(x64, b.double(), dim=0) * ref.double()).sum().backward()
+    assert_close(x.grad, x64.grad, 1e-5, "gradient")
+    clear_output_cache()
+    monkeypatch.setenv("WAVEFRONT_SCAN_CACHE_MB", "0")
+    with torch.no_grad():
+        native_linear_scan(a, b, dim=0)
+    assert OUTPUTS.cached_bytes == 0
