@@ -97,12 +97,11 @@ class LoopRunner:
         others = ["self"] if "self" in site.free else []
         tensors = [n for n in site.free if n not in others]
         try:
-            self._plan(site, tensors, others, [module] * len(others))
+            plan = self._plan(site, tensors, others, [module] * len(others))
         except NotAffine as e:
             return f"left as a loop: {e.reason}"
         except _Decline:
             return "decided at the first call (the body reads values that are not tensors)"
-        plan = self._plan(site, tensors, others, [module] * len(others))
         if plan.matrix is not None:
             return "affine in its carry, an outer-product update read out by S^T q: runs as a chunked matrix-state scan"
         return "affine in its carry: runs as a scan"
@@ -214,6 +213,8 @@ def _matrix_state_scan(plan: _Plan, site: LoopSite, env: dict, steps: "_Steps", 
     dtype = h0.dtype
     for t in (A, K, V, Q):
         dtype = torch.promote_types(dtype, t.dtype) if t is not None else dtype
+    if not dtype.is_floating_point:  # the chunked kernel is real-valued: complex states take the generic scan
+        return None
     try:  # [n, ..., d] -> [lead..., n, d]; decay [n, ...] -> [lead..., n] (or [lead..., n, dk])
         K, Q = (x.to(dtype).movedim(0, -2).expand(*lead, n, dk) for x in (K, Q))
         V = V.to(dtype).movedim(0, -2).expand(*lead, n, dv)
