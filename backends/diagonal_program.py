@@ -3,9 +3,9 @@
 Step t runs lane l on segment t - l, the active lanes as one call of the lane-folded batched
 cell (the FoldLaneCell the step-by-step executor runs too; compiled when backend="inductor" set
 it up). Run eagerly, each step runs only its active lanes (a contiguous range, sliced). Exported,
-the steps are one scan op whose body has one shape, so every step runs all L lanes: lanes outside 0 <= t - l < S (warm-up and
-drain) compute on padding and their memory update is discarded (torch.where); the result is the
-schedule's, exactly, either way. The carry holds the lanes' outputs from the previous step
+the steps are one scan op whose body has one shape, so every step runs all L lanes: lanes
+outside 0 <= t - l < S (warm-up and drain) compute on padding and their memory update is
+discarded (torch.where); the result is the schedule's, exactly, either way. The carry holds the lanes' outputs from the previous step
 (lane l reads lane l - 1's) and the memory stacked on a leading layer dim; the top lane's output
 of step t is segment t - L + 1's. Nothing is gathered or split per cell, and there are no
 per-cell calls around the layers: on small layers this is about twice as fast as the
@@ -61,7 +61,7 @@ class DiagonalProgram(nn.Module):
         if not all(hasattr(cell, p) for p in parts):
             raise ProgramNotApplicable(f"the cell ({type(cell).__name__}) is not an ARMT cell with {', '.join(parts)}: "
                                        "the program knows ARMT's layer call (h, A, z, first, ctx) -> (h, A, z)")
-        self.n_layers, self.segment_len, self.n_mem = len(cell.layers), optimized.rg.segment_len, cell.n_mem_tokens
+        self.n_layers = len(cell.layers)
         self.embed_stage, self.norm, self.lm_head, self.memory = cell.embed_stage, cell.norm, cell.lm_head, cell.memory
         object.__setattr__(self, "cell", group.cell)  # not a submodule: its layer templates alias the model's
         self.folded = group.cell.folded  # registered: the graph's own constants are traced as this module's
@@ -72,27 +72,37 @@ class DiagonalProgram(nn.Module):
             with torch.no_grad():  # the stacks as buffers of their own (export lifts them into initializers)
                 for i, t in enumerate(group.stack.slices(0, self.n_layers, self.stack_names).values()):
                     self.register_buffer(f"stack{i}", t.detach().clone())
-        self.family = rg.family
         object.__setattr__(self, "lane_blocks", self._find_lane_blocks())
         self.step_timer = None  # a StepTimer while profile() runs (eager steps only)
 
     def forward(self, segments, A, z, fresh):
-        from torch._higher_order_ops.scan import scan
         B, S, seg = segments.shape
         L = self.n_layers
         out = self.embed_stage(segments.transpose(0, 1).reshape(S * B, seg), self.memory)
         h, ctx = out[0], tuple(out[1:])  # ctx (masks, positions, rotary tables) is the same for every segment
         h = h.reshape(S, B, *h.shape[1:])
-        xs = torch.cat([h, h.new_zeros(L - 1, *h.shape[1:])])  # lane 0's input per step; drain steps read padding
         s = torch.arange(S + L - 1, device=h.device)[:, None] - torch.arange(L, device=h.device)[None, :]
-        active = (s >= 0) & (s < S)  # lane l at step t holds segment t - l
-        first = (s == 0) & fresh
+        first = (s == 0) & fresh  # lane l at step t holds segment t - l
         if self.own_copies:
             params = {n: getattr(self, f"stack{i}") for i, n in enumerate(self.stack_names)}
         else:
             params = self.stack.slices(0, L, self.stack_names)
+        if torch.compiler.is_exporting() or torch.compiler.is_compiling():  # one scan op: any S, no unrolling
+            ys, A_out, z_out = self._scan_steps(h, A, z, first, (s >= 0) & (s < S), params, ctx)
+            top = ys[L - 1:, :, :seg]  # segment s left the top lane at step s + L - 1; memory rows dropped
+        else:  # eager: a Python loop (torch's scan would send its body through dynamo) over active lanes only
+            ys, A_out, z_out = self._eager_steps(h, A, z, first, params, ctx)
+            top = ys[:, :, :seg]
+        logits = self.lm_head(self.norm(top))
+        return logits.transpose(0, 1).reshape(B, S * seg, logits.shape[-1]), A_out, z_out
+
+    def _scan_steps(self, h, A, z, first, active, params, ctx):
+        """All L + S - 1 steps as one scan op with every lane in every step (padding masked):
+        (top lane's output per step, A, z)."""
+        from torch._higher_order_ops.scan import scan
+        L, cell = self.n_layers, self.cell
+        xs = torch.cat([h, h.new_zeros(L - 1, *h.shape[1:])])  # lane 0's input per step; drain steps read padding
         ctx_lanes = [c.expand(L, *c.shape) for c in ctx]
-        cell = self.cell
 
         def step(carry, x):
             prev, A_, z_ = carry
@@ -103,31 +113,26 @@ class DiagonalProgram(nn.Module):
             z2 = torch.where(act.view(L, *([1] * (z_.dim() - 1))), z2, z_)
             return (o, A2, z2), o[-1].clone()
 
-        if torch.compiler.is_exporting() or torch.compiler.is_compiling():  # one scan op: any S, no unrolling
-            with contextlib.ExitStack() as pins:
-                for block, names in self.lane_blocks:
-                    pins.enter_context(block.pinned({k: params[n] for k, n in names.items()}, L))
-                (_, A_out, z_out), ys = scan(step, (h.new_zeros(L, *h.shape[1:]), A, z), (xs, active, first))
-            top = ys[L - 1:, :, :seg]  # segment s left the top lane at step s + L - 1; memory rows dropped
-        else:  # eager: a Python loop (torch's scan would send its body through dynamo) over active lanes only
-            ys, A_out, z_out = self._eager_steps(xs, A, z, first, params, ctx)
-            top = ys[:, :, :seg]
-        logits = self.lm_head(self.norm(top))
-        return logits.transpose(0, 1).reshape(B, S * seg, logits.shape[-1]), A_out, z_out
+        with contextlib.ExitStack() as pins:
+            for block, names in self.lane_blocks:
+                pins.enter_context(block.pinned({k: params[n] for k, n in names.items()}, L))
+            (_, A_out, z_out), ys = scan(step, (h.new_zeros(L, *h.shape[1:]), A, z), (xs, active, first))
+        return ys, A_out, z_out
 
-    def _eager_steps(self, xs, A, z, first, params, ctx):
+    def _eager_steps(self, h, A, z, first, params, ctx):
         """The steps with only each step's active lanes lo..hi-1 (lo = max(0, t - S + 1),
         hi = min(L, t + 1)): warm-up and drain compute no padding. The lanes are a contiguous
-        range, so parameters, memory and hidden states are slices (views), never gathered."""
-        L, S = self.n_layers, xs.shape[0] - self.n_layers + 1
+        range, so parameters, memory and hidden states are slices (views), never gathered.
+        Returns (the top lane's output for each segment, A, z)."""
+        L, S = self.n_layers, h.shape[0]
         A_out, z_out = A.clone(), z.clone()  # the caller's A, z stay as they were
-        prev = xs.new_zeros(L, *xs.shape[1:])  # lane l's output of the last step
+        prev = h.new_zeros(L, *h.shape[1:])  # lane l's output of the last step
         outs = []
-        for t in range(xs.shape[0]):
+        for t in range(L + S - 1):
             with maybe_step(self.step_timer, t):
                 lo, hi = max(0, t - S + 1), min(L, t + 1)
                 mine = params if hi - lo == L else {n: v[lo:hi] for n, v in params.items()}
-                lane_in = prev[lo - 1:hi - 1] if lo else torch.cat([xs[t].unsqueeze(0), prev[:hi - 1]])
+                lane_in = prev[lo - 1:hi - 1] if lo else torch.cat([h[t].unsqueeze(0), prev[:hi - 1]])
                 lane_ctx = [c.expand(hi - lo, *c.shape) for c in ctx]
                 (o, A2, z2), _ = self.cell.run_folded(
                     mine, [lane_in, A_out[lo:hi], z_out[lo:hi], first[t, lo:hi], *lane_ctx], compiled=True)

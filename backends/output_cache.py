@@ -44,15 +44,15 @@ class OutputCache:
         with self._lock:
             for st in self._storages:
                 if st.nbytes() == nbytes and _use_count(st) == 1:
-                    return torch.empty(0, dtype=a.dtype).set_(st, 0, a.shape, _contiguous_strides(a.shape))
+                    return torch.empty(0, dtype=a.dtype).set_(st, 0, a.shape)  # contiguous strides
             h = fresh(a)
             st = h.untyped_storage()
             if _use_count(st) is None:
                 return h
             free = [s for s in self._storages if _use_count(s) == 1]
-            while free and sum(s.nbytes() for s in self._storages) + nbytes > limit:
+            while free and self.cached_bytes + nbytes > limit:
                 self._storages.remove(free.pop(0))  # drop the oldest unused buffers first
-            if sum(s.nbytes() for s in self._storages) + nbytes <= limit:
+            if self.cached_bytes + nbytes <= limit:
                 self._storages.append(st)
             return h
 
@@ -63,14 +63,6 @@ class OutputCache:
     @property
     def cached_bytes(self) -> int:
         return sum(s.nbytes() for s in self._storages)
-
-
-def _contiguous_strides(shape) -> tuple:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(strides))
 
 
 OUTPUTS = OutputCache()

@@ -48,7 +48,7 @@ def main(argv=None):
     ap.add_argument("--flops", action="store_true", help="also report GFLOP/s against a large matmul")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--backend", default="torch", choices=["torch", "inductor"],
-                    help="inductor compiles the whole diagonal program once (tens of seconds cold on a CPU)")
+                    help="inductor compiles the batched cell the diagonal program runs (tens of seconds cold on a CPU)")
     args = ap.parse_args(argv)
     for preset in args.preset or ["dispatch", "small"]:
         cfg, S = split_preset(preset)

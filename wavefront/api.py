@@ -138,8 +138,7 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
             raise ValueError("backend='inductor' compiles the batched diagonal cell: use schedule='diagonal'")
         compile_batched(batched)
     reference = SegmentRecurrentLM(bound.cell, bound.segment_len)
-    executor = TorchExecutor(rg, batched)
-    return OptimizedModel(model, rg, schedule, backend, verify, batched, executor, reference)
+    return OptimizedModel(model, rg, schedule, backend, verify, batched, TorchExecutor(rg, batched), reference)
 
 
 def last_schedule(optimized: OptimizedModel) -> Schedule | None:
