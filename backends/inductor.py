@@ -13,13 +13,27 @@ from __future__ import annotations
 import torch
 
 
-def compile_batched(batched, **compile_kwargs) -> None:
-    """Compile every lane-folded cell of a BatchedRecurrence in place."""
+def compile_batched(batched, *, aot: bool = False, **compile_kwargs) -> None:
+    """Compile every lane-folded cell of a BatchedRecurrence in place: with torch.compile, or
+    with aot=True ahead of time by AOTInductor (backends/aot_cell.py: no per-call guard or
+    Python wrapper; built on the first batched call, cached on disk)."""
     opts = dict(dynamic=True, fullgraph=True)
     opts.update(compile_kwargs)
     for group in batched.groups:
         cell = group.cell
         if getattr(cell, "mode", None) == "fold":
-            cell.compiled = torch.compile(cell.folded, **opts)
+            if aot:
+                from wavefront.backends.aot_cell import AotFoldedCell
+                cell.compiled = AotFoldedCell(cell.folded, compile_kwargs)
+            else:
+                cell.compiled = torch.compile(cell.folded, **opts)
         else:
             group.reason = (group.reason + "; " if group.reason else "") + "not compiled: inductor compiles lane-folded cells"
+
+
+def compiled_label(cell) -> str:
+    """How a batched cell's compiled graph runs ("" when it has none), for explain()."""
+    compiled = getattr(cell, "compiled", None)
+    if compiled is None:
+        return ""
+    return getattr(compiled, "label", "compiled (inductor)")

@@ -19,6 +19,7 @@ from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 from wavefront.scheduler.schedule import Schedule, build_schedule, validate
 
 from .cell_parts import compile_part
+from .inductor import compiled_label
 from .step_timer import maybe_step
 
 
@@ -174,7 +175,7 @@ class TorchExecutor:
         if self.program is None:
             return "  whole-segment inference calls: one program (memory stacked per layer, hidden per lane), from the next call"
         cell = self.batched.groups[0].cell
-        how = ("its batched cell compiled (inductor)" if getattr(cell, "compiled", None) is not None else
+        how = (f"its batched cell {compiled_label(cell)}" if compiled_label(cell) else
                f"its batched cell eager (compile failed: {cell.compile_error})" if getattr(cell, "compile_error", "")
                else "eager")
         return (f"  whole-segment inference calls: one program, {how}: memory stacked per layer, hidden per lane, "

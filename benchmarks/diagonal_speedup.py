@@ -47,8 +47,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--flops", action="store_true", help="also report GFLOP/s against a large matmul")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--backend", default="torch", choices=["torch", "inductor"],
-                    help="inductor compiles the batched cell the diagonal program runs (tens of seconds cold on a CPU)")
+    ap.add_argument("--backend", default="torch", choices=["torch", "inductor", "aot_inductor"],
+                    help="inductor: torch.compile of the batched cell; aot_inductor: AOTInductor package of it (tens of seconds cold on a CPU)")
     args = ap.parse_args(argv)
     for preset in args.preset or ["dispatch", "small"]:
         cfg, S = split_preset(preset)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from wavefront.backends.inductor import compiled_label
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 
 from .dependence import Verdict, analyse
@@ -61,7 +62,7 @@ class BatchedRecurrence:
         for g in self.groups:
             notes = [g.reason, getattr(g.cell, "fallback_reason", ""),
                      f"compile failed, running eager: {g.cell.compile_error}" if getattr(g.cell, "compile_error", "") else "",
-                     "compiled" if getattr(g.cell, "compiled", None) is not None else ""]
+                     compiled_label(g.cell)]
             notes = "; ".join(n for n in notes if n)
             lines.append(f"  kind {g.kind}: layers {list(g.layers)} batched by {g.mode}" + (f" ({notes})" if notes else ""))
         return "\n".join(lines)

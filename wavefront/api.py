@@ -17,7 +17,8 @@ from wavefront.scheduler.schedule import Schedule, build_schedule
 from wavefront.verification import VERIFY_RTOL, VerificationError
 
 SCHEDULES = ("diagonal", "sequential")
-BACKENDS = ("torch", "inductor", "onnxruntime")
+BACKENDS = ("torch", "inductor", "aot_inductor", "onnxruntime")
+COMPILING = ("inductor", "aot_inductor")
 
 
 class OptimizedModel(nn.Module):
@@ -61,7 +62,7 @@ class OptimizedModel(nn.Module):
         schedule = self._schedules[n_segments]
         t0 = time.perf_counter()
         out = self.executor.run(input_ids, schedule, memory)
-        if self.compile_time_s is None and self.backend == "inductor":
+        if self.compile_time_s is None and self.backend in COMPILING:
             self.compile_time_s = time.perf_counter() - t0
         self.last_schedule = schedule
         if self.verify:
@@ -93,6 +94,9 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
     batching: state_dict keys and values unchanged). verify=True checks the first call against
     the sequential reference and raises VerificationError with the error if they differ.
     Illegal rewrites (diagonal on RMT) raise an error naming the offending edge.
+    backend="inductor" compiles the batched cell with torch.compile; backend="aot_inductor" compiles
+    it ahead of time with AOTInductor (no per-call guard or Python wrapper: faster small steps;
+    packages cached on disk), calls whose shapes the package was not built for run eager.
     backend="onnxruntime" exports the optimized model (cached on disk) and runs it in an
     onnxruntime session (`kwargs`: fixed keyword arguments of the model's call, e.g.
     {"use_cache": False} for Hugging Face models).
@@ -132,11 +136,11 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
     bound = bind_model(model)
     rg = capture(bound)
     batched = diagonal_batching(rg) if schedule == "diagonal" else None
-    if backend == "inductor":
+    if backend in COMPILING:
         from wavefront.backends.inductor import compile_batched
         if batched is None:
-            raise ValueError("backend='inductor' compiles the batched diagonal cell: use schedule='diagonal'")
-        compile_batched(batched)
+            raise ValueError(f"backend={backend!r} compiles the batched diagonal cell: use schedule='diagonal'")
+        compile_batched(batched, aot=backend == "aot_inductor")
     reference = SegmentRecurrentLM(bound.cell, bound.segment_len)
     return OptimizedModel(model, rg, schedule, backend, verify, batched, TorchExecutor(rg, batched), reference)
 

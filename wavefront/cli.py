@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(ins)
     ins.add_argument("--schedule", default="diagonal", choices=["diagonal", "sequential"],
                      help="schedule to run (default: diagonal)")
-    ins.add_argument("--backend", default="torch", choices=["torch", "inductor"], help="default: torch")
+    ins.add_argument("--backend", default="torch", choices=["torch", "inductor", "aot_inductor"], help="default: torch")
     ins.add_argument("--profile", action="store_true", help="time each step (perf_counter on CPU, CUDA events on GPU)")
     ins.add_argument("--repeats", type=int, default=3, help="profiled runs; the median one is reported (default: 3)")
     ins.add_argument("--html", metavar="PATH", help="write a self-contained HTML report (profiles both schedules)")
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("family", choices=sorted(bench_families.FAMILIES), help="which benchmark family")
     b.add_argument("--preset", action="append", help=f"diagonal: ARMT preset(s) ({', '.join(ARMT_PRESETS)}; "
                    "default tiny; repeat the flag for several)")
-    b.add_argument("--backend", default="torch", choices=["torch", "inductor"], help="diagonal: default torch")
+    b.add_argument("--backend", default="torch", choices=["torch", "inductor", "aot_inductor"], help="diagonal: default torch")
     b.add_argument("--channels", type=int, nargs="+", default=[256], help="scan: batch x channels (default 256)")
     b.add_argument("--T", type=int, nargs="+", default=[4096], help="scan: sequence lengths (default 4096)")
     b.add_argument("--repeats", type=int, default=5, help="timed runs per side after a warm-up (default: 5)")

@@ -1,0 +1,103 @@
+"""backend="aot_inductor": the batched cell compiled ahead of time (one cold compile here, about
+half a minute on CI's CPU; the second model loads the cached package)."""
+import pytest
+import torch
+
+import wavefront
+from conftest import N_LAYERS, ids_for, tiny_armt
+from wavefront.backends.aot_cell import AotFoldedCell, ShapeGuard
+from wavefront.testing import assert_close
+
+
+def _count_runs(cell):
+    """Wrap the package's guard: counts of calls it admitted (package) and refused (eager)."""
+    counts = {"package": 0, "eager": 0, "lanes": []}
+    admits = cell.compiled.guard.admits
+
+    def counting(inputs):
+        ok = admits(inputs)
+        counts["package" if ok else "eager"] += 1
+        counts["lanes"].append((inputs[0].shape[0], ok))
+        return ok
+    cell.compiled.guard.admits = counting
+    return counts
+
+
+def test_aot_backend_is_exact_over_shapes_it_was_not_built_for_and_freezes_no_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAVEFRONT_AOT_CACHE", str(tmp_path))
+    model = tiny_armt(torch.float64)
+    fast = wavefront.optimize(model, backend="aot_inductor")
+    cell = fast.batched.groups[0].cell
+    with torch.no_grad():
+        ids = ids_for(N_LAYERS + 2, batch=2)
+        assert_close(fast(ids).logits, model(ids).logits, 1e-9, "aot logits")
+        assert isinstance(cell.compiled, AotFoldedCell) and cell.compiled.runner is not None, cell.compiled.reason
+        assert not cell.compiled.loaded_from_cache and fast.compile_time_s > 0
+        counts = _count_runs(cell)
+        for n_segments, batch, short in ((2 * N_LAYERS + 1, 1, 0), (2, 3, 0), (N_LAYERS, 2, 2)):
+            other = ids_for(n_segments, batch=batch, short_last=short, seed=n_segments)
+            out = fast(other)
+            ref = model(other)
+            assert_close(out.logits, ref.logits, 1e-9, f"aot S={n_segments} batch={batch} short={short}")
+            for a, b in zip(out.memory.tensors, ref.memory.tensors):
+                assert_close(a, b, 1e-9, "aot memory")
+    # every multi-lane call ran the package, every single-lane call the eager graph
+    assert counts["package"] > 0 and all(ok == (lanes > 1) for lanes, ok in counts["lanes"])
+    assert "AOTInductor" in str(wavefront.explain(fast))
+
+    # Another model of the same shape loads the cached package and gets its own results: the
+    # weights (and lane-invariant buffers) are inputs of the package, never frozen into it.
+    other_model = tiny_armt(torch.float64, seed=7)
+    other_fast = wavefront.optimize(other_model, backend="aot_inductor")
+    with torch.no_grad():
+        ids = ids_for(N_LAYERS + 2, batch=2)
+        assert_close(other_fast(ids).logits, other_model(ids).logits, 1e-9, "aot, cached package, other weights")
+    assert other_fast.batched.groups[0].cell.compiled.loaded_from_cache
+    other_fast(ids).logits.sum().backward()  # training calls run the eager folded graph
+    assert other_model.cell.layers[1].memory.W_mq.weight.grad is not None
+
+
+def test_a_cell_that_cannot_be_exported_takes_torch_compile_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAVEFRONT_AOT_CACHE", str(tmp_path))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot export this\nsecond line")
+    monkeypatch.setattr(torch.export, "export", refuse)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)  # no real compile here
+    model = tiny_armt(torch.float64)
+    fast = wavefront.optimize(model, backend="aot_inductor")
+    with torch.no_grad():
+        ids = ids_for(N_LAYERS + 2, batch=2)
+        assert_close(fast(ids).logits, model(ids).logits, 1e-9, "torch.compile fallback")
+    aot = fast.batched.groups[0].cell.compiled
+    assert aot.runner is None and "cannot export this" in aot.reason and compiled[0]["dynamic"]
+    assert "AOTInductor did not apply: RuntimeError: cannot export this" in str(wavefront.explain(fast))
+    assert not any(tmp_path.iterdir()), "nothing is cached for a cell that was not compiled ahead of time"
+
+
+def test_shape_guard_ties_equal_symbols_and_checks_ranges():
+    from torch.export import Dim
+
+    class Add(torch.nn.Module):
+        def forward(self, x, y):
+            return x + y
+
+    n = Dim("n", min=2, max=10)
+    ep = torch.export.export(Add(), (torch.zeros(4, 3), torch.zeros(4, 3)), dynamic_shapes=({0: n}, {0: n}))
+    guard = ShapeGuard(ep, [torch.zeros(4, 3), torch.zeros(4, 3)])
+    assert guard.admits([torch.zeros(5, 3), torch.zeros(5, 3)])
+    assert not guard.admits([torch.zeros(5, 3), torch.zeros(6, 3)]), "tied sizes must stay equal"
+    assert not guard.admits([torch.zeros(11, 3), torch.zeros(11, 3)]), "above the range"
+    assert not guard.admits([torch.zeros(1, 3), torch.zeros(1, 3)]), "below the range"
+    assert not guard.admits([torch.zeros(5, 4), torch.zeros(5, 4)]), "a static size changed"
+    assert not guard.admits([torch.zeros(5, 3, 1), torch.zeros(5, 3)]), "rank"
+    assert not guard.admits([torch.zeros(5, 3, dtype=torch.float64), torch.zeros(5, 3)]), "dtype"
+    again = ShapeGuard.from_json(guard.to_json())  # what the disk cache keeps beside a package
+    assert (again.checks, again.ranges) == (guard.checks, guard.ranges)
+
+
+def test_a_graph_holding_module_state_is_refused():
+    ep = torch.export.export(torch.nn.Linear(3, 2), (torch.zeros(4, 3),))
+    with pytest.raises(Exception, match="module state"):
+        ShapeGuard(ep, [torch.zeros(4, 3)])
