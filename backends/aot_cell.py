@@ -190,7 +190,7 @@ class AotFoldedCell:
         self.reason = ""
         self.package_path = ""
         self.loaded_from_cache = False
-        self._markers: dict[int, torch.Tensor] = {}
+        self._markers: dict[tuple, torch.Tensor] = {}
 
     @staticmethod
     def _split(args, kwargs):
@@ -213,7 +213,8 @@ class AotFoldedCell:
         if spec != self.spec or list(params) != self.param_names or \
                 [x for x in leaves if not isinstance(x, torch.Tensor)] != self.constant_values:
             return self.folded(*args, lanes=lanes, **kwargs)
-        inputs = [self._marker(lanes), *(x for x in leaves if isinstance(x, torch.Tensor)), *params.values(),
+        device = next(iter(params.values())).device if params else None
+        inputs = [self._marker(lanes, device), *(x for x in leaves if isinstance(x, torch.Tensor)), *params.values(),
                   *(_attr(self.folded, n) for n in self.attr_names)]
         if not self.guard.admits(inputs):
             return self.folded(*args, lanes=lanes, **kwargs)
@@ -231,10 +232,11 @@ class AotFoldedCell:
         return ("compiled ahead of time (AOTInductor" + (", package loaded from the disk cache" if self.loaded_from_cache
                 else "") + "; calls with shapes it was not built for, a single lane among them, run eager)")
 
-    def _marker(self, lanes: int) -> torch.Tensor:
-        m = self._markers.get(lanes)
+    def _marker(self, lanes: int, device) -> torch.Tensor:
+        """An empty [lanes, 0] tensor on the cell's device: the lane count as an input size."""
+        m = self._markers.get((lanes, device))
         if m is None:
-            m = self._markers[lanes] = torch.empty(lanes, 0)
+            m = self._markers[(lanes, device)] = torch.empty(lanes, 0, device=device)
         return m
 
     def _build(self, params, leaves, spec, lanes):
@@ -247,7 +249,8 @@ class AotFoldedCell:
         # The example doubles the batch rows (rows = lanes x batch), so that torch.export does not
         # tie the row count to the lane count because they happened to be equal (batch 1).
         rows = [torch.cat([x, x]) for x in leaves if isinstance(x, torch.Tensor)]
-        example = (self._marker(lanes), *rows, *params.values(), *(_attr(self.folded, n) for n in self.attr_names))
+        device = next(iter(params.values())).device if params else None
+        example = (self._marker(lanes, device), *rows, *params.values(), *(_attr(self.folded, n) for n in self.attr_names))
         example = tuple(x.contiguous() for x in example)
         dims = [{d: Dim.AUTO for d in range(x.dim()) if x.shape[d] > 1} for x in example]  # sizes 0/1 stay static
         dynamic = (dims[0], tuple(dims[1:]))  # forward(marker, *tensors)
