@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import os
 import types
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from wavefront.scheduler.time_loops import LoopSite, assigned_after
 from .affine_carry import AffineStep, NotAffine, analyse_step
 from .index_hoist import HoistedReads, hoist_index_reads, read_views
 from .matrix_state import match_matrix_step
-from .scan_rewrite import broadcast_coefficients
+from .scan_rewrite import broadcast_coefficients, constant_coefficients, scalar_constant
 
 
 class _StepHolder(nn.Module):
@@ -69,7 +70,8 @@ class LoopRunner:
 
     def __init__(self, sites: list[LoopSite], globals_: dict, method: str = "auto"):
         self.sites, self.globals, self.method = sites, globals_, method
-        self.status = {k: "not run yet" for k, s in enumerate(sites) if s.liftable}
+        self.status = {k: "not run yet" for k, s in enumerate(sites) if s.liftable}  # the last call, any instance
+        self._by_instance = weakref.WeakKeyDictionary()  # module -> {site: status}: one method, many instances
         self._plans: dict = {}  # (site, names, non-tensor values) -> (outputs, last, AffineStep)
 
     def __call__(self, k: int, env: dict, bounds: tuple, reverse: bool):
@@ -79,15 +81,28 @@ class LoopRunner:
             values = self._run(site, env, _Steps(bounds, reverse, exporting))
         except (NotAffine, _Decline) as e:
             reason = e.reason if isinstance(e, NotAffine) else str(e)
-            self.status[k] = f"left as a loop: {reason}"
+            self._record(k, env, f"left as a loop: {reason}")
             if exporting:
                 raise LoopExportError(f"{site.where()}: the loop over `{site.index}` cannot be exported with a dynamic "
                                       f"length: {reason}. As a Python loop it would be unrolled to the example's "
                                       "length; rewrite it (see explain()) or export at a fixed length") from e
             return None
         values, form = values
-        self.status[k] = f"ran as a {form}"
+        self._record(k, env, f"ran as a {form}")
         return values
+
+    def _record(self, k: int, env: dict, status: str) -> None:
+        self.status[k] = status
+        owner = env.get("self")
+        if isinstance(owner, torch.nn.Module):
+            self._by_instance.setdefault(owner, {})[k] = status
+
+    def status_for(self, k: int, module=None) -> str:
+        """How site k ran on its last call on `module` ("not run yet" if it never ran there); with
+        no module, or a loop that does not read self, the last call on any instance."""
+        if module is None or "self" not in self.sites[k].free:
+            return self.status[k]
+        return self._by_instance.get(module, {}).get(k, "not run yet")
 
     def preview(self, k: int, module) -> str:
         """Before any call: the verdict for site k, tracing its body with `self` bound to `module`
@@ -153,7 +168,10 @@ class LoopRunner:
         if steps.rng is not None and need > _memory_budget():
             raise _Decline(f"running it as a scan would hold {need / 2**30:.1f} GiB of per-step coefficients and "
                            f"states (over WAVEFRONT_SCAN_MEMORY_GB={_memory_budget() / 2**30:g})")
-        A, B = (_over_steps(g, [idx, *xs], (0,) + (None,) * len(xs), steps) for g in (plan.a, plan.b))
+        ca, cb = (scalar_constant(g.gm) if g is not None else None for g in (plan.a, plan.b))
+        A, B = (_over_steps(g, [idx, *xs], (0,) + (None,) * len(xs), steps) if c is None else None
+                for g, c in ((plan.a, ca), (plan.b, cb)))
+        A, B = constant_coefficients(A, B, ca, cb, h0, steps.n)
         A, B = broadcast_coefficients(A, B, h0, steps.n)
         dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), h0.dtype)
         h0 = h0.to(dtype).expand(A.shape[1:])  # the carry may widen on its first step (h = a * 0-dim + b)

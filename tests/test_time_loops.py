@@ -206,3 +206,63 @@ def test_a_scan_too_large_for_memory_is_declined_and_the_loop_runs(monkeypatch):
     fast = wavefront.optimize(model)
     assert torch.equal(fast(x), model(x))
     assert "GiB of per-step coefficients" in str(wavefront.explain(fast))
+
+
+class Switchable(nn.Module):
+    """One method, two instances: affine in h when self.squared is False, not affine otherwise."""
+
+    def __init__(self, squared: bool):
+        super().__init__()
+        self.squared = squared
+
+    def forward(self, x):
+        h = torch.zeros_like(x[:, 0])
+        for t in range(x.shape[1]):
+            h = (h * h if self.squared else 0.5 * h) + x[:, t]
+        return h
+
+
+class TwoSwitchables(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.plain, self.squared = Switchable(False), Switchable(True)
+
+    def forward(self, x):
+        return self.plain(x) + self.squared(x)
+
+
+def test_each_instance_reports_how_its_own_loop_ran():
+    model = TwoSwitchables()
+    fast = wavefront.optimize(model)
+    x = torch.randn(2, 5, 3, dtype=F64) * 0.1
+    assert_close(fast(x), model(x), 1e-12, "two instances of one lifted method")
+    lines = fast.report()
+    assert len(lines) == 2, lines
+    plain = next(line for line in lines if line.endswith("[in plain]"))
+    squared = next(line for line in lines if line.endswith("[in squared]"))
+    assert "ran as a" in plain and "left as a loop" in squared and "multiplied by itself" in squared
+
+
+class ConstantCoefficients(nn.Module):
+    """Coefficients that are Python numbers: an EMA (a = 0.9) and a counter (a = 1, b = 1.0)."""
+
+    def forward(self, x):
+        h = torch.zeros_like(x[:, 0])
+        n = torch.zeros_like(x[:, 0])
+        for t in range(x.shape[1]):
+            h = 0.9 * h + 0.1 * x[:, t]
+        for t in range(x.shape[1]):
+            n = n + 1.0
+        return h, n
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_python_number_coefficients_keep_the_carry_dtype(dtype):
+    model = ConstantCoefficients()
+    fast = wavefront.optimize(model)
+    x = torch.randn(2, 33, 3, dtype=dtype)
+    (h, n), (h_ref, n_ref) = fast(x), model(x)
+    assert h.dtype == n.dtype == dtype
+    assert_close(h, h_ref, 1e-12 if dtype == torch.float64 else 1e-5, "EMA")
+    assert torch.equal(n, n_ref)
+    assert all("ran as a" in line for line in fast.report()), fast.report()

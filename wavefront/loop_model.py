@@ -36,7 +36,7 @@ class LiftedFunction:
             if not s.liftable:
                 out.append((s, f"left as a loop: {s.reason}", False))
                 continue
-            status = self.runner.status[k]
+            status = self.runner.status_for(k, module)
             if status == "not run yet" and module is not None:
                 status = self.runner.preview(k, module)
             out.append((s, status, not status.startswith("left as a loop")))
@@ -128,11 +128,18 @@ class LoopLiftedModel(nn.Module):
         return any(scan for m, lf in self.loops for _, _, scan in lf.verdicts(m))
 
     def report(self) -> list[str]:
-        lines, seen = [], set()
+        """One line per loop; a method whose instances fared differently gets a line per
+        instance, named."""
+        names = {id(m): name or type(m).__name__ for name, m in self.model.named_modules()}
+        per_method: dict[int, list] = {}
         for m, lf in self.loops:
-            if id(lf) not in seen:
-                seen.add(id(lf))
-                lines.extend(lf.report(m))
+            per_method.setdefault(id(lf), []).append((m, lf.report(m)))
+        lines = []
+        for reports in per_method.values():
+            if all(r == reports[0][1] for _, r in reports):
+                lines.extend(reports[0][1])
+            else:
+                lines.extend(f"{line} [in {names.get(id(m), type(m).__name__)}]" for m, r in reports for line in r)
         return lines
 
 
