@@ -34,6 +34,7 @@ def diagonal_speedup(preset: str, *, backend: str = "torch", batch: int = 1, rep
                       config={**cfg, "n_segments": S, "batch": batch, "preset": preset, "backend": backend},
                       dtype=torch.float32, device=device, error=err, repeats=repeats, baseline_label="sequential",
                       candidate_label="diagonal", quiet=True)
+    rec["compile_s"] = fast.compile_time_s  # the first call's time when compiling (None for eager torch)
     rec["n_steps"] = L + S - 1
     rec["step_bound"] = L * S / (L + S - 1)
     rec["fraction_of_bound"] = rec["ratio"] / rec["step_bound"]
