@@ -136,8 +136,11 @@ class DiagonalProgram(nn.Module):
                 lane_ctx = [c.expand(hi - lo, *c.shape) for c in ctx]
                 (o, A2, z2), _ = self.cell.run_folded(
                     mine, [lane_in, A_out[lo:hi], z_out[lo:hi], first[t, lo:hi], *lane_ctx], compiled=True)
-                A_out[lo:hi], z_out[lo:hi] = A2, z2
-                prev[lo:hi] = o
+                if hi - lo == L:  # every lane ran: take the step's results as they are (inference only, so
+                    A_out, z_out, prev = A2, z2, o  # later in-place writes into them trouble no autograd graph)
+                else:
+                    A_out[lo:hi], z_out[lo:hi] = A2, z2
+                    prev[lo:hi] = o
                 if hi == L:
                     outs.append(o[-1].clone())
         return torch.stack(outs), A_out, z_out
