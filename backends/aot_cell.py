@@ -9,10 +9,10 @@ rank and the static sizes the package was compiled for and each dynamic size lie
 (sizes torch.export tied together must still be equal). Any other call, a single lane included,
 runs the eager folded graph: never a silently wrong shape.
 
-Nothing is frozen into the package: tensors the graph reads as attributes (lane-invariant buffers)
-are turned into inputs first and read afresh on every call; a graph whose export would still
-hold module state (a Hugging Face block inside) is not compiled ahead of time and takes
-torch.compile instead, the reason kept. Packages are cached on disk (WAVEFRONT_AOT_CACHE, by
+Nothing is frozen into the package: the tensors the folded graph holds (lane-invariant buffers,
+the shared norm weights inside a Hugging Face block) are package inputs, swapped in with
+torch.func.functional_call and read afresh on every call; a graph whose export would still hold
+module state is not compiled ahead of time and takes torch.compile instead, the reason kept. Packages are cached on disk (WAVEFRONT_AOT_CACHE, by
 default inductor's cache folder), keyed by the graph's code, the inputs' shapes and dtypes and
 the torch version, so a second process skips export and compile (the tiny test ARMT's first
 call: 1.9 s from the cache, 38 s cold).
@@ -40,33 +40,18 @@ def cache_folder() -> str:
     return os.environ.get("WAVEFRONT_AOT_CACHE") or os.path.join(cache_dir(), "wavefront_aot")
 
 
-def lift_attributes(folded: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
-    """A copy of `folded` taking every tensor it read by get_attr as a keyword input named
-    attr_<target> instead (so AOTInductor bakes no module state into the package), and the
-    attributes' targets in order.
+def state_names(folded: fx.GraphModule) -> list[str]:
+    """Every tensor the folded graph holds (parameters, buffers, tensors read by get_attr): what
+    the package takes as inputs, read afresh on every call, so that nothing is frozen into it.
 
-    >>> gm = fx.symbolic_trace(torch.nn.Linear(2, 2))
-    >>> lifted, names = lift_attributes(gm)
-    >>> names
+    >>> state_names(fx.symbolic_trace(torch.nn.Linear(2, 2)))
     ['weight', 'bias']
     """
-    graph, env, names = fx.Graph(), {}, []
-    nodes = list(folded.graph.nodes)
-    for n in nodes:
-        if n.op == "placeholder":
-            env[n] = graph.node_copy(n, lambda x: env[x])
-    for n in nodes:
-        if n.op == "get_attr" and isinstance(_attr(folded, n.target), torch.Tensor):
-            env[n] = graph.placeholder(attr_input(n.target), default_value=None)  # after defaulted inputs
-            names.append(n.target)
-    for n in nodes:
-        if n not in env:
-            env[n] = graph.node_copy(n, lambda x: env[x])
-    return fx.GraphModule(folded, graph), names
-
-
-def attr_input(target: str) -> str:
-    return "attr_" + target.replace(".", "_")
+    names = [n for n, _ in folded.named_parameters()] + [n for n, _ in folded.named_buffers()]
+    for node in folded.graph.nodes:
+        if node.op == "get_attr" and node.target not in names and isinstance(_attr(folded, node.target), torch.Tensor):
+            names.append(node.target)
+    return names
 
 
 def _attr(root, target: str):
@@ -77,23 +62,26 @@ def _attr(root, target: str):
 
 class _FlatCall(torch.nn.Module):
     """What torch.export sees: flat tensors (the row-folded inputs, the stacked parameters, the
-    lifted attributes), the lane count carried as the size of a [lanes, 0] marker (torch.export
-    specialises plain ints); the folded graph's arguments are rebuilt from a spec."""
+    folded graph's own state), the lane count carried as the size of a [lanes, 0] marker
+    (torch.export specialises plain ints). The graph runs through functional_call with its state
+    swapped for those inputs, and is not a registered submodule: export finds no module state to
+    freeze."""
 
     def __init__(self, graph: fx.GraphModule, spec, constants: dict[int, object], param_names: list[str],
-                 attr_names: list[str]):
+                 state: list[str]):
         super().__init__()
-        self.graph_module, self.spec, self.constants = graph, spec, constants
-        self.param_names, self.attr_inputs = param_names, [attr_input(n) for n in attr_names]
+        object.__setattr__(self, "graph_module", graph)
+        self.spec, self.constants, self.param_names, self.state = spec, constants, param_names, state
 
     def forward(self, marker, *tensors):
-        n_rows = len(tensors) - len(self.param_names) - len(self.attr_inputs)
+        n_rows = len(tensors) - len(self.param_names) - len(self.state)
         rows = iter(tensors[:n_rows])
         params = dict(zip(self.param_names, tensors[n_rows:n_rows + len(self.param_names)]))
-        attrs = dict(zip(self.attr_inputs, tensors[n_rows + len(self.param_names):]))
+        state = dict(zip(self.state, tensors[n_rows + len(self.param_names):]))
         leaves = [self.constants[i] if i in self.constants else next(rows) for i in range(self.spec.num_leaves)]
         args, kwargs = tree_unflatten(leaves, self.spec)
-        return self.graph_module(*args, **kwargs, **params, **attrs, lanes=marker.shape[0])
+        return torch.func.functional_call(self.graph_module, state, args, {**kwargs, **params, "lanes": marker.shape[0]},
+                                          tie_weights=False, strict=True)
 
 
 class ShapeGuard:
@@ -216,7 +204,7 @@ class AotFoldedCell:
             return self.folded(*args, lanes=lanes, **kwargs)
         device = next(iter(params.values())).device if params else None
         inputs = [self._marker(lanes, device), *(x for x in leaves if isinstance(x, torch.Tensor)), *params.values(),
-                  *(_attr(self.folded, n) for n in self.attr_names)]
+                  *(_attr(self.folded, n) for n in self.state)]
         if not self.guard.admits(inputs):
             return self.folded(*args, lanes=lanes, **kwargs)
         # The loader itself, not the package's __call__ (which re-parses its pytree specs on
@@ -242,16 +230,16 @@ class AotFoldedCell:
 
     def _build(self, params, leaves, spec, lanes):
         from torch.export import Dim, export
-        graph, self.attr_names = lift_attributes(self.folded)
+        graph, self.state = self.folded, state_names(self.folded)
         self.spec, self.param_names = spec, list(params)
         constants = {i: x for i, x in enumerate(leaves) if not isinstance(x, torch.Tensor)}
         self.constant_values = list(constants.values())
-        call = _FlatCall(graph, spec, constants, self.param_names, self.attr_names)
+        call = _FlatCall(graph, spec, constants, self.param_names, self.state)
         # The example doubles the batch rows (rows = lanes x batch), so that torch.export does not
         # tie the row count to the lane count because they happened to be equal (batch 1).
         rows = [torch.cat([x, x]) for x in leaves if isinstance(x, torch.Tensor)]
         device = next(iter(params.values())).device if params else None
-        example = (self._marker(lanes, device), *rows, *params.values(), *(_attr(self.folded, n) for n in self.attr_names))
+        example = (self._marker(lanes, device), *rows, *params.values(), *(_attr(self.folded, n) for n in self.state))
         example = tuple(x.contiguous() for x in example)
         dims = [{d: Dim.AUTO for d in range(x.dim()) if x.shape[d] > 1} for x in example]  # sizes 0/1 stay static
         dynamic = (dims[0], tuple(dims[1:]))  # forward(marker, *tensors)
@@ -280,7 +268,7 @@ class AotFoldedCell:
             if isinstance(m, fx.GraphModule):
                 h.update(m.code.encode())
         h.update(repr([(x.dtype, tuple(x.shape), x.device.type) for x in example]).encode())
-        h.update(repr((self.spec, self.constant_values, self.param_names, self.attr_names,
+        h.update(repr((self.spec, self.constant_values, self.param_names, self.state,
                        torch.__version__)).encode())
         return h.hexdigest()[:32]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import wavefront
-from conftest import N_LAYERS, ids_for, tiny_armt
+from conftest import N_LAYERS, build, ids_for, tiny_armt
 from wavefront.backends.aot_cell import AotFoldedCell, ShapeGuard
 from wavefront.testing import assert_close
 
@@ -55,6 +55,30 @@ def test_aot_backend_is_exact_over_shapes_it_was_not_built_for_and_freezes_no_we
     assert other_fast.batched.groups[0].cell.compiled.loaded_from_cache
     other_fast(ids).logits.sum().backward()  # training calls run the eager folded graph
     assert other_model.cell.layers[1].memory.W_mq.weight.grad is not None
+
+
+def test_hugging_face_blocks_compile_ahead_of_time_and_read_their_state_live(tmp_path, monkeypatch):
+    """A LLaMA-based ARMT: the shared norm weights inside its folded block are package inputs, so
+    an in-place change (equal in every layer, as folding requires) is seen on the next call."""
+    monkeypatch.setenv("WAVEFRONT_AOT_CACHE", str(tmp_path))
+    # LlamaRMSNorm computes in float32 even in a float64 model (hidden_states.to(torch.float32)):
+    # compiled, that float32 arithmetic is fused and ordered differently, so agreement is at
+    # float32's level (measured 8.6e-8), not float64's.
+    tol = 1e-6
+    model = build("llama", torch.float64)
+    fast = wavefront.optimize(model, backend="aot_inductor")
+    ids = ids_for(N_LAYERS + 2, batch=2)
+    with torch.no_grad():
+        assert_close(fast(ids).logits, model(ids).logits, tol, "aot, llama base")
+        aot = fast.batched.groups[0].cell.compiled
+        assert aot.runner is not None and aot.fallback is None, aot.reason
+        assert any("layernorm" in name for name in aot.state)
+        counts = _count_runs(fast.batched.groups[0].cell)
+        for name, module in model.named_modules():
+            if name.endswith("input_layernorm"):
+                module.weight.mul_(1.5)
+        assert_close(fast(ids).logits, model(ids).logits, tol, "aot, llama base, norm weights changed in place")
+    assert counts["package"] > 0 and not fast.batched.groups[0].cell.fallback_reason
 
 
 def test_a_cell_that_cannot_be_exported_takes_torch_compile_and_says_why(tmp_path, monkeypatch):
