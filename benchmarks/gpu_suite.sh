@@ -14,6 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$DEST/gp
 python3 benchmarks/armt_llama1b.py --device cuda --tokens 32768 131072 --repeats 3 | tee "$DEST/armt_llama1b-$TAG.jsonl"
 # 2. diagonal batching on the issue's presets, on the GPU
 python3 benchmarks/diagonal_speedup.py --device cuda --preset dispatch --preset small --flops | tee "$DEST/diagonal_speedup-$TAG.jsonl"
+python3 benchmarks/diagonal_speedup.py --device cuda --preset dispatch --preset small --backend aot_inductor | tee -a "$DEST/diagonal_speedup-$TAG.jsonl"
 # 3. scans: first-order at (8, 1536, T = 1k..128k) as GB/s vs a device copy; matrix state (Triton vs torch)
 python3 benchmarks/scan_device.py --device cuda | tee "$DEST/scan_device-$TAG.jsonl"
 # 4. the Triton kernels' tests, compiled for the GPU this time (not the interpreter)
