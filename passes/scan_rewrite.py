@@ -69,9 +69,9 @@ def scalar_constant(gm) -> int | float | complex | None:
 
 
 def constant_coefficients(A, B, ca, cb, h0: torch.Tensor, T: int):
-    """A and B with the constant ones (ca, cb: Python numbers, or None) made [T] tensors of the
-    dtype the loop computes in, shaped [T, 1, ...]: a Python number takes the tensors' dtype (`0.9 * h` of a float32
-    h stays float32), widening only across kinds (a complex number and a real carry).
+    """A and B with the constant ones (ca, cb: Python numbers, or None) made [T, 1, ...] tensors
+    of the dtype the loop computes in: a Python number takes the tensors' dtype (`0.9 * h` of a
+    float32 h stays float32), widening only across kinds (a complex number and a real carry).
 
     >>> A, B = constant_coefficients(None, None, 0.5, None, torch.zeros(2, dtype=torch.float32), 3)
     >>> A.shape, A.dtype, B
