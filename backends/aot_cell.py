@@ -12,9 +12,10 @@ runs the eager folded graph: never a silently wrong shape.
 Nothing is frozen into the package: the tensors the folded graph holds (lane-invariant buffers,
 the shared norm weights inside a Hugging Face block) are package inputs, swapped in with
 torch.func.functional_call and read afresh on every call; a graph whose export would still hold
-module state is not compiled ahead of time and takes torch.compile instead, the reason kept. Packages are cached on disk (WAVEFRONT_AOT_CACHE, by
-default inductor's cache folder), keyed by the graph's code, the inputs' shapes and dtypes and
-the torch version, so a second process skips export and compile (the tiny test ARMT's first
+module state is not compiled ahead of time and takes torch.compile instead, the reason kept.
+Packages are kept in wavefront's on-disk cache ($WAVEFRONT_CACHE_DIR/aot_inductor, beside the
+native kernels and exported ONNX graphs), keyed by the graph's code, the inputs' shapes and
+dtypes and the torch version, so a second process skips export and compile (the tiny test ARMT's first
 call: 1.9 s from the cache, 38 s cold).
 """
 from __future__ import annotations
@@ -29,15 +30,13 @@ from torch import fx
 from torch.utils import _pytree as pytree
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from wavefront.scheduler.capture import get_attr_path
+
+from .native_scan import cache_root
+
 
 class AotNotApplicable(Exception):
     pass
-
-
-def cache_folder() -> str:
-    """Where compiled packages are kept: $WAVEFRONT_AOT_CACHE, else inductor's cache folder."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-    return os.environ.get("WAVEFRONT_AOT_CACHE") or os.path.join(cache_dir(), "wavefront_aot")
 
 
 def state_names(folded: fx.GraphModule) -> list[str]:
@@ -49,15 +48,10 @@ def state_names(folded: fx.GraphModule) -> list[str]:
     """
     names = [n for n, _ in folded.named_parameters()] + [n for n, _ in folded.named_buffers()]
     for node in folded.graph.nodes:
-        if node.op == "get_attr" and node.target not in names and isinstance(_attr(folded, node.target), torch.Tensor):
+        if node.op == "get_attr" and node.target not in names and \
+                isinstance(get_attr_path(folded, node.target), torch.Tensor):
             names.append(node.target)
     return names
-
-
-def _attr(root, target: str):
-    for part in target.split("."):
-        root = getattr(root, part)
-    return root
 
 
 class _FlatCall(torch.nn.Module):
@@ -202,9 +196,8 @@ class AotFoldedCell:
         if spec != self.spec or list(params) != self.param_names or \
                 [x for x in leaves if not isinstance(x, torch.Tensor)] != self.constant_values:
             return self.folded(*args, lanes=lanes, **kwargs)
-        device = next(iter(params.values())).device if params else None
-        inputs = [self._marker(lanes, device), *(x for x in leaves if isinstance(x, torch.Tensor)), *params.values(),
-                  *(_attr(self.folded, n) for n in self.state)]
+        inputs = [self._marker(lanes, params), *(x for x in leaves if isinstance(x, torch.Tensor)), *params.values(),
+                  *(get_attr_path(self.folded, n) for n in self.state)]
         if not self.guard.admits(inputs):
             return self.folded(*args, lanes=lanes, **kwargs)
         # The loader itself, not the package's __call__ (which re-parses its pytree specs on
@@ -221,8 +214,10 @@ class AotFoldedCell:
         return ("compiled ahead of time (AOTInductor" + (", package loaded from the disk cache" if self.loaded_from_cache
                 else "") + "; calls with shapes it was not built for, a single lane among them, run eager)")
 
-    def _marker(self, lanes: int, device) -> torch.Tensor:
-        """An empty [lanes, 0] tensor on the cell's device: the lane count as an input size."""
+    def _marker(self, lanes: int, params: dict) -> torch.Tensor:
+        """An empty [lanes, 0] tensor on the cell's device (its stacked parameters'): the lane
+        count as an input size."""
+        device = next(iter(params.values())).device if params else None
         m = self._markers.get((lanes, device))
         if m is None:
             m = self._markers[(lanes, device)] = torch.empty(lanes, 0, device=device)
@@ -230,20 +225,19 @@ class AotFoldedCell:
 
     def _build(self, params, leaves, spec, lanes):
         from torch.export import Dim, export
-        graph, self.state = self.folded, state_names(self.folded)
+        self.state = state_names(self.folded)
         self.spec, self.param_names = spec, list(params)
         constants = {i: x for i, x in enumerate(leaves) if not isinstance(x, torch.Tensor)}
         self.constant_values = list(constants.values())
-        call = _FlatCall(graph, spec, constants, self.param_names, self.state)
+        call = _FlatCall(self.folded, spec, constants, self.param_names, self.state)
         # The example doubles the batch rows (rows = lanes x batch), so that torch.export does not
         # tie the row count to the lane count because they happened to be equal (batch 1).
         rows = [torch.cat([x, x]) for x in leaves if isinstance(x, torch.Tensor)]
-        device = next(iter(params.values())).device if params else None
-        example = (self._marker(lanes, device), *rows, *params.values(), *(_attr(self.folded, n) for n in self.state))
+        example = (self._marker(lanes, params), *rows, *params.values(), *(get_attr_path(self.folded, n) for n in self.state))
         example = tuple(x.contiguous() for x in example)
         dims = [{d: Dim.AUTO for d in range(x.dim()) if x.shape[d] > 1} for x in example]  # sizes 0/1 stay static
         dynamic = (dims[0], tuple(dims[1:]))  # forward(marker, *tensors)
-        path = os.path.join(cache_folder(), self._cache_key(graph, example) + ".pt2")
+        path = os.path.join(cache_root(), "aot_inductor", self._cache_key(example) + ".pt2")
         guard_path = path[:-len(".pt2")] + ".guard.json"
         if os.path.exists(path) and os.path.exists(guard_path):  # no export, no compile: seconds saved
             with open(guard_path) as f:
@@ -259,11 +253,11 @@ class AotFoldedCell:
         self.out_spec = pytree.treespec_loads(self.runner.loader.get_call_spec()[1])
         self.package_path = path
 
-    def _cache_key(self, graph: fx.GraphModule, example) -> str:
+    def _cache_key(self, example) -> str:
         """The graph's code (its submodules' too), the example's shapes, dtypes and devices, the
         call's structure and the torch version: what the package and its guard depend on."""
         h = hashlib.sha256()
-        for name, m in graph.named_modules():
+        for name, m in self.folded.named_modules():
             h.update(f"{name}:{type(m).__module__}.{type(m).__qualname__}".encode())
             if isinstance(m, fx.GraphModule):
                 h.update(m.code.encode())

@@ -24,7 +24,7 @@ def _count_runs(cell):
 
 
 def test_aot_backend_is_exact_over_shapes_it_was_not_built_for_and_freezes_no_weights(tmp_path, monkeypatch):
-    monkeypatch.setenv("WAVEFRONT_AOT_CACHE", str(tmp_path))
+    monkeypatch.setenv("WAVEFRONT_CACHE_DIR", str(tmp_path))
     model = tiny_armt(torch.float64)
     fast = wavefront.optimize(model, backend="aot_inductor")
     cell = fast.batched.groups[0].cell
@@ -60,7 +60,7 @@ def test_aot_backend_is_exact_over_shapes_it_was_not_built_for_and_freezes_no_we
 def test_hugging_face_blocks_compile_ahead_of_time_and_read_their_state_live(tmp_path, monkeypatch):
     """A LLaMA-based ARMT: the shared norm weights inside its folded block are package inputs, so
     an in-place change (equal in every layer, as folding requires) is seen on the next call."""
-    monkeypatch.setenv("WAVEFRONT_AOT_CACHE", str(tmp_path))
+    monkeypatch.setenv("WAVEFRONT_CACHE_DIR", str(tmp_path))
     # LlamaRMSNorm computes in float32 even in a float64 model (hidden_states.to(torch.float32)):
     # compiled, that float32 arithmetic is fused and ordered differently, so agreement is at
     # float32's level (measured 8.6e-8), not float64's.
@@ -82,7 +82,7 @@ def test_hugging_face_blocks_compile_ahead_of_time_and_read_their_state_live(tmp
 
 
 def test_a_cell_that_cannot_be_exported_takes_torch_compile_and_says_why(tmp_path, monkeypatch):
-    monkeypatch.setenv("WAVEFRONT_AOT_CACHE", str(tmp_path))
+    monkeypatch.setenv("WAVEFRONT_CACHE_DIR", str(tmp_path))
 
     def refuse(*args, **kwargs):
         raise RuntimeError("cannot export this\nsecond line")
@@ -97,7 +97,7 @@ def test_a_cell_that_cannot_be_exported_takes_torch_compile_and_says_why(tmp_pat
     aot = fast.batched.groups[0].cell.compiled
     assert aot.runner is None and "cannot export this" in aot.reason and compiled[0]["dynamic"]
     assert "AOTInductor did not apply: RuntimeError: cannot export this" in str(wavefront.explain(fast))
-    assert not any(tmp_path.iterdir()), "nothing is cached for a cell that was not compiled ahead of time"
+    assert not (tmp_path / "aot_inductor").exists(), "nothing is cached for a cell that was not compiled ahead of time"
 
 
 def test_shape_guard_ties_equal_symbols_and_checks_ranges():
