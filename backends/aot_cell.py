@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from wavefront.scheduler.capture import get_attr_path
 
-from .native_scan import cache_root
+from .disk_cache import cache_root
 
 
 class AotNotApplicable(Exception):

@@ -33,7 +33,7 @@ def available() -> tuple[bool, str]:
 
 
 def _cache_dir() -> str:
-    from .native_scan import cache_root
+    from .disk_cache import cache_root
     path = os.path.join(cache_root(), "onnx")
     os.makedirs(path, exist_ok=True)
     return path

@@ -13,6 +13,7 @@ import ctypes
 import torch
 
 from . import native_scan
+from .disk_cache import KernelLibrary
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -99,7 +100,7 @@ def _declare(lib) -> None:
         bwd.argtypes = [ctypes.c_void_p] * 15 + [ctypes.c_int64] * 4
 
 
-KERNEL = native_scan.KernelLibrary("selective", _SOURCE, native_scan._FLAGS, ("-lm",), declare=_declare)
+KERNEL = KernelLibrary("selective", _SOURCE, native_scan._FLAGS, ("-lm",), declare=_declare)
 
 
 def library():
