@@ -22,6 +22,8 @@ import sys
 
 import torch
 
+from wavefront.models.scan_reference import check_h0, time_dim
+
 from .disk_cache import KernelLibrary, build_library, cache_root  # noqa: F401 (re-exported)
 from .output_cache import OUTPUTS
 
@@ -69,9 +71,11 @@ void NAME(const T_* a, const T_* b, const T_* h0, T_* h, int64_t outer, int64_t 
         for (int64_t s = 0; s < T; ++s) {                                                       \
             int64_t t = reverse ? T - 1 - s : s;                                                \
             const T_* at = a0 + t * inner; const T_* bt = b0 + t * inner; T_* yt = y0 + t * inner; \
-            if (s == 0) {                                                                       \
-                const T_* hp = h0 ? h0 + o * inner : 0;                                         \
-                for (int64_t c = c0; c < c1; ++c) yt[c] = (hp ? at[c] * hp[c] : 0) + bt[c];     \
+            if (s == 0 && h0) {                                                                 \
+                const T_* hp = h0 + o * inner;                                                  \
+                for (int64_t c = c0; c < c1; ++c) yt[c] = at[c] * hp[c] + bt[c];                \
+            } else if (s == 0) { /* h_{-1} = 0, still multiplied: a NaN or inf a_0 gives NaN */ \
+                for (int64_t c = c0; c < c1; ++c) yt[c] = at[c] * (T_)0 + bt[c];                \
             } else {                                                                            \
                 const T_* yp = reverse ? yt + inner : yt - inner;                               \
                 for (int64_t c = c0; c < c1; ++c) yt[c] = at[c] * yp[c] + bt[c];                \
@@ -99,7 +103,7 @@ void NAME(const R_* a, const R_* b, const R_* h0, R_* h, int64_t outer, int64_t 
             const R_* at = a0 + 2 * t * inner; const R_* bt = b0 + 2 * t * inner;              \
             R_* yt = y0 + 2 * t * inner;                                                        \
             const R_* yp = s == 0 ? (h0 ? h0 + 2 * job * inner : 0) : (reverse ? yt + 2 * inner : yt - 2 * inner); \
-            for (int64_t c = 0; c < inner; ++c) {                                               \
+            for (int64_t c = 0; c < inner; ++c) { /* no h0: multiplied by zeros, as the reference */ \
                 R_ ar = at[2 * c], ai = at[2 * c + 1], hr = yp ? yp[2 * c] : 0, hi = yp ? yp[2 * c + 1] : 0; \
                 yt[2 * c] = (ar * hr - ai * hi) + bt[2 * c];                                    \
                 yt[2 * c + 1] = (ar * hi + ai * hr) + bt[2 * c + 1];                            \
@@ -239,24 +243,24 @@ def native_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None
     >>> native_linear_scan(a, b)
     tensor([[1.0000, 1.5000, 1.7500]])
     """
+    # every check before a pointer is taken: the kernel reads raw memory of the dtype of a
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         raise ValueError(f"a and b must match in shape, dtype and device: {tuple(a.shape)} {a.dtype} {a.device} vs "
                          f"{tuple(b.shape)} {b.dtype} {b.device}")
-    if a.dim() == 0 or a.shape[dim % a.dim()] == 0:
+    dim = time_dim(dim, a.dim())
+    if a.shape[dim] == 0:
         raise ValueError(f"the time dimension {dim} of shape {tuple(a.shape)} is empty")
-    dim = dim % a.dim()
     if h0 is not None:
-        want = a.shape[:dim] + a.shape[dim + 1:]
-        if h0.shape != want:
-            raise ValueError(f"h0 must have shape {tuple(want)} (a without its time dim), got {tuple(h0.shape)}")
+        check_h0(h0, a, dim)
     if not supports(a):
         raise TypeError(f"the native scan runs float32/float64/complex CPU tensors (got {a.dtype} on {a.device}); "
                         f"{available()[1]}")
     if out is not None:
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, h0)):
             raise ValueError("out= is for inference: autograd needs the states it saves, pass out=None")
-        if out.shape != a.shape or out.dtype != a.dtype or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {a.dtype} tensor of shape {tuple(a.shape)}")
+        if out.shape != a.shape or out.dtype != a.dtype or out.device != a.device or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {a.dtype} CPU tensor of shape {tuple(a.shape)}, got "
+                             f"{out.dtype} on {out.device} of shape {tuple(out.shape)}")
         return _run(a.contiguous(), b.contiguous(), h0.contiguous() if h0 is not None else None, dim, reverse, out)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, h0))):
         # no gradient needed: skip the autograd.Function (its bookkeeping is most of a short scan's time)

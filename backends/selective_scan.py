@@ -141,6 +141,17 @@ class _SelectiveScan(torch.autograd.Function):
         return gu, gdl, gA.sum(0), gB, gC, gD.sum(0) if gD is not None else None, gz
 
 
+def _check_shapes(u, delta, A, B, C, D, z) -> None:
+    """One error for any shape off the contract: the kernel indexes every tensor by u's sizes."""
+    if u.dim() != 3 or delta.shape != u.shape or A.dim() != 2 or A.shape[0] != u.shape[1] \
+            or B.shape != (u.shape[0], A.shape[1], u.shape[2]) or C.shape != B.shape \
+            or (D is not None and D.shape != (u.shape[1],)) or (z is not None and z.shape != u.shape):
+        shape = lambda t: tuple(t.shape) if t is not None else None  # noqa: E731
+        raise ValueError(f"selective_scan shapes: u, delta [batch, channels, T] {shape(u)} {shape(delta)}, "
+                         f"A [channels, N] {shape(A)}, B and C [batch, N, T] {shape(B)} {shape(C)}, "
+                         f"D [channels] {shape(D)}, z [batch, channels, T] {shape(z)}")
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None):
     """Native selective scan (see selective_scan_reference for the math and shapes): (y, last state).
 
@@ -149,10 +160,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None):
     >>> torch.allclose(selective_scan(*args)[0], selective_scan_reference(*args)[0], atol=1e-6)
     True
     """
-    if u.dim() != 3 or delta.shape != u.shape or A.dim() != 2 or A.shape[0] != u.shape[1] \
-            or B.shape != (u.shape[0], A.shape[1], u.shape[2]) or C.shape != B.shape:
-        raise ValueError(f"selective_scan shapes: u, delta [batch, channels, T] {tuple(u.shape)} {tuple(delta.shape)}, "
-                         f"A [channels, N] {tuple(A.shape)}, B and C [batch, N, T] {tuple(B.shape)} {tuple(C.shape)}")
+    _check_shapes(u, delta, A, B, C, D, z)
     if A.shape[1] > MAX_STATE:
         raise ValueError(f"state size N = {A.shape[1]} exceeds the kernel's {MAX_STATE}")
     tensors = [u, delta, A, B, C, D, z]
@@ -175,6 +183,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None):
     True
     """
     from .linear_scan import linear_scan
+    _check_shapes(u, delta, A, B, C, D, z)  # broadcasting would hide a wrong D or z
     dA = torch.exp(delta[..., None] * A[None, :, None, :])  # [batch, channels, T, N]
     dBu = (delta * u)[..., None] * B.transpose(-1, -2)[:, None]
     h = linear_scan(dA, dBu, dim=2)
