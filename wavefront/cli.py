@@ -6,18 +6,26 @@
     wavefront bench diagonal --preset dispatch --json
     wavefront export armt-tiny -o armt.onnx
 
-User mistakes (a missing file, an unknown model, a model wavefront cannot schedule) print one
-line, `wavefront: error: ...`, and exit with status 2; set WAVEFRONT_TRACEBACK=1 to see where.
+User mistakes print one line, `wavefront: error: ...`, and exit with status 2: a bad number
+(--T 0), an output path that cannot be written (checked before any model is built, since the
+work can take minutes), a missing or unimportable --file, a factory that raises anything but
+Ctrl-C, an unknown model, a model wavefront cannot schedule, and any exception whose traceback
+passes through the --file (the user's own model failed; the line says where). Any other exception
+is wavefront's own bug and keeps its traceback. WAVEFRONT_TRACEBACK=1 shows the traceback always.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import importlib.util
 import json
 import os
 import sys
+import traceback
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, KeyError)
+POSITIVE = ("segments", "batch", "repeats", "channels", "T")  # argument dests that must be >= 1
+OUTPUT_FLAGS = {"output": "-o", "html": "--html", "trace": "--trace"}  # argument dest -> flag
 
 
 class CLIError(Exception):
@@ -35,24 +43,64 @@ def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False)
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of `e`'s message, or its type's name when the message is empty."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _describe(e: BaseException) -> str:
+    """'Type: first line of the message' (the type alone when the message is empty).
+
+    >>> _describe(ZeroDivisionError("division by zero\\nmore"))
+    'ZeroDivisionError: division by zero'
+    """
+    return f"{type(e).__name__}: {_first_line(e)}" if str(e).strip() else type(e).__name__
+
+
+def _import_user_file(path: str):
+    """The module defined by the user's --file (any extension), or CLIError saying what went wrong."""
+    if os.path.isdir(path):
+        raise CLIError(f"--file {path} is a directory: name the Python file that builds your model")
+    if not os.path.isfile(path):
+        raise CLIError(f"--file {path}: no such file")
+    loader = importlib.machinery.SourceFileLoader("wavefront_user_model", path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    try:
+        loader.exec_module(module)
+    except SystemExit as e:  # e.g. argparse at the top of a training script, parsing wavefront's argv
+        raise CLIError(f"--file {path} exited while being imported (SystemExit: {e.code}): put its script code "
+                       "under `if __name__ == '__main__':`") from e
+    except Exception as e:
+        raise CLIError(f"--file {path} failed to import: {_describe(e)}") from e
+    return module
+
+
+def _call_factory(factory, name: str, path: str):
+    """factory(), any failure but Ctrl-C (KeyboardInterrupt) turned into one CLIError naming it.
+
+    >>> _call_factory(lambda: 1 / 0, "make_model", "m.py")
+    Traceback (most recent call last):
+    ...
+    wavefront.cli.CLIError: make_model() in m.py raised ZeroDivisionError: division by zero
+    """
+    try:
+        return factory()
+    except (Exception, SystemExit) as e:
+        raise CLIError(f"{name}() in {path} raised {_describe(e)}") from e
+
+
 def load_model(args):
     """(model, segment count, example inputs or None) from a named example or a user's file
     exposing a factory (which returns the model, or (model, example input tuple))."""
     from wavefront.presets import example_model
     if args.file:
-        if not os.path.isfile(args.file):
-            raise CLIError(f"--file {args.file}: no such file")
-        spec = importlib.util.spec_from_file_location("wavefront_user_model", args.file)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            raise CLIError(f"--file {args.file} failed to import: {type(e).__name__}: {e}") from e
+        module = _import_user_file(args.file)
         factory = getattr(module, args.factory, None)
         if not callable(factory):
             raise CLIError(f"{args.file} has no callable {args.factory!r}: define `def {args.factory}(): return model` "
                            "or name another with --factory")
-        made = factory()
+        made = _call_factory(factory, args.factory, args.file)
         from torch import nn
         model, inputs = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
         if not isinstance(model, nn.Module):
@@ -262,20 +310,91 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"demo": cmd_demo, "inspect": cmd_inspect, "bench": cmd_bench, "export": cmd_export}
 
 
+def check_output_path(flag: str, path: str, model_file: str | None = None) -> None:
+    """Raise CLIError unless `path` can be written as a file (and is not the user's --file).
+
+    >>> check_output_path("-o", ".")
+    Traceback (most recent call last):
+    ...
+    wavefront.cli.CLIError: -o . is a directory: name a file in it
+    """
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise CLIError(f"{flag} {path} is a directory: name a file in it")
+    folder = existing = os.path.dirname(target)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CLIError(f"{flag} {path}: {existing} is a file, not a folder")
+    if existing != folder:
+        raise CLIError(f"{flag} {path}: the folder {folder} does not exist (create it first)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {path}: cannot write in {folder} (permission denied)")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise CLIError(f"{flag} {path} exists and is read-only")
+    if model_file and os.path.isfile(model_file) and os.path.exists(target) and os.path.samefile(target, model_file):
+        raise CLIError(f"{flag} {path} would overwrite your --file model: choose another path")
+
+
+def check_args(args) -> None:
+    """Raise CLIError for a number below 1 or an unwritable output path, before any work starts.
+
+    >>> check_args(argparse.Namespace(T=[64, 0]))
+    Traceback (most recent call last):
+    ...
+    wavefront.cli.CLIError: --T must be at least 1, got 0
+    """
+    for name in POSITIVE:
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < 1:
+                raise CLIError(f"--{name} must be at least 1, got {value}")
+    for name, flag in OUTPUT_FLAGS.items():
+        if getattr(args, name, None) is not None:
+            check_output_path(flag, getattr(args, name), getattr(args, "file", None))
+
+
+def _frame_in(e: BaseException, path: str):
+    """The innermost traceback frame in file `path` of `e` or of an exception that led to it, or None."""
+    target, seen = os.path.realpath(path), set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.realpath(f.filename) == target]
+        if frames:
+            return frames[-1]
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def user_mistake(e: Exception, model_file: str | None) -> str | None:
+    """The one line to print for `e` when the user caused it; None for wavefront's own bugs.
+
+    >>> user_mistake(CLIError("--T must be at least 1, got 0"), None)
+    '--T must be at least 1, got 0'
+    >>> user_mistake(RuntimeError("an internal slip"), None) is None  # not from the user's file: traceback
+    True
+    """
+    from wavefront.export import ExportError
+    if isinstance(e, (CLIError, ExportError)):
+        return _first_line(e)
+    where = _frame_in(e, model_file) if model_file else None
+    if where is not None:  # the user's model (or its factory) failed: point at the line
+        return f"{_describe(e)} (in your model: {where.filename} line {where.lineno}, in {where.name})"
+    if isinstance(e, USER_ERRORS):
+        return _first_line(e)
+    return None
+
+
 def main(argv=None) -> int:
     """Entry point of the `wavefront` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    for name in ("segments", "batch", "repeats"):
-        if getattr(args, name, None) is not None and getattr(args, name) < 1:
-            print(f"wavefront: error: --{name} must be at least 1, got {getattr(args, name)}", file=sys.stderr)
-            return 2
-    from wavefront.export import ExportError
     try:
+        check_args(args)
         return COMMANDS[args.command](args)
-    except (CLIError, ExportError, *USER_ERRORS) as e:
-        if os.environ.get("WAVEFRONT_TRACEBACK"):
+    except Exception as e:
+        message = user_mistake(e, getattr(args, "file", None))
+        if message is None or os.environ.get("WAVEFRONT_TRACEBACK"):
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"wavefront: error: {message}", file=sys.stderr)
         return 2
 
