@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from wavefront.models.scan_reference import check_h0, time_dim
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -27,8 +29,10 @@ def chunked_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | Non
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    dim = dim % a.dim()
+    dim = time_dim(dim, a.dim())
     out_dtype = torch.promote_types(a.dtype, b.dtype)
+    if h0 is not None:  # broadcasting or a cast would hide a wrong h0
+        check_h0(h0, a, dim, out_dtype)
     ct = _compute_dtype(out_dtype)
     x = torch.movedim(a.to(ct), dim, 0)
     y = torch.movedim(b.to(ct), dim, 0)
@@ -72,7 +76,7 @@ def exportable_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | 
     tensor([[1.0000, 1.5000, 1.7500, 1.8750, 1.9375]])
     """
     from torch._higher_order_ops.scan import scan
-    dim = dim % a.dim()
+    dim = time_dim(dim, a.dim())
     out_dtype = torch.promote_types(a.dtype, b.dtype)
     ct = _compute_dtype(out_dtype)
     x, y = torch.movedim(a.to(ct), dim, 0), torch.movedim(b.to(ct), dim, 0)

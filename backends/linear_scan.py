@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from wavefront.models.scan_reference import linear_scan_reference
+from wavefront.models.scan_reference import check_h0, linear_scan_reference, time_dim
 
 from . import native_scan, triton_scan
 from .chunked_scan import chunked_linear_scan, exportable_linear_scan
@@ -43,7 +43,8 @@ def choose_method(a: torch.Tensor, dim: int) -> tuple[str, int]:
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, dim: int = 1,
                 reverse: bool = False, method: str = "auto") -> torch.Tensor:
-    """All states of h_t = a_t * h_{t-1} + b_t along `dim`; the last one is the final state.
+    """All states of h_t = a_t * h_{t-1} + b_t along `dim`; the last one is the final state. h0
+    (zero by default) has a's shape without `dim`, the dtype of a and b and a's device.
 
     >>> a = torch.full((1, 4), 0.5); b = torch.ones(1, 4)
     >>> linear_scan(a, b), linear_scan(a, b, method="chunked")[:, -1]
@@ -51,7 +52,9 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     """
     if method not in METHODS:
         raise ValueError(f"unknown scan method {method!r}: choose one of {list(METHODS)}")
-    dim = dim % a.dim()
+    dim = time_dim(dim, a.dim())
+    if h0 is not None:  # one contract whichever form runs (the native and Triton kernels read it as raw memory)
+        check_h0(h0, a, dim, torch.promote_types(a.dtype, b.dtype))
     if torch.compiler.is_exporting():  # torch.export / ONNX: the chunked form with its carry in a scan op
         return exportable_linear_scan(a, b, h0, dim, reverse)
     chunk = 64  # for an explicit method="chunked"

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from wavefront.models.scan_reference import check_h0, time_dim
+
 try:
     import triton
     import triton.language as tl
@@ -158,25 +160,28 @@ def triton_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None
     """All states of h_t = a_t h_{t-1} + b_t along `dim` (forward only; float32 accumulation).
     Same contract as wavefront.backends.linear_scan.linear_scan."""
     _require(a)
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    dim = dim % a.dim()
+    if a.shape != b.shape or a.device != b.device:
+        raise ValueError(f"a and b must have the same shape and device, got {tuple(a.shape)} on {a.device} and "
+                         f"{tuple(b.shape)} on {b.device}")
+    dim = time_dim(dim, a.dim())
+    dtype = torch.promote_types(a.dtype, b.dtype)  # the output's, as in the reference
+    if h0 is not None:  # the kernel takes its pointer: another device's memory would be read as this one's
+        check_h0(h0, a, dim, dtype)
     T = a.shape[dim]
     W = a.numel() // T if T else 0
     if a.stride() != b.stride() or a.dtype != b.dtype:
-        a, b = a.contiguous(), b.to(a.dtype).contiguous()
-    out = torch.empty_like(a, dtype=torch.promote_types(a.dtype, b.dtype))
+        a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+    out = torch.empty_like(a, dtype=dtype)
     if T == 0 or W == 0:
         return out
     try:  # time and one flattened channel dim as two strides: no copy for any dense layout
-        views = [torch.movedim(x, dim, 0).view(T, W) for x in (a, b, out)]
-        if len({v.stride() for v in views}) != 1:
+        x, y, o = (torch.movedim(t, dim, 0).view(T, W) for t in (a, b, out))
+        if len({v.stride() for v in (x, y, o)}) != 1:
             raise RuntimeError("layouts differ")
-    except RuntimeError:
-        a, b = a.contiguous(), b.contiguous()
-        out = torch.empty_like(a, dtype=out.dtype)
-        views = [torch.movedim(x, dim, 0).reshape(T, W) for x in (a, b, out)]
-    x, y, o = views
+    except RuntimeError:  # e.g. [B, T, C] along T: scan time-major copies, return a view of the result
+        x, y = (torch.movedim(t, dim, 0).reshape(T, W).contiguous() for t in (a, b))
+        o = torch.empty(T, W, dtype=dtype, device=a.device)  # written in place (a reshape's copy would not be)
+        out = torch.movedim(o.view(T, *a.shape[:dim], *a.shape[dim + 1:]), 0, dim)
     h = h0.reshape(W).contiguous() if h0 is not None else x
     _first_order_kernel[(triton.cdiv(W, block_w),)](x, y, h, o, T, W, x.stride(0), x.stride(1), HAS_H0=h0 is not None,
                                                     REVERSE=reverse, BT=block_t, BW=block_w)
