@@ -190,6 +190,13 @@ def _run(a, b, h0, dim, reverse, out=None):
     return h
 
 
+def _overlap(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Do two contiguous tensors share any byte?"""
+    x0, y0 = x.data_ptr(), y.data_ptr()
+    return x.numel() > 0 and y.numel() > 0 and x0 < y0 + y.numel() * y.element_size() and \
+        y0 < x0 + x.numel() * x.element_size()
+
+
 def _shift(a, dim, reverse):
     """a_{t+1} (reverse=False) or a_{t-1} (reverse=True) along dim, zero past the end."""
     T = a.shape[dim]
@@ -261,7 +268,15 @@ def native_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None
         if out.shape != a.shape or out.dtype != a.dtype or out.device != a.device or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {a.dtype} CPU tensor of shape {tuple(a.shape)}, got "
                              f"{out.dtype} on {out.device} of shape {tuple(out.shape)}")
-        return _run(a.contiguous(), b.contiguous(), h0.contiguous() if h0 is not None else None, dim, reverse, out)
+        a, b = a.contiguous(), b.contiguous()
+        for name, x in (("a", a), ("b", b)):  # the same memory is fine: step t reads row t before writing it
+            if _overlap(x, out) and x.data_ptr() != out.data_ptr():
+                raise RuntimeError(f"out partly overlaps {name}: a step would overwrite {name} before reading it; "
+                                   f"clone {name} or pass another out")
+        h0 = h0.contiguous() if h0 is not None else None
+        if h0 is not None and _overlap(h0, out):  # e.g. h0=out[:, -1] from the previous chunk, read after the write
+            h0 = h0.clone()
+        return _run(a, b, h0, dim, reverse, out)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, h0))):
         # no gradient needed: skip the autograd.Function (its bookkeeping is most of a short scan's time)
         return _run(a.contiguous(), b.contiguous(), h0.contiguous() if h0 is not None else None, dim, reverse)

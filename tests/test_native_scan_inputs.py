@@ -166,3 +166,30 @@ def test_selective_scan_refuses_meta_and_other_dtypes(which):
         args[which] = bad(args[which])
         with pytest.raises(TypeError, match="float32/float64 CPU tensors of one dtype"):
             selective_scan(*args)
+
+
+def test_out_overlapping_the_inputs():
+    a, b = inputs((40, 3))
+    ref = linear_scan_reference(a, b, dim=0)
+    buf = torch.zeros(41, 3, dtype=torch.float64)
+    buf[:-1] = b
+    with torch.no_grad(), pytest.raises(RuntimeError, match="out partly overlaps b"):
+        native_linear_scan(a, buf[:-1], dim=0, out=buf[1:])  # row t + 1 of b would be overwritten by h_t
+    with torch.no_grad():
+        assert torch.equal(native_linear_scan(a, b.clone(), dim=0, out=b), ref) and torch.equal(b, ref)  # in place
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("where", ["last state", "across rows"])
+def test_h0_read_from_out_itself(reverse, where):
+    a, b = inputs((2, 30, 4))
+    out = torch.randn(2, 30, 4, dtype=torch.float64)
+    if where == "last state":  # streaming: the previous chunk's last state, into the same buffer
+        a, b, out = a[:1], b[:1], out[:1]
+        h0 = out[:, -1]
+    else:  # h0[1] is out[0, 2]: the scan of row 0 overwrites it before row 1 reads it
+        h0 = out.view(-1)[4:12].view(2, 4)
+    ref = linear_scan_reference(a, b, h0.clone(), reverse=reverse)
+    with torch.no_grad():
+        native_linear_scan(a, b, h0, reverse=reverse, out=out)
+    assert torch.equal(out, ref)
