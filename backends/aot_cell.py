@@ -16,14 +16,15 @@ module state is not compiled ahead of time and takes torch.compile instead, the 
 Packages are kept in wavefront's on-disk cache ($WAVEFRONT_CACHE_DIR/aot_inductor, beside the
 native kernels and exported ONNX graphs), keyed by the graph's code, the inputs' shapes and
 dtypes and the torch version, so a second process skips export and compile (the tiny test ARMT's first
-call: 1.9 s from the cache, 38 s cold).
+call: 1.9 s from the cache, 38 s cold). The shape guard is kept in the package's metadata file;
+a package that is truncated, corrupt, another key's or another user's is never loaded
+(backends.disk_cache checks size, sha256 and owner) and is compiled again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 
 import torch
 from torch import fx
@@ -32,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from wavefront.scheduler.capture import get_attr_path
 
-from .disk_cache import cache_root
+from .disk_cache import cache_dir, cached_entry, load_entry
 
 
 class AotNotApplicable(Exception):
@@ -237,18 +238,20 @@ class AotFoldedCell:
         example = tuple(x.contiguous() for x in example)
         dims = [{d: Dim.AUTO for d in range(x.dim()) if x.shape[d] > 1} for x in example]  # sizes 0/1 stay static
         dynamic = (dims[0], tuple(dims[1:]))  # forward(marker, *tensors)
-        path = os.path.join(cache_root(), "aot_inductor", self._cache_key(example) + ".pt2")
-        guard_path = path[:-len(".pt2")] + ".guard.json"
-        if os.path.exists(path) and os.path.exists(guard_path):  # no export, no compile: seconds saved
-            with open(guard_path) as f:
-                self.guard = ShapeGuard.from_json(f.read())
-            self.loaded_from_cache = True
-        else:
+        key = self._cache_key(example)
+        path = os.path.join(cache_dir("aot_inductor"), key + ".pt2")
+        entry = load_entry(path, key)  # checked (size, sha256, owner): no export, no compile
+        if entry is None:
             ep = export(call, example, dynamic_shapes=dynamic, strict=False)
-            self.guard = ShapeGuard(ep, list(example))
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            _write_whole(path, lambda tmp: torch._inductor.aoti_compile_and_package(ep, package_path=tmp))
-            _write_whole(guard_path, lambda tmp: _write_text(tmp, self.guard.to_json()))
+            guard = ShapeGuard(ep, list(example))
+
+            def compile_to(tmp):
+                torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
+                return {"guard": guard.to_json()}  # kept in the entry's metadata file
+            entry = cached_entry(path, key, compile_to)  # another process may have built it meanwhile
+        self.guard = ShapeGuard.from_json(entry.extra["guard"])
+        self.loaded_from_cache = not entry.built
+        path = entry.path
         self.runner = torch._inductor.aoti_load_package(path)
         self.out_spec = pytree.treespec_loads(self.runner.loader.get_call_spec()[1])
         self.package_path = path
@@ -266,20 +269,3 @@ class AotFoldedCell:
                        torch.__version__)).encode())
         return h.hexdigest()[:32]
 
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _write_whole(path: str, write) -> None:
-    """write(tmp) into a temporary file beside `path`, then rename: a concurrent reader sees the
-    whole file or none."""
-    fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(path)[1], dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

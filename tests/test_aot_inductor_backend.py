@@ -1,11 +1,14 @@
 """backend="aot_inductor": the batched cell compiled ahead of time (one cold compile here, about
 half a minute on CI's CPU; the second model loads the cached package)."""
+import os
+
 import pytest
 import torch
 
 import wavefront
 from conftest import N_LAYERS, build, ids_for, tiny_armt
 from wavefront.backends.aot_cell import AotFoldedCell, ShapeGuard
+from wavefront.backends.disk_cache import CacheWarning
 from wavefront.testing import assert_close
 
 
@@ -55,6 +58,27 @@ def test_aot_backend_is_exact_over_shapes_it_was_not_built_for_and_freezes_no_we
     assert other_fast.batched.groups[0].cell.compiled.loaded_from_cache
     other_fast(ids).logits.sum().backward()  # training calls run the eager folded graph
     assert other_model.cell.layers[1].memory.W_mq.weight.grad is not None
+
+    # A truncated package is never loaded (it silently disabled AOT for good): it is detected
+    # and compiled again, with a warning. The "compiler" here writes the package compiled above
+    # (a real one, without a second cold compile).
+    package = cell.compiled.package_path
+    good = open(package, "rb").read()
+    os.truncate(package, len(good) // 2)
+    compiled = []
+
+    def compile_again(ep, package_path):
+        compiled.append(package_path)
+        with open(package_path, "wb") as f:
+            f.write(good)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_again)
+    third_model = tiny_armt(torch.float64, seed=3)
+    third = wavefront.optimize(third_model, backend="aot_inductor")
+    with torch.no_grad(), pytest.warns(CacheWarning, match="truncated or changed"):
+        assert_close(third(ids).logits, third_model(ids).logits, 1e-9, "aot, package rebuilt")
+    aot = third.batched.groups[0].cell.compiled
+    assert len(compiled) == 1 and aot.runner is not None and aot.fallback is None and not aot.loaded_from_cache
+    assert open(package, "rb").read() == good
 
 
 def test_hugging_face_blocks_compile_ahead_of_time_and_read_their_state_live(tmp_path, monkeypatch):
