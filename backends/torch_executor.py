@@ -7,6 +7,8 @@ accepts gives the sequential forward's result, operation for operation.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 
 import torch
 from torch import fx
@@ -65,6 +67,7 @@ class TorchExecutor:
         self.program = None  # DiagonalProgram, built on the first call it applies to
         self.program_reason = ""  # why it does not apply to this model (never retried)
         self.step_timer = None  # a StepTimer while profile() runs
+        self._lock = threading.Lock()  # calls that swap module state (vmap, the fold's first check) run one at a time
 
     def _dtype_device(self):
         p = next(self.rg.cell.parameters())
@@ -87,7 +90,19 @@ class TorchExecutor:
 
     def run(self, input_ids: torch.Tensor, schedule: Schedule | str | None = "sequential",
             memory: MemoryState | None = None) -> SegmentLMOutput:
-        """Run the model on `input_ids` in the order `schedule` gives (validated first)."""
+        """Run the model on `input_ids` in the order `schedule` gives (validated first).
+
+        Safe to call from several threads at once. Calls that touch shared module state hold a
+        lock: a kind batched by vmap (torch.func.functional_call swaps the layers' parameters for
+        the call) and the lane fold's first call, whose self-check runs the layers in eval mode."""
+        with self._lock if self._needs_lock() else contextlib.nullcontext():
+            return self._run(input_ids, schedule, memory)
+
+    def _needs_lock(self) -> bool:
+        return self.batched is not None and any(
+            getattr(g.cell, "mode", "") != "fold" or not getattr(g.cell, "checked", True) for g in self.batched.groups)
+
+    def _run(self, input_ids, schedule, memory) -> SegmentLMOutput:
         check_input_ids(input_ids)
         dtype, device = self._dtype_device()
         if input_ids.device != device:
@@ -154,6 +169,10 @@ class TorchExecutor:
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.rg.cell.parameters()):
             return None
+        self.batched.check()  # an assumption of the fold broken since (a buffer changed in one layer): no program
+        if getattr(self.batched.groups[0].cell, "mode", "") != "fold":
+            self.program = None
+            return None
         if self.program is None:
             from .diagonal_program import DiagonalProgram, ProgramNotApplicable
             cell = self.batched.groups[0].cell
@@ -172,9 +191,12 @@ class TorchExecutor:
             return ""
         if self.program_reason:
             return f"  step by step: {self.program_reason}"
+        cell = self.batched.groups[0].cell
+        if getattr(cell, "mode", "") != "fold":
+            return (f"  step by step: the batched cell runs as {getattr(cell, 'mode', '?')!r}"
+                    + (f" ({cell.fallback_reason})" if getattr(cell, "fallback_reason", "") else ""))
         if self.program is None:
             return "  whole-segment inference calls: one program (memory stacked per layer, hidden per lane), from the next call"
-        cell = self.batched.groups[0].cell
         how = (f"its batched cell {compiled_label(cell)}" if compiled_label(cell) else
                f"its batched cell eager (compile failed: {cell.compile_error})" if getattr(cell, "compile_error", "")
                else "eager")
@@ -190,7 +212,6 @@ class TorchExecutor:
 
     def _run_program(self, program, input_ids, memory):
         from .diagonal_program import stacked_memory, unstacked_memory
-        self.batched.check()
         B, T = input_ids.shape
         seg = self.rg.segment_len
         A, z = stacked_memory(memory.tensors, self.rg.n_layers)
@@ -233,7 +254,8 @@ class TorchExecutor:
         sigs = [(self.batched.signatures[l], envs[s]) for l, s in cells]
         lane_values = [torch.stack([env[sg.leaves[i]] for sg, env in sigs]) for i in sigs[0][0].lane_pos]
         names = getattr(group.cell, "param_names", None)  # what the batched cell reads (None: all)
-        out_leaves, spec = group.cell(group.stack.slices(a, a + len(cells), names), lane_values)
+        layers = [self.rg.cell.layers[l] for l, _ in cells]  # the user's modules: the fold checks itself against them
+        out_leaves, spec = group.cell(group.stack.slices(a, a + len(cells), names), lane_values, layers=layers)
         per_lane = list(zip(*[o.unbind(0) for o in out_leaves]))
         as_tuple = self._flat_tuple.get(spec)
         if as_tuple is None:

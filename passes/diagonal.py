@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from wavefront.backends.inductor import compiled_label
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph
+from wavefront.scheduler.train_mode import reads_training
 
 from .dependence import Verdict, analyse
 from .lane_batching import LaneSignature, VmapLaneCell
@@ -49,13 +50,24 @@ class BatchedRecurrence:
     groups: list[LaneGroup]
     position: dict[int, tuple[LaneGroup, int]] = field(default_factory=dict)
     signatures: list[LaneSignature] = field(default_factory=list)
+    _mode_modules: dict = field(default_factory=dict, repr=False)
 
     def check(self) -> None:
-        """Before each model call: stacks still the layers' storage, folded assumptions hold."""
+        """Before each model call: stacks still the layers' storage, folded assumptions hold, lane
+        clones in the layers' train/eval mode."""
         for g in self.groups:
             g.stack.check()
             if hasattr(g.cell, "check_invariants"):
                 g.cell.check_invariants()
+            if hasattr(g.cell, "sync_modes"):
+                g.cell.sync_modes(any(m.training for m in self._mode_dependent(g)))
+
+    def _mode_dependent(self, group: LaneGroup) -> list:
+        """The modules of a kind's layers whose code reads the train/eval flag (found once)."""
+        if group.kind not in self._mode_modules:
+            layers = self.rg.cell.layers
+            self._mode_modules[group.kind] = [m for l in group.layers for m in layers[l].modules() if reads_training(m)]
+        return self._mode_modules[group.kind]
 
     def describe(self) -> str:
         lines = []

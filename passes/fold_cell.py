@@ -6,17 +6,23 @@ from torch import fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from wavefront.models.opaque import OpaqueModule
+from wavefront.scheduler.train_mode import eval_mode
 
 from .lane_batching import LaneSignature, VmapLaneCell
 from .lane_fold import FoldNotApplicable, fold_graph, lane_invariant_buffers
+
+CHECK_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}  # a structural check: mixed rows differ by O(1)
 
 
 class FoldLaneCell(OpaqueModule):
     """Same interface as VmapLaneCell, running the lane-folded graph.
 
-    The first call with two or more lanes is also run through vmap and compared: a layer that
-    mixes batch rows (which folding would get wrong) is caught there and the kind switches to
-    vmap for good, with the reason kept in `fallback_reason`.
+    The first call with two or more lanes is checked against the user's own layers, each lane
+    run through its layer module (in eval mode, so that dropout cannot make two runs differ): a
+    layer that mixes batch rows (which folding would get wrong) is caught there and the kind
+    switches to vmap for good, with the reason kept in `fallback_reason`. `checked` turns True
+    only once that comparison has passed; if the check itself fails (the layer raised), the
+    error propagates and the next multi-lane call checks again.
     """
 
     def __init__(self, folded: fx.GraphModule, names: list[str], out_tags: list[str], signature: LaneSignature,
@@ -28,6 +34,7 @@ class FoldLaneCell(OpaqueModule):
         self.fallback_reason = ""
         self.compiled = None  # set by backends.inductor: torch.compile(self.folded)
         self.compile_error = ""  # why compiling failed, if it did (the eager graph runs instead)
+        self.layers_training = False  # set before each model call (sync_modes): compiled graphs serve eval only
 
     @property
     def mode(self):
@@ -37,6 +44,16 @@ class FoldLaneCell(OpaqueModule):
     def param_names(self):
         """The stacked tensors the folded graph reads (None once fallen back: vmap reads all)."""
         return None if self.fallback_reason or not self.checked else self.names
+
+    def sync_modes(self, training: bool = False) -> None:
+        """The lane clones of opaque blocks take their originals' train/eval flags (module_fold);
+        `training`: is any module of the kind's layers in training mode (then the compiled graph,
+        traced in one mode, does not run)."""
+        from .module_fold import LaneBlock
+        self.layers_training = training
+        for m in self.folded.modules():
+            if isinstance(m, LaneBlock):
+                m.sync_modes()
 
     def check_invariants(self) -> None:
         """Once per model call: buffers folded as shared must still be equal in every layer."""
@@ -72,7 +89,7 @@ class FoldLaneCell(OpaqueModule):
     def _call_compiled(self, *args, **kwargs):
         """The compiled folded graph when there is one and it may run (checked, no autograd);
         a graph torch.compile cannot handle runs eager from then on, the reason kept."""
-        if self.compiled is None or not self.checked or torch.is_grad_enabled():
+        if self.compiled is None or not self.checked or torch.is_grad_enabled() or self.layers_training:
             return self.folded(*args, **kwargs)
         # Duck sizing would tie unrelated sizes that happen to be equal on the first call
         # (lanes == batch == layers) and recompile when they part; keep them independent. (Set and
@@ -88,7 +105,9 @@ class FoldLaneCell(OpaqueModule):
         finally:
             shape_config.use_duck_shape = duck
 
-    def forward(self, params, lane_values):
+    def forward(self, params, lane_values, layers=None):
+        """Run the folded graph on lanes of stacked parameters; `layers` (the user's layer
+        modules of these lanes, in order) serve the first multi-lane call's self-check."""
         if self.fallback_reason:
             return self.vmap_cell(params, lane_values)
         lanes = lane_values[0].shape[0]
@@ -97,19 +116,45 @@ class FoldLaneCell(OpaqueModule):
         if rows is None or any((v.dim() < 2 or v.shape[1] not in (rows, 1)) for k, v in enumerate(lane_values)
                                if k != flag):
             return self.vmap_cell(params, lane_values)  # inputs without a common batch dim
+        if not self.checked and lanes >= 2 and layers is None:
+            raise ValueError("the lane-folded cell checks its first multi-lane call against the layers themselves: "
+                             "pass layers=[the layer modules of these lanes]")
         args, kwargs, extra = self._folded_inputs(params, lane_values, rows)
         out = self._call_compiled(*args, **kwargs, **extra, lanes=lanes)
         leaves, spec = self._unfolded(out, lanes)
         if not self.checked and lanes >= 2:
-            self.checked = True
-            ref, _ = self.vmap_cell(params, lane_values)
-            tol = {torch.float64: 1e-8, torch.float32: 1e-3}.get(leaves[0].dtype, 5e-2)
-            for x, r in zip(leaves, ref):
-                scale = r.detach().abs().max().clamp_min(1e-30)
-                if not (x.shape == r.shape and ((x.detach() - r.detach()).abs().max() / scale) <= tol):
-                    self.fallback_reason = "lane-folded result differed from vmap on the first batched call"
-                    return ref, _
+            why = self._self_check(params, lane_values, layers, leaves)
+            if why:
+                self.fallback_reason = why
+                return self.vmap_cell(params, lane_values)
+            self.checked = True  # only now: a check that raised or failed never leaves this path unchecked
         return leaves, spec
+
+    def _self_check(self, params, lane_values, layers, leaves) -> str:
+        """Compare the folded graph with each lane run through its own layer module, in eval mode;
+        returns why they differ ("" when they agree)."""
+        if len(layers) != lane_values[0].shape[0]:
+            raise ValueError(f"{len(layers)} layer modules for {lane_values[0].shape[0]} lanes")
+        modules = [m for layer in layers for m in layer.modules()] + list(self.folded.modules())
+        training = any(m.training for m in modules)
+        with torch.no_grad(), eval_mode(modules):
+            if training:  # the result in hand drew dropout masks: fold again, deterministically
+                self.sync_modes()
+                rows = lane_values[0].shape[1]
+                args, kwargs, extra = self._folded_inputs(params, lane_values, rows)
+                leaves, _ = self._unfolded(self.folded(*args, **kwargs, **extra, lanes=len(layers)), len(layers))
+            for k, layer in enumerate(layers):
+                args, kwargs = self.signature.rebuild([v[k] for v in lane_values])
+                ref = [r for r in tree_flatten(layer(*args, **kwargs))[0] if isinstance(r, torch.Tensor)]
+                mine = [x[k] if t == "B" else x for x, t in zip(leaves, self.out_tags)]
+                if len(ref) != len(mine):
+                    return f"lane-folded cell returned {len(mine)} tensors, layer {k} of the call {len(ref)}"
+                for x, r in zip(mine, ref):
+                    tol = CHECK_RTOL.get(r.dtype, 5e-2)
+                    scale = r.abs().max().clamp_min(1e-30)
+                    if not (x.shape == r.shape and bool(((x - r).abs().max() / scale) <= tol)):
+                        return "lane-folded result differed from the layers' own forward on the first batched call"
+        return ""
 
 
 def fold_lanes(template: fx.GraphModule, signature: LaneSignature, stack, fused: list[list[str]] = ()) -> FoldLaneCell:

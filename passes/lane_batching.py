@@ -45,6 +45,7 @@ class VmapLaneCell(OpaqueModule):
 
     forward(params, lane_values) -> output leaves stacked on lanes, and the
     output structure. params: {name: [lanes, *shape]}, lane_values: [lanes, ...] tensors.
+    (`layers`, the lanes' layer modules, is accepted for FoldLaneCell's interface and unused.)
     """
 
     mode = "vmap"
@@ -55,7 +56,7 @@ class VmapLaneCell(OpaqueModule):
         self.signature = signature
         self._out_spec = None
 
-    def forward(self, params, lane_values):
+    def forward(self, params, lane_values, layers=None):
         sig = self.signature
 
         def one_lane(p, lane):
@@ -65,5 +66,6 @@ class VmapLaneCell(OpaqueModule):
             self._out_spec = spec
             return tuple(leaves)
 
-        leaves = vmap(one_lane, in_dims=(0, 0))(params, tuple(lane_values))
+        # randomness="different": each lane draws its own dropout masks, as separate layer calls would
+        leaves = vmap(one_lane, in_dims=(0, 0), randomness="different")(params, tuple(lane_values))
         return list(leaves), self._out_spec

@@ -187,7 +187,7 @@ def test_fold_self_check_falls_back_to_vmap_for_row_mixing_layers():
     ids = torch.randint(0, 10, (2, 14))
     check_outputs(fast(ids), model(ids), 1e-9, "row mixing")
     assert fast.batched.groups[0].mode == "vmap"
-    assert "differed from vmap" in fast.batched.groups[0].cell.fallback_reason
+    assert "differed from the layers' own forward" in fast.batched.groups[0].cell.fallback_reason
 
 
 def test_verify_catches_a_wrong_batched_cell():
@@ -196,8 +196,8 @@ def test_verify_catches_a_wrong_batched_cell():
     cell = fast.batched.groups[0].cell
     real = cell.forward
 
-    def broken(params, lanes):
-        leaves, spec = real(params, lanes)
+    def broken(params, lanes, layers=None):
+        leaves, spec = real(params, lanes, layers)
         return [x + 1e-3 for x in leaves], spec
 
     cell.forward = broken
@@ -257,7 +257,8 @@ def test_nan_propagates_exactly_as_in_the_reference():
     assert torch.equal(torch.isnan(out.logits), torch.isnan(ref.logits))
     assert torch.isnan(ref.logits[0, 2 * SEG:]).all() and not torch.isnan(ref.logits[0, :SEG]).any()
     assert not torch.isnan(ref.logits[1]).any()
-    assert rel_err(out.logits, ref.logits) <= 1e-9
+    finite = ~torch.isnan(ref.logits)  # rel_err fails on any NaN: compare the finite entries
+    assert rel_err(out.logits[finite], ref.logits[finite]) <= 1e-9
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
