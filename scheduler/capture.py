@@ -33,12 +33,16 @@ class _CellTracer(fx.Tracer):
         super().__init__()
         self._leaves = {id(m) for m in leaves}
         self._wf_stack: list[tuple[str, str]] = []
+        self.traced_through: list[nn.Module] = []  # modules whose Python ran at trace time (not leaves)
 
     def is_leaf_module(self, m, qualname):
         return id(m) in self._leaves or isinstance(m, OpaqueModule) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        self._wf_stack.append((self.path_of_module(m), type(m).__name__))
+        path = self.path_of_module(m)
+        if not self.is_leaf_module(m, path):
+            self.traced_through.append(m)
+        self._wf_stack.append((path, type(m).__name__))
         try:
             return super().call_module(m, forward, args, kwargs)
         finally:
@@ -57,9 +61,10 @@ def _user_frame(exc: BaseException) -> str:
     return f"{os.path.basename(f.filename)}:{f.lineno}: {(f.line or '').strip()}"
 
 
-def trace_module(root: nn.Module, leaves=(), what: str = "") -> fx.GraphModule:
+def trace_module(root: nn.Module, leaves=(), what: str = "", traced: list | None = None) -> fx.GraphModule:
     """Symbolically trace `root` (layers in `leaves` and OpaqueModules kept whole) or raise a
-    CaptureError naming the module being traced and the failing operation."""
+    CaptureError naming the module being traced and the failing operation. `traced`, if given,
+    receives the modules whose code the trace ran (root included)."""
     tracer = _CellTracer(leaves)
     try:
         graph = tracer.trace(root)
@@ -71,6 +76,8 @@ def trace_module(root: nn.Module, leaves=(), what: str = "") -> fx.GraphModule:
             f"tracing: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Recurrent cells must "
             "not branch on tensor values or shapes; wrap such code in an OpaqueModule to keep it as one call"
         ) from exc
+    if traced is not None:
+        traced += [root, *tracer.traced_through]
     return fx.GraphModule(root, graph, class_name=type(root).__name__ + "Graph")
 
 
@@ -131,8 +138,9 @@ def capture(model: nn.Module) -> RecurrenceGraph:
     cell = bound.cell
     _check_signature(cell, bound.family)
     layers = list(cell.layers)
-    gm = trace_module(cell, leaves=layers, what="cell")
-    layer_graphs = tuple(trace_module(layer, what=f"cell.layers.{i}") for i, layer in enumerate(layers))
+    traced: list[nn.Module] = []
+    gm = trace_module(cell, leaves=layers, what="cell", traced=traced)
+    layer_graphs = tuple(trace_module(layer, what=f"cell.layers.{i}", traced=traced) for i, layer in enumerate(layers))
     n_state = len(cell.initial_state(1, torch.float32, "cpu"))
     wiring = _analyse_cell_graph(gm, len(layers), n_state, bound.family)
     names = tuple(cell.state_names()) if hasattr(cell, "state_names") else tuple(f"state[{j}]" for j in range(n_state))
@@ -143,7 +151,8 @@ def capture(model: nn.Module) -> RecurrenceGraph:
         layer_graphs=layer_graphs, layer_nodes=wiring["layer_nodes"], state_in_nodes=wiring["state_in"],
         state_out_nodes=wiring["state_out"], logits_node=wiring["logits"], input_node=wiring["input"],
         first_node=wiring["first"], structure=structure,
-        layer_kinds=_group_kinds(_structural_key(g) for g in layer_graphs), state_names=names)
+        layer_kinds=_group_kinds(_structural_key(g) for g in layer_graphs), state_names=names,
+        traced_modules=tuple(dict.fromkeys(traced)))
 
 
 def _analyse_cell_graph(gm: fx.GraphModule, n_layers: int, n_state: int, family: str) -> dict:

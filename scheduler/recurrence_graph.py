@@ -38,6 +38,7 @@ class RecurrenceGraph:
     {"cell_layer": the layer whose cell runs it, "role": input/state_in/pre/layer/glue/post}.
     layer_graphs: each layer traced on its own (foreign blocks kept as opaque calls).
     layer_kinds: layers with the same kind have the same graph with different parameters.
+    traced_modules: the modules whose Python code the traces ran (their constants are baked in).
     """
 
     family: str
@@ -55,6 +56,7 @@ class RecurrenceGraph:
     structure: RecurrenceStructure
     layer_kinds: tuple[int, ...]
     state_names: tuple[str, ...] = field(default=())
+    traced_modules: tuple[nn.Module, ...] = field(default=())  # whose code torch.fx ran (capture_guard.py)
 
     @property
     def n_layers(self) -> int:

@@ -8,6 +8,7 @@ The layer output is read as out[0] on transformers 4.x (tuple) and out on 5.x (t
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -22,29 +23,55 @@ class DPFP:
 
 
 class AssociativeLayerWrapper(nn.Module):
-    def __init__(self, layer, d_model, num_mem_tokens, d_mem, correction=True):
+    """The base branch's layer wrapper; `experimental=True` gives the experimental branch's variant
+    (memory split into `n_heads` heads, phi features L2-normalised, no 1e-5 in the gamma
+    denominator, `gating`: a per-channel beta of width d_model instead of one per head)."""
+
+    def __init__(self, layer, d_model, num_mem_tokens, d_mem, correction=True, n_heads=1, gating=False,
+                 experimental=False):
         super().__init__()
+        assert d_mem % n_heads == 0 and d_model % n_heads == 0
         self.d_model, self.num_mem_tokens, self.d_mem = d_model, num_mem_tokens, d_mem
+        self.n_heads, self.gating, self.experimental = n_heads, gating, experimental
         self.phi = DPFP(3)
         self.d_key = 2 * 3 * d_mem
         self.W_mq = nn.Linear(d_model, d_mem, bias=False)
         self.W_mk = nn.Linear(d_model, d_mem, bias=False)
         self.W_mv = nn.Linear(d_model, d_model, bias=False)
-        self.W_mb = nn.Linear(d_model, 1)
+        self.W_mb = nn.Linear(d_model, d_model if gating else n_heads)
         self.layer = layer
         self.correction = correction
+        self.seg_num = 0
         self.zero_mem()
 
     def zero_mem(self):
         self.first_seg = True
-        self.W_mem = torch.zeros(1, self.d_key, self.d_model)
-        self.z = torch.zeros(1, self.d_key)
+        h = self.n_heads
+        self.W_mem = torch.zeros(1, h, self.d_key // h, self.d_model // h) if self.experimental else \
+            torch.zeros(1, self.d_key, self.d_model)
+        self.z = torch.zeros(1, h, self.d_key // h) if self.experimental else torch.zeros(1, self.d_key)
+        self.seg_num = 0
+
+    def _heads(self, x):  # [b, t, c] -> [b, heads, t, c / heads]
+        b, t, c = x.shape
+        return x.reshape(b, t, self.n_heads, c // self.n_heads).transpose(1, 2)
+
+    def _keys(self, proj, x):
+        if not self.experimental:
+            return self.phi(proj(x))
+        return F.normalize(self.phi(self._heads(proj(x))), dim=-1)
 
     def associate(self, h):
-        mq = self.phi(self.W_mq(h))
-        num = torch.einsum("ijk,ikt->ijt", mq, self.W_mem.to(h))
-        denom = torch.einsum("ik,ijk->ij", self.z.to(h), mq)[..., None] + 1e-5
-        return num / denom
+        mq = self._keys(self.W_mq, h)
+        W_mem, z = self.W_mem.to(h), self.z.to(h)
+        if not self.experimental:
+            num = torch.einsum("ijk,ikt->ijt", mq, W_mem)
+            denom = torch.einsum("ik,ijk->ij", z, mq)[..., None] + 1e-5
+            return num / denom
+        num = torch.einsum("bhjk,bhkt->bhjt", mq, W_mem)
+        denom = torch.einsum("bhk,bhjk->bhj", z, mq)[..., None] + 1e-5
+        out = num / denom
+        return out.transpose(1, 2).reshape(h.shape)
 
     def forward(self, hidden_states, *args, **kwargs):  # transformers 5.x GPT-2 passes some positionally
         if not self.first_seg:
@@ -57,22 +84,34 @@ class AssociativeLayerWrapper(nn.Module):
 
     def update_mem(self, mem_tokens):
         W_mem, z = self.W_mem.to(mem_tokens), self.z.to(mem_tokens)
-        mk = self.phi(self.W_mk(mem_tokens))
+        mk = self._keys(self.W_mk, mem_tokens)
         new_mv = self.W_mv(mem_tokens)
+        if self.experimental:
+            new_mv = self._heads(new_mv)
+        spec = "bhjk,bhkt->bhjt" if self.experimental else "ijk,ikt->ijt"
+        zspec = "bhj,bhkj->bhk" if self.experimental else "ij,ikj->ik"
         if not self.first_seg:
-            num = torch.einsum("ijk,ikt->ijt", mk, W_mem)
-            denom = torch.einsum("ij,ikj->ik", z, mk)[..., None] + 1e-5
+            num = torch.einsum(spec, mk, W_mem)
+            denom = torch.einsum(zspec, z, mk)[..., None] + 1e-5
             prev_mv = num / denom
-            coef = torch.clip(1 - denom / (torch.linalg.norm(mk, dim=-1) ** 2 + 1e-5)[..., None], 0, 1).detach()
+            eps = 0.0 if self.experimental else 1e-5
+            coef = torch.clip(1 - denom / (torch.linalg.norm(mk, dim=-1) ** 2 + eps)[..., None], 0, 1).detach() \
+                if self.correction else 1
         else:
             prev_mv, coef = torch.zeros_like(new_mv), 1
-        mb = torch.sigmoid(self.W_mb(mem_tokens))[..., 0]
-        self.W_mem = W_mem + torch.einsum("ijk,ijt,ij->ikt", mk, new_mv - prev_mv, mb)
-        self.z = z + (coef * mk).sum(dim=1)
+        mb = torch.sigmoid(self.W_mb(mem_tokens))
+        if not self.experimental:
+            self.W_mem = W_mem + torch.einsum("ijk,ijt,ij->ikt", mk, new_mv - prev_mv, mb[..., 0])
+        elif self.gating:
+            self.W_mem = W_mem + torch.einsum("bhjk,bhjt,bhjt->bhkt", mk, new_mv - prev_mv, self._heads(mb))
+        else:
+            self.W_mem = W_mem + torch.einsum("bhjk,bhjt,bhj->bhkt", mk, new_mv - prev_mv, mb.transpose(1, 2))
+        self.z = z + (coef * mk).sum(dim=-2)
+        self.seg_num += 1
 
 
 class AssociativeMemoryCell(nn.Module):
-    def __init__(self, base_model, num_mem_tokens, d_mem, layers_attr="model.layers", wrap_pos=False):
+    def __init__(self, base_model, num_mem_tokens, d_mem, layers_attr="model.layers", wrap_pos=False, **layer_options):
         super().__init__()
         self.model, self.num_mem_tokens, self.d_mem = base_model, num_mem_tokens, d_mem
         d_model = base_model.get_input_embeddings().embedding_dim
@@ -80,7 +119,7 @@ class AssociativeMemoryCell(nn.Module):
         for attr in layers_attr.split("."):
             self.layers = getattr(self.layers, attr)
         for i in range(len(self.layers)):
-            self.layers[i] = AssociativeLayerWrapper(self.layers[i], d_model, num_mem_tokens, d_mem)
+            self.layers[i] = AssociativeLayerWrapper(self.layers[i], d_model, num_mem_tokens, d_mem, **layer_options)
         emb = base_model.get_input_embeddings()
         self.memory = nn.Parameter(torch.randn(num_mem_tokens, d_model) * emb.weight.data.std())
         self.wrap_pos = wrap_pos

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import published_armt_standin
 from conftest import SEG, ids_for, tiny_gpt2, tiny_llama
 from published_armt_standin import AssociativeMemoryCell, AssociativeRecurrentWrapper
 from wavefront.backends import TorchExecutor
@@ -76,3 +77,96 @@ def test_published_model_exports_to_onnx_under_the_diagonal_schedule(tmp_path):
         ids = ids_for(n_segments, batch=1)
         with torch.no_grad():
             assert_close(OnnxSegmentSession(path)(ids).logits, model(ids), 1e-4, f"published ARMT, S={n_segments}")
+
+
+VARIANTS = {
+    "experimental, 2 heads": dict(experimental=True, n_heads=2),
+    "experimental, gating": dict(experimental=True, n_heads=2, gating=True),
+    "experimental, 1 head": dict(experimental=True),
+    "no correction": dict(correction=False),
+}
+
+
+def variant(options, kind="llama"):
+    base = tiny_llama() if kind == "llama" else tiny_gpt2()
+    torch.manual_seed(7)
+    attr, wrap_pos = ("model.layers", False) if kind == "llama" else ("transformer.h", True)
+    cell = AssociativeMemoryCell(base, num_mem_tokens=3, d_mem=4, layers_attr=attr, wrap_pos=wrap_pos, **options)
+    return AssociativeRecurrentWrapper(cell, segment_size=SEG).double().eval()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variants_of_the_client_memory_code_run_exactly(name):
+    """The client's own associate / update_mem run: its branch's rules, whatever they are."""
+    import wavefront
+    model = variant(VARIANTS[name])
+    ids = ids_for(5, batch=2, short_last=2)
+    ref = model(ids)
+    for schedule in ("diagonal", "sequential"):
+        fast = wavefront.optimize(model, schedule=schedule, verify=True)
+        assert_close(fast(ids).logits, ref, 1e-9, f"{name}, {schedule}")
+
+
+def test_a_zero_initialised_memory_projection_is_still_exact():
+    """The public code starts W_mv at zero (memory a no-op until trained): the proof at bind time
+    draws random memory weights too, and the model's own weights come back untouched."""
+    import wavefront
+    model = variant(VARIANTS["experimental, 2 heads"])
+    with torch.no_grad():
+        for layer in model.memory_cell.layers:
+            layer.W_mv.weight.zero_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = wavefront.optimize(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        for layer in model.memory_cell.layers:
+            layer.W_mv.weight.normal_()  # "trained": the memory now matters
+    ids = ids_for(5, batch=2)
+    assert_close(fast(ids).logits, model(ids), 1e-9, "after W_mv became non-zero")
+
+
+class ReadAfterBlock(published_armt_standin.AssociativeLayerWrapper):
+    """A client variant whose forward reads the memory after the block instead of before: code the
+    adapter's glue does not follow."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.layer(hidden_states, *args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out
+        if not self.first_seg:
+            h = self.associate(h) + h
+        self.update_mem(h[:, -self.num_mem_tokens:])
+        self.first_seg = False
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+
+def test_client_code_the_adapter_does_not_follow_runs_unchanged_with_the_reason():
+    import wavefront
+    model = published("llama")
+    for i, w in enumerate(model.memory_cell.layers):
+        w.__class__ = ReadAfterBlock
+    ids = ids_for(4, batch=2)
+    ref = model(ids)
+    with pytest.warns(UserWarning, match="runs unchanged"):
+        fast = wavefront.optimize(model, verify=True)
+    assert isinstance(fast, wavefront.api.UnchangedModel)
+    assert "segment 1" in fast.reason and "differs from the model's own forward" in fast.reason
+    assert "runs unchanged" in str(wavefront.explain(fast)) and "runs unchanged" in str(wavefront.explain(model))
+    assert torch.equal(fast(ids), ref)
+    with pytest.raises(TypeError, match="differs from the model's own forward"):
+        capture(model)
+
+
+def test_load_state_dict_with_assign_reaches_every_published_parameter():
+    """The memory tokens and the final norm included (parameters the cell reads directly)."""
+    import wavefront
+    model, other = published("llama"), published("llama", n_mem=3)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ids = ids_for(4, batch=2)
+    fast = wavefront.optimize(model)
+    with torch.no_grad():
+        fast(ids)
+        fast(ids)
+        model.load_state_dict(other.state_dict(), assign=True)
+        assert_close(fast(ids).logits, other(ids), 1e-9, "after load_state_dict(assign=True)")

@@ -1,6 +1,7 @@
 """The public entry points: optimize(), explain(), last_schedule()."""
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -8,12 +9,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wavefront.models.segment import MemoryState, SegmentLMOutput, SegmentRecurrentLM, segment_bounds
+from wavefront.models.segment import MemoryState, SegmentLMOutput, segment_bounds
 from wavefront.passes.dependence import Verdict, analyse
-from wavefront.scheduler.adapters import bind_model, segment_adapter_for
+from wavefront.scheduler.adapters import AdapterRefused, bind_model, segment_adapter_for
 from wavefront.scheduler.capture import capture
-from wavefront.scheduler.recurrence_graph import RecurrenceGraph
+from wavefront.scheduler.capture_guard import CaptureGuard
 from wavefront.scheduler.schedule import Schedule, build_schedule
+from wavefront.scheduler.train_mode import eval_mode
 from wavefront.verification import VERIFY_RTOL, VerificationError
 
 SCHEDULES = ("diagonal", "sequential")
@@ -23,66 +25,124 @@ COMPILING = ("inductor", "aot_inductor")
 
 class OptimizedModel(nn.Module):
     """A model running under a wavefront schedule, with the model's forward(input_ids, memory=None)
-    -> SegmentLMOutput. Build it with optimize()."""
+    -> SegmentLMOutput. Build it with optimize().
 
-    def __init__(self, model: nn.Module, rg: RecurrenceGraph, schedule: str, backend: str, verify: bool,
-                 batched=None, executor=None, reference=None):
+    Nothing the user can change is held stale: before every call a CaptureGuard compares what the
+    capture read (module, parameter and buffer objects, baked-in attributes, modes its traced code
+    branches on) with the live model, and captures again when they differ (`refreshed` says why
+    the last time); weights changed in place are read live anyway.
+    """
+
+    def __init__(self, model: nn.Module, schedule: str, backend: str, verify: bool):
         super().__init__()
         self.model = model
-        self.rg, self.schedule_kind, self.backend, self.verify = rg, schedule, backend, verify
-        self.batched, self.executor = batched, executor
-        object.__setattr__(self, "reference", reference)  # sequential reference over the same modules
+        self.schedule_kind, self.backend, self.verify = schedule, backend, verify
         self.last_schedule: Schedule | None = None
         self.compile_time_s: float | None = None  # inductor: time of the first (compiling) call
+        self.refreshed = ""  # why the model was last captured again after optimize() ("" if never)
+        object.__setattr__(self, "_lock", threading.RLock())
+        self._build()
+
+    def _build(self) -> None:
+        """Capture the model and build its schedule's program (optimize(), and again after a change)."""
+        from wavefront.backends.torch_executor import TorchExecutor
+        from wavefront.passes.diagonal import diagonal_batching
+        bound = bind_model(self.model)
+        rg = capture(bound)
+        batched = diagonal_batching(rg) if self.schedule_kind == "diagonal" else None
+        if self.backend in COMPILING:
+            from wavefront.backends.inductor import compile_batched
+            if batched is None:
+                raise ValueError(f"backend={self.backend!r} compiles the batched diagonal cell: use schedule='diagonal'")
+            compile_batched(batched, aot=self.backend == "aot_inductor")
+        object.__setattr__(self, "bound", bound)  # plain references: the modules are the model's
+        self.rg, self.batched, self.executor = rg, batched, TorchExecutor(rg, batched)
+        self._guard = CaptureGuard(bound.source if bound.source is not None else self.model, rg.traced_modules)
         self._schedules: dict[int, Schedule] = {}
-        self._placement = self._current_placement()
 
-    def _current_placement(self):
-        p = next(self.rg.cell.parameters())
-        return p.dtype, p.device
-
-    def _recapture_if_moved(self) -> None:
-        """Captured graphs hold their own references to buffers (FX copies them), so after
-        model.to(dtype/device) the model is captured and batched again rather than run stale."""
-        if self._current_placement() == self._placement:
-            return
-        fresh = optimize(self.model, schedule=self.schedule_kind, backend=self.backend, verify=False)
-        self.rg, self.batched, self.executor = fresh.rg, fresh.batched, fresh.executor
-        object.__setattr__(self, "reference", fresh.reference)
-        self._schedules, self._placement = {}, self._current_placement()
+    def _refresh_if_changed(self) -> None:
+        why = self._guard.changed()
+        if why:
+            with self._lock:  # one thread captures again; the others then see the new guard agree
+                why = self._guard.changed()
+                if why:
+                    self._build()
+                    self.refreshed = why
 
     def forward(self, input_ids: torch.Tensor, memory: MemoryState | None = None) -> SegmentLMOutput:
-        self._recapture_if_moved()
+        if self.verify:  # the verifying call may switch the model to eval mode: other threads wait for it
+            with self._lock:
+                return self._forward(input_ids, memory)
+        return self._forward(input_ids, memory)
+
+    def _forward(self, input_ids, memory):
+        self._refresh_if_changed()
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] > 0:
             n_segments = len(segment_bounds(input_ids.shape[1], self.rg.segment_len))
         else:
             n_segments = 1  # let the executor's input check say what is wrong
-        if n_segments not in self._schedules:
-            self._schedules = {n_segments: build_schedule(self.schedule_kind, self.rg.n_layers, n_segments)}
-        schedule = self._schedules[n_segments]
+        schedule = self._schedules.get(n_segments)
+        if schedule is None:
+            schedule = build_schedule(self.schedule_kind, self.rg.n_layers, n_segments)
+            self._schedules = {n_segments: schedule}
         t0 = time.perf_counter()
         out = self.executor.run(input_ids, schedule, memory)
         if self.compile_time_s is None and self.backend in COMPILING:
             self.compile_time_s = time.perf_counter() - t0
         self.last_schedule = schedule
         if self.verify:
-            self._check(input_ids, memory, out)
+            self._check(input_ids, memory, schedule, out)
         return out
 
-    def _check(self, input_ids, memory, out):
+    def _check(self, input_ids, memory, schedule, out):
+        """verify=True: this call against the user's own forward (in eval mode when the model is
+        training: dropout draws differ between any two runs)."""
         from wavefront.testing import rel_err
-        with torch.no_grad():
-            ref = self.reference(input_ids, memory)
-        errs = [rel_err(out.logits, ref.logits)] + [rel_err(a, b) for a, b in zip(out.memory.tensors, ref.memory.tensors)]
+        if memory is not None and not self.bound.reference_takes_memory:
+            return  # the model's own forward starts fresh only: verify the first fresh call instead
+        modules = list(self.model.modules())
+        training = any(m.training for m in modules)
+        with torch.no_grad(), eval_mode(modules if training else ()):
+            if training:
+                out = self.executor.run(input_ids, schedule, memory)
+            ref = self.bound.reference(input_ids, memory)
+        ref_logits = ref.logits if hasattr(ref, "logits") else ref
+        ref_memory = ref.memory.tensors if isinstance(getattr(ref, "memory", None), MemoryState) else ()
+        errs = [rel_err(out.logits, ref_logits)] + [rel_err(a, b) for a, b in zip(out.memory.tensors, ref_memory)]
         tol = VERIFY_RTOL.get(out.logits.dtype, 1e-4)
         if max(errs) > tol:
-            raise VerificationError(f"{self.schedule_kind} schedule on backend {self.backend} differs from the sequential "
-                                    f"reference: max relative error {max(errs):.3e} > {tol:.1e} "
+            raise VerificationError(f"{self.schedule_kind} schedule on backend {self.backend} differs from the model's "
+                                    f"own forward: max relative error {max(errs):.3e} > {tol:.1e} "
                                     f"(logits {errs[0]:.3e}, memory {max(errs[1:], default=0.0):.3e})")
         self.verify = False  # verified on the first call, as documented
 
+    def __reduce__(self):
+        # Pickling (torch.save, copy.deepcopy) keeps the model and the options; loading optimizes
+        # the restored model again: captured graphs, stacks and compiled kernels are not data.
+        return (_reoptimize, (self.model, dict(schedule=self.schedule_kind, backend=self.backend, verify=self.verify)))
+
     def extra_repr(self) -> str:
         return f"schedule={self.schedule_kind!r}, backend={self.backend!r}, family={self.rg.family!r}"
+
+
+def _reoptimize(model: nn.Module, options: dict) -> nn.Module:
+    """Unpickling an optimized model: optimize the unpickled model again with the same options."""
+    return optimize(model, **options)
+
+
+class UnchangedModel(nn.Module):
+    """What optimize() returns for a model it recognises but cannot run exactly: the model itself,
+    called as it is; `reason` (and explain()) says why nothing was applied."""
+
+    def __init__(self, model: nn.Module, reason: str):
+        super().__init__()
+        self.model, self.reason = model, reason
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"unchanged: {self.reason}"
 
 
 def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "torch", verify: bool = False,
@@ -92,14 +152,17 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
     The result has the model's forward(input_ids, memory=None) and outputs, carries memory across
     calls the same way, and shares the model's parameters (stacked in place for diagonal
     batching: state_dict keys and values unchanged). verify=True checks the first call against
-    the sequential reference and raises VerificationError with the error if they differ.
-    Illegal rewrites (diagonal on RMT) raise an error naming the offending edge.
+    the model's own forward and raises VerificationError with the error if they differ.
+    Illegal rewrites (diagonal on RMT) raise an error naming the offending edge. A model an
+    adapter recognises but cannot prove it runs exactly comes back unchanged (UnchangedModel),
+    with a warning and the reason in explain().
     backend="inductor" compiles the batched cell with torch.compile; backend="aot_inductor" compiles
     it ahead of time with AOTInductor (no per-call guard or Python wrapper: faster small steps;
     packages cached on disk), calls whose shapes the package was not built for run eager.
     backend="onnxruntime" exports the optimized model (cached on disk) and runs it in an
     onnxruntime session (`kwargs`: fixed keyword arguments of the model's call, e.g.
     {"use_cache": False} for Hugging Face models).
+    An optimized model pickles (torch.save, copy.deepcopy): loading optimizes the model again.
 
     >>> from wavefront.models import ARMT, ARMTConfig
     >>> model = ARMT(ARMTConfig(n_layers=3, segment_len=8)).eval()
@@ -108,6 +171,9 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
     >>> last_schedule(fast).num_steps   # L + S - 1 = 3 + 5 - 1
     7
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize() takes a torch.nn.Module (the model to run faster), got {type(model).__name__} "
+                        f"{model!r:.60}")
     if backend == "onnxruntime":  # the torch-optimized model, exported and run by an onnxruntime session
         from wavefront.backends.onnxruntime_backend import OnnxRuntimeModel
         return OnnxRuntimeModel(optimize(model, schedule=schedule, backend="torch"), kwargs=kwargs, verify=verify)
@@ -131,18 +197,11 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
         raise ValueError(f"unknown schedule {schedule!r}: choose one of {list(SCHEDULES)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {list(BACKENDS)}")
-    from wavefront.backends.torch_executor import TorchExecutor
-    from wavefront.passes.diagonal import diagonal_batching
-    bound = bind_model(model)
-    rg = capture(bound)
-    batched = diagonal_batching(rg) if schedule == "diagonal" else None
-    if backend in COMPILING:
-        from wavefront.backends.inductor import compile_batched
-        if batched is None:
-            raise ValueError(f"backend={backend!r} compiles the batched diagonal cell: use schedule='diagonal'")
-        compile_batched(batched, aot=backend == "aot_inductor")
-    reference = SegmentRecurrentLM(bound.cell, bound.segment_len)
-    return OptimizedModel(model, rg, schedule, backend, verify, batched, TorchExecutor(rg, batched), reference)
+    try:
+        return OptimizedModel(model, schedule, backend, verify)
+    except AdapterRefused as e:
+        warnings.warn(f"{type(model).__name__} runs unchanged: {e}", stacklevel=2)
+        return UnchangedModel(model, str(e))
 
 
 def last_schedule(optimized: OptimizedModel) -> Schedule | None:
@@ -201,10 +260,13 @@ def explain(model: nn.Module, n_segments: int | None = None) -> Explanation:
         e = explain(model.optimized, n_segments)
         e.backend = "onnxruntime; " + model.describe()
         return e
+    no_segments = Verdict(False, "no segment recurrence: diagonal batching does not apply")
+    if isinstance(model, UnchangedModel):
+        return Explanation(type(model.model).__name__, "none", f"runs unchanged: {model.reason}", no_segments,
+                           "unchanged", 0, None)
     from wavefront.loop_model import LoopLiftedModel, model_time_loops
     from wavefront.scheduler.scan_adapters import ScanAcceleratedModel, scan_adapter_for
     inner = model.model if isinstance(model, (ScanAcceleratedModel, LoopLiftedModel)) else model
-    no_segments = Verdict(False, "no segment recurrence: diagonal batching does not apply")
     scan_adapter = scan_adapter_for(inner)
     why = scan_adapter.check(inner) if scan_adapter is not None else ""
     if scan_adapter is not None and not why:
@@ -227,9 +289,13 @@ def explain(model: nn.Module, n_segments: int | None = None) -> Explanation:
         batching = model.batched.describe() if model.batched is not None else ""
         if model.batched is not None:
             batching += "\n" + model.executor.describe_program()
-        return Explanation(rg.family, rg.adapter, rg.describe(), analyse(rg), model.schedule_kind, rg.n_layers, n,
+        structure = rg.describe() + (f"\n  captured again after optimize(): {model.refreshed}" if model.refreshed else "")
+        return Explanation(rg.family, rg.adapter, structure, analyse(rg), model.schedule_kind, rg.n_layers, n,
                            batching, model.backend)
-    rg = capture(model)
+    try:
+        rg = capture(model)
+    except AdapterRefused as e:
+        return Explanation(type(model).__name__, "none", f"runs unchanged: {e}", no_segments, "unchanged", 0, None)
     verdict = analyse(rg)
     return Explanation(rg.family, rg.adapter, rg.describe(), verdict,
                        "diagonal" if verdict.diagonal_legal else "sequential", rg.n_layers, n_segments)

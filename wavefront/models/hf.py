@@ -72,18 +72,44 @@ class HFEmbedStage(OpaqueModule):
         x = self.embed(input_ids)
         b, n, m = x.shape[0], x.shape[1], memory_tokens.shape[0]
         h = torch.cat([x, memory_tokens.to(x.dtype).unsqueeze(0).expand(b, -1, -1)], dim=1)
-        t = n + m
-        mask = causal_mask(t, h.dtype, h.device)
         if self.mem_positions == "tail":
             p = self.wpe.weight.shape[0]
             pos = torch.cat([torch.arange(n, device=h.device), torch.arange(p - m, p, device=h.device)])[None]
         else:
-            pos = torch.arange(t, device=h.device)[None]
+            pos = torch.arange(n + m, device=h.device)[None]
+        return self.context(h, pos)
+
+    def context(self, h, pos):
+        """(h, *ctx) for the blocks from the segment's rows and their positions: a causal mask,
+        and rotary tables (LLaMA-like) or learned positions added to h (GPT-2-like)."""
+        mask = causal_mask(h.shape[1], h.dtype, h.device)
         if self.family == "llama":
             cos, sin = self.rotary(h, pos)
             return h, mask, pos, cos, sin
         h = self.drop(h + self.wpe(pos))
         return h, mask
+
+
+class HFReadWriteEmbedStage(HFEmbedStage):
+    """RMT's segment layout: [memory; tokens; memory] (read rows before the tokens, write rows
+    after). Positions run on from 0, or with `write_offset` the write rows take positions
+    write_offset.. (the published RMT's wrap_pos: a GPT-2 position table extended for memory)."""
+
+    def __init__(self, parts: HFParts, write_offset: int | None = None):
+        super().__init__(parts)
+        self.write_offset = write_offset
+
+    def forward(self, input_ids, memory):
+        x = self.embed(input_ids)
+        n, m = x.shape[1], memory.shape[1]
+        mem = memory.to(x.dtype)
+        h = torch.cat([mem, x, mem], dim=1)
+        if self.write_offset is None:
+            pos = torch.arange(n + 2 * m, device=h.device)[None]
+        else:
+            pos = torch.cat([torch.arange(n + m, device=h.device),
+                             torch.arange(self.write_offset, self.write_offset + m, device=h.device)])[None]
+        return self.context(h, pos)
 
 
 class HFBlockCall(OpaqueModule):
