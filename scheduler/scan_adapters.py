@@ -112,3 +112,8 @@ class ScanAcceleratedModel(nn.Module):
             check_outputs(out, ref, "the native scan (vs the model's own loop)", rtol=1e-4)  # it computes in fp32
             self.verify = False
         return out
+
+    def __reduce__(self):
+        # Pickling (torch.save, copy.deepcopy) keeps the model and the options; loading optimizes it again.
+        from wavefront.api import _reoptimize
+        return (_reoptimize, (self.model, {"verify": self.verify}))

@@ -122,6 +122,11 @@ class LoopLiftedModel(nn.Module):
             self.verify = False
         return out
 
+    def __reduce__(self):
+        # Pickling (torch.save, copy.deepcopy) keeps the model and the options; loading optimizes it again.
+        from wavefront.api import _reoptimize
+        return (_reoptimize, (self.model, {"verify": self.verify}))
+
     @property
     def lifted_any(self) -> bool:
         """Does (or will) any loop run as a scan?"""
