@@ -1,9 +1,10 @@
 """ARMT's associative memory: the read and write rules, written once.
 
-Every ARMT build (standalone, Hugging Face wrapped, the published implementation's modules seen
-through an adapter) calls these functions, so the reference forward and the captured graphs run
-exactly the same operations. The first-segment flag is a bool tensor (never a Python branch) so
-the rule stays traceable by torch.fx and per cell: a batched call can mix first and later cells.
+Every wavefront ARMT build (standalone, Hugging Face wrapped) calls these functions, so the
+reference forward and the captured graphs run exactly the same operations (models built with
+the public ARMT code run that code's own memory rules: scheduler/published_armt.py). The
+first-segment flag is a bool tensor (never a Python branch) so the rule stays traceable by
+torch.fx and per cell: a batched call can mix first and later cells.
 """
 from __future__ import annotations
 
@@ -48,17 +49,6 @@ class AssociativeMemory(nn.Module):
         self.W_mv = nn.Linear(d_model, d_model, bias=False)
         self.W_mb = nn.Linear(d_model, 1, bias=True)
 
-    @classmethod
-    def from_modules(cls, W_mq: nn.Module, W_mk: nn.Module, W_mv: nn.Module, W_mb: nn.Module, nu: int = 3):
-        """A memory that uses existing projection modules (shared, not copied): how adapters
-        run a foreign ARMT implementation's weights as they are."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.d_model, self.d_mem, self.nu = W_mq.in_features, W_mq.out_features, nu
-        self.d_key = 2 * nu * self.d_mem
-        self.W_mq, self.W_mk, self.W_mv, self.W_mb = W_mq, W_mk, W_mv, W_mb
-        return self
-
     def initial_state(self, batch: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         A = torch.zeros(batch, self.d_key, self.d_model, dtype=dtype, device=device)
         z = torch.zeros(batch, self.d_key, dtype=dtype, device=device)
@@ -74,7 +64,7 @@ class AssociativeMemory(nn.Module):
 
 
 def memory_read(mem, x, A, z, first):
-    """Read rule over any object with W_mq and nu (lets adapters reuse foreign modules)."""
+    """Read rule over any object with W_mq and nu."""
     q = dpfp(mem.W_mq(x), mem.nu)
     num = torch.matmul(q, A)
     den = torch.matmul(q, z.unsqueeze(-1)) + EPS
