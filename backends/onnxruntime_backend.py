@@ -1,25 +1,42 @@
 """optimize(model, backend="onnxruntime"): run the exported graph in an onnxruntime session.
 
 The model is exported (wavefront.export_onnx) on its first call for that call's fixed shapes
-(batch, and the sizes other than the length, which stays dynamic), cached on disk under
-$WAVEFRONT_CACHE_DIR/onnx (default ~/.cache/wavefront/onnx) by a hash of the weights, the
+(batch, and the sizes other than the length, which stays dynamic) and non-tensor arguments,
+and cached on disk under $WAVEFRONT_CACHE_DIR/onnx (default ~/.cache/wavefront/onnx, checked
+before use by backends.disk_cache) by model_key: a hash of everything that enters the graph
+(weights, buffers, every module's class and plain attributes, a Hugging Face config), the
 shapes, the options and the versions, so a later process opens the session without exporting.
+Every call checks, cheaply, that the model's parameters and buffers are the ones the sessions
+were built for (object, storage, version counter): after an optimizer step, an in-place change
+or load_state_dict the graph is exported again (or found on disk) for the new weights. Writes
+through `p.data` bypass the version counter: call refresh() after them.
 Sessions ask for ["CUDAExecutionProvider", "CPUExecutionProvider"] and record what they got
 (onnxruntime falls back to the CPU silently; explain() shows the truth). Inputs and outputs go
-through IOBinding: CUDA tensors are bound by pointer and stay on the device.
+through IOBinding: CUDA tensors are bound by pointer and stay on the device. Inputs are
+checked as the torch backend checks them (token ids in the vocabulary, memory of the right
+shape and dtype) before onnxruntime sees them.
 
 Segment models run their whole segments in the graph; a shorter last segment runs in the torch
 executor, continuing from the memory the graph returned.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
 import hashlib
+import itertools
 import os
+import threading
+import time
 
 import torch
 from torch import nn
 
 PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+# torch.export and torch._dynamo.reset() are process-wide: two models exporting in two threads
+# take turns (one model's threads already do, on its own lock)
+_EXPORT_LOCK = threading.Lock()
 
 
 def available() -> tuple[bool, str]:
@@ -30,13 +47,6 @@ def available() -> tuple[bool, str]:
     except ImportError as e:
         return False, f"{e.name} is not installed (pip install 'wavefront[onnx]', or [gpu] on a CUDA machine)"
     return True, ""
-
-
-def _cache_dir() -> str:
-    from .disk_cache import cache_root
-    path = os.path.join(cache_root(), "onnx")
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 def open_session(path: str, providers, strict: bool = True):
@@ -55,18 +65,153 @@ def open_session(path: str, providers, strict: bool = True):
 
 
 def model_key(model: nn.Module, *parts) -> str:
-    """A hash of the model's class, weights and buffers and of `parts` (shapes, options, versions)."""
+    """A hash of everything of `model` that enters an exported graph (content_digest) and of
+    `parts` (shapes, options, call arguments), with the wavefront, torch and onnxruntime versions.
+
+    >>> model_key(nn.LayerNorm(4)) == model_key(nn.LayerNorm(4, eps=0.1))
+    False
+    """
+    return _key(content_digest(model), *parts)
+
+
+def _key(content: str, *parts) -> str:
     import onnxruntime
 
     import wavefront
+    text = plain_text((content, parts, wavefront.__version__, torch.__version__, onnxruntime.__version__))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+# nn.Module's own bookkeeping (hooks, parameter tables, the training flag: graphs are always
+# exported in eval mode) is not a setting of the model
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+def content_digest(model: nn.Module) -> str:
+    """sha256 of what a graph exported from `model` depends on: every submodule's name, class
+    and plain attributes (eps, rope theta, head counts, a Hugging Face config, ...; plain_text)
+    and every parameter and buffer, persistent or not, by name, shape, dtype and bytes.
+
+    >>> content_digest(nn.Linear(2, 2)) == content_digest(nn.Linear(2, 2))  # other random weights
+    False
+    """
     h = hashlib.sha256()
-    h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str((tuple(t.shape), t.dtype)).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    h.update(repr((parts, wavefront.__version__, torch.__version__, onnxruntime.__version__)).encode())
-    return h.hexdigest()[:24]
+    for name, m in model.named_modules():
+        attrs = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
+        h.update(f"{name}:{type(m).__module__}.{type(m).__qualname__}:{plain_text(attrs)}\n".encode())
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        h.update(f"{name}:{plain_text(t)}\n".encode())
+    return h.hexdigest()
+
+
+def plain_text(value, _depth: int = 0) -> str:
+    """A stable text of a value that may enter a graph as a constant: numbers and strings with
+    their type, containers (dicts sorted), dtypes, enums, dataclasses, configs by to_dict(),
+    tensors by their bytes, functions and classes by name, other objects by class and attributes.
+    Modules give only their class: registered submodules are walked by content_digest.
+
+    >>> plain_text((1, 1.0, True, None))
+    'tuple[int(1),float(1.0),bool(True),NoneType(None)]'
+    """
+    d = _depth + 1
+    if _depth > 8:  # deep object graphs: cut (a shorter text only means fewer disk-cache hits)
+        return "..."
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return f"{type(value).__name__}({value!r})"
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return f"tensor({tuple(value.shape)},{value.dtype},{hashlib.sha256(data).hexdigest()})"
+    if isinstance(value, (torch.dtype, torch.device, torch.Size, torch.layout, torch.memory_format)):
+        return repr(value)
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__qualname__}.{value.name}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__}[{','.join(plain_text(v, d) for v in value)}]"
+    if isinstance(value, (set, frozenset)):
+        return f"{type(value).__name__}[{','.join(sorted(plain_text(v, d) for v in value))}]"
+    if isinstance(value, dict):
+        return "{" + ",".join(sorted(f"{plain_text(k, d)}:{plain_text(v, d)}" for k, v in value.items())) + "}"
+    name = f"{getattr(type(value), '__module__', '')}.{type(value).__qualname__}"
+    if isinstance(value, nn.Module):
+        return f"module {name}"
+    if isinstance(value, type):
+        return f"class {value.__module__}.{value.__qualname__}"
+    if isinstance(value, functools.partial):
+        return f"partial({plain_text(value.func, d)},{plain_text(value.args, d)},{plain_text(value.keywords, d)})"
+    if callable(getattr(value, "to_dict", None)):  # Hugging Face configs
+        try:
+            return f"{name}{plain_text(value.to_dict(), d)}"
+        except Exception:  # noqa: BLE001 (a to_dict that fails: the class and attributes below)
+            pass
+    if dataclasses.is_dataclass(value):
+        return f"{name}{plain_text({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, d)}"
+    if callable(value) and hasattr(value, "__qualname__"):  # functions, bound methods, builtins
+        return f"function {getattr(value, '__module__', '')}.{value.__qualname__}"
+    if hasattr(value, "__dict__"):
+        return f"{name}{plain_text(vars(value), d)}"
+    return name
+
+
+def parameter_fingerprint(model: nn.Module) -> tuple:
+    """Per parameter and buffer: the object, its storage, its version counter (bumped by every
+    in-place write but writes through `.data`), shape, dtype and device. Cheap enough per call.
+
+    >>> lin = nn.Linear(2, 2)
+    >>> before = parameter_fingerprint(lin)
+    >>> with torch.no_grad():
+    ...     _ = lin.weight.mul_(2)
+    >>> parameter_fingerprint(lin) == before
+    False
+    """
+    return tuple((id(t), t.data_ptr(), t._version, t.shape, t.dtype, t.device)
+                 for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _identities(fingerprint: tuple) -> tuple:
+    return tuple((i, ptr, shape, dtype, device) for i, ptr, _, shape, dtype, device in fingerprint)
+
+
+def _is_plain(value) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (tuple, list)) and all(_is_plain(v) for v in value)
+
+
+def input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The model's token embedding: get_input_embeddings() (Hugging Face), else its first
+    nn.Embedding.
+
+    >>> input_embedding(nn.Sequential(nn.Embedding(7, 2), nn.Linear(2, 2))).num_embeddings
+    7
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if isinstance(emb, nn.Embedding):
+            return emb
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int | None) -> None:
+    """Refuse ids outside [0, vocab_size) as torch's embedding does (an ONNX Gather would wrap a
+    negative id around instead).
+
+    >>> check_token_ids(torch.tensor([[0, 49]]), 50)
+    >>> check_token_ids(torch.tensor([[-3]]), 50)
+    Traceback (most recent call last):
+    ...
+    IndexError: index out of range in self: token ids must lie in [0, 50) (the model's vocabulary), got ids from -3 to -3
+    """
+    if vocab_size is None or input_ids.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))
+    if lo < 0 or hi >= vocab_size:
+        raise IndexError(f"index out of range in self: token ids must lie in [0, {vocab_size}) (the model's "
+                         f"vocabulary), got ids from {lo} to {hi}")
 
 
 class Session:
@@ -111,7 +256,15 @@ def _np_dtype(dtype: torch.dtype):
 
 class OnnxRuntimeModel(nn.Module):
     """A model optimized by wavefront, run by onnxruntime; the same forward and outputs as
-    `optimized` (logits for language models, tensors otherwise)."""
+    `optimized` (logits for language models, tensors otherwise).
+
+    Each call compares the model's parameters and buffers with those its sessions were built for
+    (parameter_fingerprint): an optimizer step, an in-place change, load_state_dict (copying or
+    assign=True) or model.to(...) makes the next call export again, or open the graph the disk
+    cache holds for the new weights. Writes through `p.data` (`p.data.copy_(...)`) bypass the
+    version counter and are not seen: call refresh() after them. Threads may share the model:
+    its first export happens once, the others wait for it.
+    """
 
     def __init__(self, optimized: nn.Module, providers=PROVIDERS, kwargs: dict | None = None, verify: bool = False):
         super().__init__()
@@ -123,28 +276,73 @@ class OnnxRuntimeModel(nn.Module):
         self.sessions: dict = {}
         self.last_session: Session | None = None
         self.export_time_s: float | None = None
+        self.exports = 0  # graphs exported by this model (not found in the disk cache)
+        self._lock = threading.Lock()
+        self._seen: tuple | None = None  # parameter_fingerprint the sessions were built for
+        self._pinned: list = []  # its tensors, held so that their ids cannot be reused by new ones
+        self._content: str | None = None  # content_digest of those weights, computed when first needed
+        self._vocab: int | None = None
 
     @property
     def is_segments(self) -> bool:
         from wavefront.api import OptimizedModel
         return isinstance(self.optimized, OptimizedModel)
 
-    def _session(self, example: tuple, shape_key) -> Session:
-        if shape_key not in self.sessions:
-            import time
+    @property
+    def source(self) -> nn.Module:
+        """The user's model (what the torch-optimized model wraps)."""
+        return getattr(self.optimized, "model", self.optimized)
 
-            from wavefront.export import export_onnx
-            path = os.path.join(_cache_dir(), model_key(self.optimized, shape_key, sorted(self.kwargs.items())) + ".onnx")
-            if not os.path.exists(path):
+    def refresh(self) -> None:
+        """Forget the sessions: the next call keys the graph by the weights' content again. Needed
+        only after writes that bypass version counters (`p.data.copy_(...)`)."""
+        with self._lock:
+            self._seen, self._pinned, self.sessions, self._content = None, [], {}, None
+
+    def _follow_the_model(self) -> None:
+        """Drop the sessions when the model's tensors changed; when they were replaced (assign,
+        .to(), `p.data = ...`), optimize the model again, so that nothing captured from the old
+        tensors is exported."""
+        with self._lock:
+            seen = parameter_fingerprint(self.optimized)
+            if seen == self._seen:
+                return
+            if self._seen is not None and _identities(seen) != _identities(self._seen) \
+                    and self.source is not self.optimized:
+                from wavefront.api import optimize
+                schedule = getattr(self.optimized, "schedule_kind", None)
+                self.optimized = optimize(self.source, backend="torch", **({"schedule": schedule} if schedule else {}))
+            self.sessions, self._content = {}, None
+            emb = input_embedding(self.source)
+            self._vocab = emb.num_embeddings if emb is not None else None
+            self._seen = parameter_fingerprint(self.optimized)
+            self._pinned = list(itertools.chain(self.optimized.parameters(), self.optimized.buffers()))
+
+    def _session(self, example: tuple, shape_key) -> Session:
+        from wavefront.export import export_onnx
+
+        from .disk_cache import cache_dir, cached_entry
+        with self._lock:
+            session = self.sessions.get(shape_key)
+            if session is None:
+                if self._content is None:
+                    self._content = content_digest(self.source)
+                key = _key(self._content, type(self.optimized).__qualname__,
+                           getattr(self.optimized, "schedule_kind", None), shape_key, sorted(self.kwargs.items()))
+
+                def export_to(tmp):
+                    with _EXPORT_LOCK:
+                        export_onnx(self.optimized, example, tmp, kwargs=self.kwargs)
                 t0 = time.perf_counter()
-                export_onnx(self.optimized, example, path + ".tmp", kwargs=self.kwargs)
-                os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a graph in the cache
-                self.export_time_s = time.perf_counter() - t0
-            self.sessions[shape_key] = Session(path, self.providers)
-        self.last_session = self.sessions[shape_key]
-        return self.last_session
+                entry = cached_entry(os.path.join(cache_dir("onnx"), key + ".onnx"), key, export_to)
+                if entry.built:
+                    self.export_time_s, self.exports = time.perf_counter() - t0, self.exports + 1
+                session = self.sessions[shape_key] = Session(entry.path, self.providers)
+            self.last_session = session
+            return session
 
     def forward(self, *args, **kwargs):
+        self._follow_the_model()
         out = self._segments(*args, **kwargs) if self.is_segments else self._tensors(*args, **kwargs)
         if self.verify:  # the first call against the torch backend (itself exact against the model)
             from wavefront.verification import check_outputs
@@ -161,22 +359,41 @@ class OnnxRuntimeModel(nn.Module):
     def _tensors(self, *args, **kwargs):
         if kwargs:
             raise TypeError(f"pass keyword arguments when optimizing (optimize(..., kwargs=...)), got {sorted(kwargs)}")
+        signature = []  # the graph holds each non-tensor argument as a constant: part of its key
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                signature.append(("tensor", tuple(a.shape[:1]) + tuple(a.shape[2:]), a.dtype))
+            elif _is_plain(a):
+                signature.append(("value", plain_text(a)))
+            else:
+                raise TypeError(f"argument {i} is a {type(a).__name__}: backend='onnxruntime' takes tensors and plain "
+                                "values (numbers, strings, None, tuples of them); run this call with backend='torch'")
+        if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point() \
+                and callable(getattr(self.source, "get_input_embeddings", None)):
+            check_token_ids(args[0], self._vocab)  # a language model's input_ids
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        key = ("loops", tuple((tuple(t.shape[:1]) + tuple(t.shape[2:]), t.dtype) for t in tensors))
-        outs = self._session(args, key).run(*tensors)
+        outs = self._session(args, ("loops", tuple(signature))).run(*tensors)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _segments(self, input_ids: torch.Tensor, memory=None):
         from wavefront.backends.diagonal_program import stacked_memory, unstacked_memory
-        from wavefront.models.segment import MemoryState, SegmentLMOutput, check_input_ids
-        check_input_ids(input_ids)
+        from wavefront.models.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory
+        check_input_ids(input_ids)  # the torch backend's checks and messages, before onnxruntime sees anything
         rg, opt = self.optimized.rg, self.optimized
         seg, L = rg.segment_len, rg.n_layers
+        weight = next(rg.cell.parameters())
+        dtype, device = weight.dtype, weight.device
+        if input_ids.device != device:
+            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}: move one of them")
+        check_token_ids(input_ids, self._vocab)
         B, T = input_ids.shape
-        whole = (T // seg) * seg
-        dtype = next(rg.cell.parameters()).dtype
+        fresh = rg.initial_state(B, dtype, device)
         if memory is None:
-            memory = MemoryState(rg.initial_state(B, dtype, input_ids.device), 0)
+            memory = MemoryState(fresh, 0)
+        else:
+            check_memory(memory, fresh)
+        input_ids = input_ids.long()  # the graph takes int64 ids (torch accepts int32 too)
+        whole = (T // seg) * seg
         pieces = []
         if whole:
             session = self._session((input_ids[:, :seg],), ("segments", B, dtype))
@@ -197,4 +414,5 @@ class OnnxRuntimeModel(nn.Module):
         return self.last_session.describe()
 
 
-__all__ = ["OnnxRuntimeModel", "Session", "available", "model_key", "open_session"]
+__all__ = ["OnnxRuntimeModel", "Session", "available", "check_token_ids", "content_digest", "input_embedding",
+           "model_key", "open_session", "parameter_fingerprint", "plain_text"]
