@@ -245,3 +245,25 @@ def test_a_truncated_onnx_entry_is_exported_again_with_a_warning(cache):
         with pytest.warns(CacheWarning, match="truncated or changed"):
             assert_close(again(x), model(x), 1e-4, "after the truncated entry")
     assert again.exports == 1
+
+
+def test_an_exported_segment_graph_checks_its_inputs_like_torch(tmp_path):
+    from wavefront.export_segments import OnnxSegmentSession
+    model = tiny_armt(torch.float32)
+    ids = ids_for(4, batch=2)  # whole segments: what the graph runs
+    wavefront.export_onnx(wavefront.optimize(model), (ids,), str(tmp_path / "armt.onnx"))
+    session = OnnxSegmentSession(str(tmp_path / "armt.onnx"))
+    bad = ids.clone()
+    bad[0, 2] = -3
+    with pytest.raises(IndexError, match=rf"index out of range.*\[0, {VOCAB}\)"):
+        session(bad)
+    first = session(ids)
+    ref_backend = wavefront.optimize(tiny_armt(torch.float32))
+    one_row = ref_backend(ids[:1]).memory
+    expected = _torch_error(lambda: ref_backend(ids, one_row))
+    with pytest.raises(type(expected), match=re.escape(str(expected))):
+        session(ids, one_row)
+    with torch.no_grad():
+        ref_first = model(ids)
+        out, ref = session(ids.int(), first.memory), model(ids, ref_first.memory)
+    assert_close(out.logits, ref.logits, 1e-4, "exported graph, int32 ids, after the refused calls")

@@ -38,10 +38,14 @@ class OnnxSegmentSession:
         self.batch = self.session.get_inputs()[0].shape[0]  # fixed at export (an int), or symbolic (a str)
         self.d_key, self.d_model = (int(x) for x in meta["wavefront.memory_shape"].split(","))
         self.dtype = getattr(torch, meta["wavefront.dtype"].split(".")[-1])
+        vocab = meta.get("wavefront.vocab_size")  # absent in graphs exported before it was recorded
+        self.vocab_size = int(vocab) if vocab else None
 
     def __call__(self, input_ids: torch.Tensor, memory=None):
-        from wavefront.models.segment import MemoryState, SegmentLMOutput, check_input_ids
-        check_input_ids(input_ids)
+        from wavefront.backends.onnxruntime_backend import check_token_ids
+        from wavefront.models.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory
+        check_input_ids(input_ids)  # the torch backend's checks: an ONNX Gather would wrap a negative id
+        check_token_ids(input_ids, self.vocab_size)
         B, T = input_ids.shape
         if isinstance(self.batch, int) and B != self.batch:
             raise ValueError(f"this graph was exported for batch {self.batch}, got batch {B}: export again with an "
@@ -49,15 +53,15 @@ class OnnxSegmentSession:
         if T % self.segment_len:
             raise ValueError(f"the exported graph runs whole segments of {self.segment_len} tokens; got {T} tokens: "
                              f"pass {T - T % self.segment_len} now and the rest with the next piece")
-        if memory is None:
-            A = torch.zeros(self.n_layers, B, self.d_key, self.d_model, dtype=self.dtype)
-            z = torch.zeros(self.n_layers, B, self.d_key, dtype=self.dtype)
-            seen = 0
-        else:
+        A = torch.zeros(self.n_layers, B, self.d_key, self.d_model, dtype=self.dtype)
+        z = torch.zeros(self.n_layers, B, self.d_key, dtype=self.dtype)
+        seen = 0
+        if memory is not None:
+            check_memory(memory, unstacked_memory(A, z))  # the torch backend's messages, not onnxruntime's
             A, z = stacked_memory(memory.tensors, self.n_layers)
             seen = memory.segments_seen
-        feed = dict(zip(self.names, [input_ids.reshape(B, -1, self.segment_len).numpy(), A.to(self.dtype).numpy(),
-                                     z.to(self.dtype).numpy(), torch.tensor(seen == 0).numpy()]))
+        ids = input_ids.long().reshape(B, -1, self.segment_len)  # the graph takes int64 ids
+        feed = dict(zip(self.names, [ids.numpy(), A.numpy(), z.numpy(), torch.tensor(seen == 0).numpy()]))
         logits, A2, z2 = (torch.from_numpy(x) for x in self.session.run(None, feed))
         return SegmentLMOutput(logits, MemoryState(unstacked_memory(A2, z2), seen + T // self.segment_len))
 
@@ -69,6 +73,7 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
     """export_onnx for a model optimize() put under the diagonal schedule (see the module docstring)."""
     import json
 
+    from wavefront.backends.onnxruntime_backend import input_embedding
     from wavefront.export import ExportError, _check_in_onnxruntime, _to_onnx, save_with_metadata
     from wavefront.models.segment import MemoryState
     from wavefront.scheduler.schedule import diagonal
@@ -103,6 +108,9 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
             "wavefront.segment_len": str(seg), "wavefront.n_layers": str(L),
             "wavefront.memory_shape": f"{A.shape[2]},{A.shape[3]}", "wavefront.dtype": str(dtype),
             "wavefront.dynamic": json.dumps(bool(dynamic))}
+    embedding = input_embedding(optimized.model)
+    if embedding is not None:  # lets a session refuse ids outside the vocabulary, as torch does
+        meta["wavefront.vocab_size"] = str(embedding.num_embeddings)
     save_with_metadata(proto, path, meta)
     if check:
         out = OnnxSegmentSession(path)(input_ids, memory)
