@@ -344,17 +344,38 @@ class OnnxRuntimeModel(nn.Module):
     def forward(self, *args, **kwargs):
         self._follow_the_model()
         out = self._segments(*args, **kwargs) if self.is_segments else self._tensors(*args, **kwargs)
-        if self.verify:  # the first call against the torch backend (itself exact against the model)
-            from wavefront.verification import check_outputs
-            with torch.no_grad():
-                ref = self.optimized(*args, **{**self.kwargs, **kwargs})
-            if self.is_segments:
-                out_t, ref_t = [out.logits, *out.memory.tensors], [ref.logits, *ref.memory.tensors]
-            else:
-                out_t, ref_t = out, ref.logits if hasattr(ref, "logits") else ref
-            check_outputs(out_t, ref_t, "onnxruntime (vs the torch backend)", rtol=1e-4)
-            self.verify = False
+        if self.verify:  # the first call against the user's own forward
+            self._check(out, args, kwargs)
         return out
+
+    def _check(self, out, args, kwargs) -> None:
+        from wavefront.models.segment import MemoryState
+        from wavefront.verification import check_outputs
+        with torch.no_grad():
+            if self.is_segments:
+                input_ids, memory = (tuple(args) + (kwargs.get("memory"),))[:2]
+                bound = self.optimized.bound
+                if memory is not None and not bound.reference_takes_memory:
+                    return  # the model's own forward starts fresh only: verify the first fresh call instead
+                ref = bound.reference(input_ids, memory)
+            else:
+                ref = self.source(*args, **{**self.kwargs, **kwargs})
+        if self.is_segments:
+            ref_memory = ref.memory.tensors if isinstance(getattr(ref, "memory", None), MemoryState) else ()
+            out_t = [out.logits, *(out.memory.tensors if ref_memory else ())]
+            ref_t = [ref.logits if hasattr(ref, "logits") else ref, *ref_memory]
+        else:
+            out_t, ref_t = out, ref.logits if hasattr(ref, "logits") else ref
+        check_outputs(out_t, ref_t, "onnxruntime (vs the model's own forward)", rtol=1e-4)
+        self.verify = False
+
+    def __reduce__(self):
+        # Pickling keeps the model and the options; loading optimizes (and exports) it again.
+        from wavefront.api import _reoptimize
+        options = dict(backend="onnxruntime", kwargs=self.kwargs, verify=self.verify)
+        if getattr(self.optimized, "schedule_kind", None):
+            options["schedule"] = self.optimized.schedule_kind
+        return (_reoptimize, (self.source, options))
 
     def _tensors(self, *args, **kwargs):
         if kwargs:

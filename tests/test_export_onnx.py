@@ -153,3 +153,14 @@ def test_hf_mamba_exports_with_a_dynamic_length(tmp_path):
         (logits,) = run_onnx(path, (ids,))
         with torch.no_grad():
             assert_close(logits, model(ids, use_cache=False).logits, 1e-4, f"Mamba logits at T={T}")
+
+
+def test_export_leaves_the_models_train_eval_modes_as_they_were(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import wavefront
+    from conftest import ids_for, tiny_armt
+    model = tiny_armt(torch.float32).train()
+    model.cell.norm.eval()  # a mixed state must come back exactly
+    modes = [m.training for m in model.modules()]
+    wavefront.export_onnx(wavefront.optimize(model), (ids_for(4),), str(tmp_path / "m.onnx"))
+    assert [m.training for m in model.modules()] == modes

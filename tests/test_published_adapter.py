@@ -170,3 +170,18 @@ def test_load_state_dict_with_assign_reaches_every_published_parameter():
         fast(ids)
         model.load_state_dict(other.state_dict(), assign=True)
         assert_close(fast(ids).logits, other(ids), 1e-9, "after load_state_dict(assign=True)")
+
+
+def test_a_multi_head_published_model_exports_and_runs_from_fresh_memory(tmp_path):
+    """Its memory states are [heads, d_key / heads, d / heads] per layer: the session builds fresh
+    memory of that shape (it assumed [d_key, d])."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import wavefront
+    from wavefront.export_segments import OnnxSegmentSession
+    model = variant(VARIANTS["experimental, 2 heads"]).float()
+    path = str(tmp_path / "heads.onnx")
+    wavefront.export_onnx(wavefront.optimize(model), (ids_for(3, batch=1),), path)
+    ids = ids_for(4, batch=1)
+    with torch.no_grad():
+        assert_close(OnnxSegmentSession(path)(ids).logits, model(ids), 1e-4, "2-head published ARMT in onnxruntime")

@@ -100,14 +100,19 @@ def export_onnx(model: nn.Module, example_inputs, path: str, *, dynamic: bool = 
     True
     """
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    kwargs = dict(kwargs or {})
+    from wavefront.scheduler.train_mode import eval_mode
+    with eval_mode(model.modules()):  # exported in eval mode; the model's own modes come back after
+        return _export(model, example_inputs, path, dynamic, time_dims, dynamic_shapes, dict(kwargs or {}), check)
+
+
+def _export(model, example_inputs, path, dynamic, time_dims, dynamic_shapes, kwargs, check):
     module, kind, report = _prepare(model)
     if kind == "segments":
         from wavefront.export_segments import export_segments
         return export_segments(module, example_inputs, path, dynamic=dynamic, check=check)
     if dynamic and dynamic_shapes is None:  # a length-1 example would fix the length at 1 (0/1 specialisation)
         example_inputs = _at_least_two_steps(example_inputs, time_dims)
-    wrapper = _Outputs(module, kwargs).eval()
+    wrapper = _Outputs(module, kwargs).eval()  # (inside export_onnx's eval_mode: the user's flags are restored)
     with torch.no_grad():
         expected = wrapper(*example_inputs)  # also warms the loop plans up, outside the export trace
     shapes = dynamic_shapes if dynamic_shapes is not None else (

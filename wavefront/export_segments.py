@@ -16,6 +16,8 @@ the caller's to run (see OnnxSegmentSession), never padded into a wrong memory.
 """
 from __future__ import annotations
 
+import json
+
 import torch
 
 from wavefront.backends.diagonal_program import DiagonalProgram, ProgramNotApplicable, stacked_memory, unstacked_memory
@@ -36,7 +38,11 @@ class OnnxSegmentSession:
         self.providers = self.session.get_providers()
         self.names = [i.name for i in self.session.get_inputs()]
         self.batch = self.session.get_inputs()[0].shape[0]  # fixed at export (an int), or symbolic (a str)
-        self.d_key, self.d_model = (int(x) for x in meta["wavefront.memory_shape"].split(","))
+        if "wavefront.memory_shapes" in meta:  # per layer, without batch: A's and z's (multi-head states too)
+            self.a_shape, self.z_shape = (tuple(s) for s in json.loads(meta["wavefront.memory_shapes"]))
+        else:  # graphs exported before the shapes were recorded whole: A [d_key, d], z [d_key]
+            d_key, d_model = (int(x) for x in meta["wavefront.memory_shape"].split(","))
+            self.a_shape, self.z_shape = (d_key, d_model), (d_key,)
         self.dtype = getattr(torch, meta["wavefront.dtype"].split(".")[-1])
         vocab = meta.get("wavefront.vocab_size")  # absent in graphs exported before it was recorded
         self.vocab_size = int(vocab) if vocab else None
@@ -53,8 +59,8 @@ class OnnxSegmentSession:
         if T % self.segment_len:
             raise ValueError(f"the exported graph runs whole segments of {self.segment_len} tokens; got {T} tokens: "
                              f"pass {T - T % self.segment_len} now and the rest with the next piece")
-        A = torch.zeros(self.n_layers, B, self.d_key, self.d_model, dtype=self.dtype)
-        z = torch.zeros(self.n_layers, B, self.d_key, dtype=self.dtype)
+        A = torch.zeros(self.n_layers, B, *self.a_shape, dtype=self.dtype)
+        z = torch.zeros(self.n_layers, B, *self.z_shape, dtype=self.dtype)
         seen = 0
         if memory is not None:
             check_memory(memory, unstacked_memory(A, z))  # the torch backend's messages, not onnxruntime's
@@ -71,7 +77,6 @@ __all__ = ["OnnxSegmentSession", "export_segments"]
 
 def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: bool = True, check: bool = True):
     """export_onnx for a model optimize() put under the diagonal schedule (see the module docstring)."""
-    import json
 
     from wavefront.backends.onnxruntime_backend import input_embedding
     from wavefront.export import ExportError, _check_in_onnxruntime, _to_onnx, save_with_metadata
@@ -87,7 +92,7 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
                           "segments, any number of them")
     with torch.no_grad():  # the folded cell checks itself on its first full-width step: eagerly, here
         optimized(torch.zeros(B, (L + 1) * seg, dtype=input_ids.dtype, device=input_ids.device))
-        expected = optimized(input_ids, memory)
+        expected = _expected(optimized, input_ids, memory)
     try:
         program = DiagonalProgram(optimized, own_copies=True).eval()
     except ProgramNotApplicable as e:
@@ -106,7 +111,8 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
             "wavefront.schedule": diagonal(L, T // seg).to_json(), "wavefront.schedule_rule":
             "diagonal: L + S - 1 steps, step t runs (l, t - l); S is the graph's segment count",
             "wavefront.segment_len": str(seg), "wavefront.n_layers": str(L),
-            "wavefront.memory_shape": f"{A.shape[2]},{A.shape[3]}", "wavefront.dtype": str(dtype),
+            "wavefront.memory_shape": f"{A.shape[2]},{A.shape[3]}",
+            "wavefront.memory_shapes": json.dumps([list(A.shape[2:]), list(z.shape[2:])]), "wavefront.dtype": str(dtype),
             "wavefront.dynamic": json.dumps(bool(dynamic))}
     embedding = input_embedding(optimized.model)
     if embedding is not None:  # lets a session refuse ids outside the vocabulary, as torch does
@@ -114,6 +120,19 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
     save_with_metadata(proto, path, meta)
     if check:
         out = OnnxSegmentSession(path)(input_ids, memory)
-        _check_in_onnxruntime(path, example_inputs, [expected.logits, *expected.memory.tensors],
-                              got=[out.logits, *out.memory.tensors])
+        _check_in_onnxruntime(path, example_inputs, expected, got=[out.logits, *out.memory.tensors][:len(expected)])
     return proto
+
+
+def _expected(optimized, input_ids, memory) -> list:
+    """What the exported graph must give on the example: the user's own forward (logits, and the
+    memory where the model returns it); for a model whose forward starts fresh only, continuing a
+    stream, the optimized model's (itself verified against that forward)."""
+    from wavefront.models.segment import MemoryState
+    bound = optimized.bound
+    if memory is not None and not bound.reference_takes_memory:
+        out = optimized(input_ids, memory)
+        return [out.logits, *out.memory.tensors]
+    ref = bound.reference(input_ids, memory)
+    logits = ref.logits if hasattr(ref, "logits") else ref
+    return [logits, *(ref.memory.tensors if isinstance(getattr(ref, "memory", None), MemoryState) else ())]
