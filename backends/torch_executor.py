@@ -114,6 +114,8 @@ class TorchExecutor:
             check_memory(memory, fresh)
         bounds = segment_bounds(input_ids.shape[1], self.rg.segment_len)
         schedule = self._schedule(schedule, len(bounds))
+        if self.batched is not None:  # once per call: stacks current, fold assumptions, lane clones' modes
+            self.batched.check()
         program = self._program_for(input_ids, schedule)
         if program is not None:
             return self._run_program(program, input_ids, memory)
@@ -127,8 +129,6 @@ class TorchExecutor:
         done = [0] * len(bounds)
         lengths = [b - a for a, b in bounds]
         state_out = self.rg.state_out_nodes
-        if self.batched is not None:
-            self.batched.check()
         if self.step_timer is not None:
             self.step_timer.path = "step by step"
         for t, step in enumerate(schedule.steps):
@@ -169,8 +169,7 @@ class TorchExecutor:
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.rg.cell.parameters()):
             return None
-        self.batched.check()  # an assumption of the fold broken since (a buffer changed in one layer): no program
-        if getattr(self.batched.groups[0].cell, "mode", "") != "fold":
+        if getattr(self.batched.groups[0].cell, "mode", "") != "fold":  # the fold fell back since (a buffer changed)
             self.program = None
             return None
         if self.program is None:

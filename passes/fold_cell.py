@@ -136,7 +136,13 @@ class FoldLaneCell(OpaqueModule):
         if len(layers) != lane_values[0].shape[0]:
             raise ValueError(f"{len(layers)} layer modules for {lane_values[0].shape[0]} lanes")
         modules = [m for layer in layers for m in layer.modules()] + list(self.folded.modules())
-        training = any(m.training for m in modules)
+        training, layers_training = any(m.training for m in modules), self.layers_training
+        try:
+            return self._compare_lanes(params, lane_values, layers, leaves, modules, training)
+        finally:
+            self.layers_training = layers_training  # sync_modes inside the check set it for eval
+
+    def _compare_lanes(self, params, lane_values, layers, leaves, modules, training) -> str:
         with torch.no_grad(), eval_mode(modules):
             if training:  # the result in hand drew dropout masks: fold again, deterministically
                 self.sync_modes()

@@ -7,6 +7,8 @@ for layers whose graphs are fully traced.)
 """
 from __future__ import annotations
 
+import threading
+
 from torch import fx
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -55,6 +57,7 @@ class VmapLaneCell(OpaqueModule):
         self.template = template
         self.signature = signature
         self._out_spec = None
+        self._lock = threading.Lock()  # functional_call swaps the template's (the user's) parameters for the call
 
     def forward(self, params, lane_values, layers=None):
         sig = self.signature
@@ -67,5 +70,6 @@ class VmapLaneCell(OpaqueModule):
             return tuple(leaves)
 
         # randomness="different": each lane draws its own dropout masks, as separate layer calls would
-        leaves = vmap(one_lane, in_dims=(0, 0), randomness="different")(params, tuple(lane_values))
+        with self._lock:
+            leaves = vmap(one_lane, in_dims=(0, 0), randomness="different")(params, tuple(lane_values))
         return list(leaves), self._out_spec

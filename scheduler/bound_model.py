@@ -19,7 +19,8 @@ class BoundModel:
     reference(input_ids, memory) -> what the user's model returns for that call (a SegmentLMOutput,
     an output with .logits, or the logits); `reference_takes_memory` False: the model's own forward
     starts from fresh memory only, so calls continuing a stream cannot be compared with it.
-    `source`: the module the user passed (what a CaptureGuard watches).
+    `source`: the module the user passed (what a CaptureGuard watches); `volatile`: names of
+    attributes the model's own code rewrites as it runs (state, not settings: never guarded).
     """
 
     family: str
@@ -29,3 +30,4 @@ class BoundModel:
     reference: object = None
     reference_takes_memory: bool = True
     source: nn.Module | None = None
+    volatile: frozenset = frozenset()

@@ -28,6 +28,24 @@ from .train_mode import eval_mode
 PROOF_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
+_STRUCTURE = ("_parameters", "_buffers", "_modules")
+
+
+@contextlib.contextmanager
+def _client_state_kept(client: nn.Module):
+    """The client's forward rewrites its modules' attributes (the public ARMT code's memory, flags
+    and counters): everything but their structure is put back as it was after the proof, so a
+    memory the user was carrying survives optimize()."""
+    saved = [(m, {k: v for k, v in m.__dict__.items() if k not in _STRUCTURE}) for m in client.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            for k in [k for k in m.__dict__ if k not in _STRUCTURE and k not in attrs]:
+                del m.__dict__[k]
+            m.__dict__.update(attrs)
+
+
 @contextlib.contextmanager
 def _swapped(params: list[torch.Tensor], values: list[torch.Tensor]):
     """Each parameter viewing `values` for the block; its own storage back after, even on error."""
@@ -78,7 +96,7 @@ def prove_same_as_client(what: str, client: nn.Module, cell: nn.Module, segment_
     if randomize:
         params = list({id(t): t for t in randomize.values()}.values())
         runs.append(("random memory weights", params, [_random_like(t, g) for t in params]))
-    with torch.no_grad(), eval_mode(list(client.modules()) + list(cell.modules())):
+    with _client_state_kept(client), torch.no_grad(), eval_mode(list(client.modules()) + list(cell.modules())):
         for label, params, values in runs:
             with _swapped(params, values):
                 try:

@@ -37,6 +37,21 @@ from .client_proof import client_segment_len, prove_same_as_client
 _WRAPPER_ATTRS = ("W_mq", "W_mk", "W_mv", "W_mb", "layer", "num_mem_tokens", "associate", "update_mem", "zero_mem")
 
 
+# What the public ARMT code's own forward rewrites as it runs (the memory, its flags and counters):
+# state, never settings, so a CaptureGuard ignores it.
+CLIENT_STATE = frozenset({"W_mem", "z", "first_seg", "seg_num", "last_state", "previous_input", "remainders",
+                          "n_updates", "segments_passed"})
+
+
+def _client_layers(mc: nn.Module):
+    """The memory cell's wrapped layers: `layers`, or what `get_layers()` returns (versions that keep
+    the list out of the module tree)."""
+    layers = getattr(mc, "layers", None)
+    if layers is None and callable(getattr(mc, "get_layers", None)):
+        layers = mc.get_layers()
+    return layers
+
+
 def _cls(obj) -> str:
     return type(obj).__name__
 
@@ -44,9 +59,12 @@ def _cls(obj) -> str:
 def memory_view(wrapper: nn.Module) -> nn.Module:
     """The client's layer wrapper without its decoder layer: the same class (its methods), its
     memory projections and attributes, for running associate / update_mem alone. A copy, so the
-    wrapped layer is not a submodule twice (its parameters would be stacked twice)."""
+    wrapped layer is not a submodule twice (its parameters would be stacked twice); it stays
+    reachable as a plain attribute (some versions' zero_mem reads its dtype)."""
     view = copy.copy(wrapper)
-    view._modules = {k: m for k, m in wrapper._modules.items() if m is not wrapper.layer}
+    layer = wrapper.layer
+    view._modules = {k: m for k, m in wrapper._modules.items() if m is not layer}
+    view.__dict__["layer"] = layer
     return view
 
 
@@ -137,7 +155,7 @@ class PublishedARMTAdapter:
         mc = getattr(model, "memory_cell", None)
         if mc is None or not isinstance(getattr(model, "rmt_config", None), dict):
             return None
-        layers = getattr(mc, "layers", None)
+        layers = _client_layers(mc)
         if not isinstance(layers, nn.ModuleList) or not len(layers) or not hasattr(mc, "memory"):
             return None
         return mc if all(hasattr(layers[0], a) for a in ("W_mq", "W_mk", "W_mv", "W_mb", "layer")) else None
@@ -149,7 +167,7 @@ class PublishedARMTAdapter:
         mc = self._memory_cell(model)
         seg = client_segment_len(model, "ARMT")
         parts = hf_parts(mc.model)
-        for i, w in enumerate(mc.layers):
+        for i, w in enumerate(_client_layers(mc)):
             missing = [a for a in _WRAPPER_ATTRS if not hasattr(w, a)]
             if missing:
                 raise AdapterRefused(f"layer {i} ({_cls(w)}) lacks {', '.join(missing)} of the ARMT layer wrapper")
@@ -157,12 +175,16 @@ class PublishedARMTAdapter:
                 raise AdapterRefused(f"layer {i} is in generate mode (memory read-only): switch it off first")
             if not getattr(w, "use_denom", True):
                 raise AdapterRefused(f"layer {i} has use_denom=False (no z state), which the adapter does not carry")
-        layers = [ClientARMTLayer(w, parts.family) for w in mc.layers]
+        try:  # the client's own zero_mem gives the state's shape: anything it raises is a refusal, not a crash
+            layers = [ClientARMTLayer(w, parts.family) for w in _client_layers(mc)]
+        except Exception as e:
+            raise AdapterRefused(f"the client's layer wrapper could not be run on explicit state "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
         mem_positions = "tail" if getattr(mc, "wrap_pos", False) else "continue"
         cell = ARMTCell(HFEmbedStage(parts, mem_positions), layers, parts.norm, parts.lm_head, mc.memory)
         what = f"published ARMT over {_cls(mc.model)}"
         memory_params = {n: p for n, p in model.named_parameters()
                          if any(f".{w}." in f".{n}" for w in ("W_mq", "W_mk", "W_mv", "W_mb"))}
         prove_same_as_client(what, model, cell, seg, parts.embed.num_embeddings, memory_params)
-        return BoundModel(what, self.name, cell, seg, reference=lambda ids, memory=None: model(ids),
+        return BoundModel(what, self.name, cell, seg, reference=lambda ids, memory=None: model(ids), volatile=CLIENT_STATE,
                           reference_takes_memory=False, source=model)

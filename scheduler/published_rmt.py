@@ -9,7 +9,6 @@ and schedule="sequential" runs it, proven equal to the client's forward at bind 
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from wavefront.models.hf import HFBlockCall, HFReadWriteEmbedStage, hf_parts

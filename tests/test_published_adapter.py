@@ -185,3 +185,73 @@ def test_a_multi_head_published_model_exports_and_runs_from_fresh_memory(tmp_pat
     ids = ids_for(4, batch=1)
     with torch.no_grad():
         assert_close(OnnxSegmentSession(path)(ids).logits, model(ids), 1e-4, "2-head published ARMT in onnxruntime")
+
+
+class ZeroMemReadsTheLayer(published_armt_standin.AssociativeLayerWrapper):
+    """As some public versions do: zero_mem takes its dtype from the wrapped layer."""
+
+    def zero_mem(self):
+        super().zero_mem()
+        dtype = next(self.layer.parameters()).dtype
+        self.W_mem, self.z = self.W_mem.to(dtype), self.z.to(dtype)
+
+
+class TrainModeKeepsMemory(published_armt_standin.AssociativeRecurrentWrapper):
+    """As the public wrapper does in training: the memory is left in the layers after forward."""
+
+    def forward(self, input_ids):
+        size = self.rmt_config["segment_size"]
+        self.memory_cell.zero_mem()
+        logits = [self.memory_cell(input_ids[:, i:i + size]) for i in range(0, input_ids.shape[1], size)]
+        if not self.training:
+            self.memory_cell.zero_mem()
+        return torch.cat(logits, dim=1)
+
+
+def test_a_zero_mem_that_reads_the_wrapped_layer_works():
+    import wavefront
+    model = published("llama")
+    for w in model.memory_cell.layers:
+        w.__class__ = ZeroMemReadsTheLayer
+        w.zero_mem()
+    ids = ids_for(4, batch=2)
+    assert_close(wavefront.optimize(model)(ids).logits, model(ids), 1e-9, "zero_mem reading self.layer")
+
+
+def test_client_code_that_fails_on_explicit_state_is_refused_not_a_crash():
+    import wavefront
+
+    class Broken(published_armt_standin.AssociativeLayerWrapper):
+        def zero_mem(self):
+            raise RuntimeError("needs something wavefront does not give")
+
+    model = published("llama")
+    for w in model.memory_cell.layers:
+        w.__class__ = Broken
+    with pytest.warns(UserWarning, match="runs unchanged"):
+        fast = wavefront.optimize(model)
+    assert isinstance(fast, wavefront.api.UnchangedModel) and "needs something" in fast.reason
+
+
+def test_the_clients_own_state_is_neither_a_change_nor_erased():
+    """The client's forward in training mode leaves its memory in the layers: no new capture for
+    that, and optimize() itself (which runs the client's forward for its proof) keeps it."""
+    import wavefront
+    model = published("llama")
+    model.__class__ = TrainModeKeepsMemory
+    ids = ids_for(3, batch=2)
+    fast = wavefront.optimize(model)
+    with torch.no_grad():
+        fast(ids)
+        model.train()
+        model(ids)
+        model.eval()
+        carried = [w.W_mem.clone() for w in model.memory_cell.layers]
+        assert any(c.abs().sum() > 0 for c in carried)
+        assert_close(fast(ids).logits, model(ids), 1e-9, "after the client's own training-mode call")
+        assert fast.refreshed == ""
+        model.train()
+        model(ids)
+        carried = [w.W_mem.clone() for w in model.memory_cell.layers]
+        wavefront.optimize(model.eval())
+    assert all(torch.equal(c, w.W_mem) for c, w in zip(carried, model.memory_cell.layers))

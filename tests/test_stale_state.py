@@ -176,3 +176,51 @@ def test_model_to_another_dtype_is_seen():
         out = fast(ids)
         assert out.logits.dtype == torch.float32
         assert rel_err(out.logits, model(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "diagonal"])
+def test_a_layer_appended_after_optimize_is_seen(schedule):
+    import copy
+    model = tiny_armt()
+    fast = wavefront.optimize(model, schedule=schedule)
+    ids = ids_for(4, batch=2)
+    with torch.no_grad():
+        fast(ids)
+        model.cell.layers.append(copy.deepcopy(model.cell.layers[2]))
+        assert_close(fast(ids).logits, model(ids).logits, 1e-9, f"after appending a layer ({schedule})")
+    assert fast.rg.n_layers == 4 and "gained or lost" in fast.refreshed
+
+
+class _Scaled(torch.nn.Module):
+    """A head scaled by a plain tensor attribute (not a buffer): torch.fx bakes the object in."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.scale = head, torch.tensor(2.0, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.head(x) * self.scale
+
+
+def test_a_replaced_plain_tensor_attribute_is_seen():
+    model = tiny_armt()
+    model.cell.lm_head = _Scaled(model.cell.lm_head)
+    fast = wavefront.optimize(model)
+    ids = ids_for(4, batch=2, short_last=1)  # the step-by-step path reads the captured graph's constant
+    with torch.no_grad():
+        fast(ids)
+        model.cell.lm_head.scale = torch.tensor(-3.0, dtype=torch.float64)
+        assert_close(fast(ids).logits, model(ids).logits, 1e-9, "after replacing a tensor attribute")
+
+
+def test_vmap_lanes_draw_different_dropout_masks_in_one_call():
+    from torch import fx
+    from wavefront.passes.lane_batching import LaneSignature, VmapLaneCell
+    template = fx.symbolic_trace(torch.nn.Dropout(0.5))
+    g = fx.Graph()
+    x, first = g.placeholder("x"), g.placeholder("first")
+    call = g.call_module("layer", (x,))
+    cell = VmapLaneCell(template, LaneSignature(call, first))
+    lanes = torch.ones(2, 3, 64).expand(2, 3, 64)  # the same input in both lanes
+    (out,), _ = cell({}, [lanes])
+    assert not torch.equal(out[0], out[1])

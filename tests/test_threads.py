@@ -59,3 +59,37 @@ def test_four_threads_on_a_vmap_batched_kind():
     fast.batched.groups[0].cell.fallback_reason = "forced for this test"  # torch.func.vmap batches the layers
     failures = _hammer(fast, inputs, expected, rounds=3)
     assert not failures, f"{len(failures)} bad calls, e.g. {failures[:3]}"
+
+
+@pytest.mark.hf
+def test_threads_get_the_sequential_results_while_the_model_is_captured_again():
+    """A change of the model makes the next call capture it again (for the public ARMT code: the
+    proof swaps its memory weights for random ones, restacks the parameters): calls in flight and
+    calls during it must never see that."""
+    import sys
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_published_adapter import published
+    model = published("llama")
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randint(0, VOCAB, (2, n), generator=g) for n in (4 * SEG, 3 * SEG - 1)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    fast = wavefront.optimize(model)
+    stop, failures = threading.Event(), []
+
+    def changes():
+        k = 0
+        while not stop.is_set():
+            model.rmt_config["note"] = k  # a setting the guard watches: the next call captures again
+            k += 1
+            stop.wait(0.02)
+
+    changer = threading.Thread(target=changes)
+    changer.start()
+    try:
+        failures = _hammer(fast, inputs, expected, n_threads=3, rounds=6)
+    finally:
+        stop.set()
+        changer.join()
+    assert "rmt_config" in fast.refreshed
+    assert not failures, f"{len(failures)} bad calls, e.g. {failures[:3]}"

@@ -1,7 +1,6 @@
 """The public entry points: optimize(), explain(), last_schedule()."""
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -9,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from wavefront.call_gate import CallGate
 from wavefront.models.segment import MemoryState, SegmentLMOutput, segment_bounds
 from wavefront.passes.dependence import Verdict, analyse
 from wavefront.scheduler.adapters import AdapterRefused, bind_model, segment_adapter_for
@@ -40,7 +40,9 @@ class OptimizedModel(nn.Module):
         self.last_schedule: Schedule | None = None
         self.compile_time_s: float | None = None  # inductor: time of the first (compiling) call
         self.refreshed = ""  # why the model was last captured again after optimize() ("" if never)
-        object.__setattr__(self, "_lock", threading.RLock())
+        self._verify_requested = verify
+        self._unchanged_reason: str | None = None  # set when a changed model could no longer be proven
+        object.__setattr__(self, "_gate", CallGate())
         self._build()
 
     def _build(self) -> None:
@@ -57,26 +59,36 @@ class OptimizedModel(nn.Module):
             compile_batched(batched, aot=self.backend == "aot_inductor")
         object.__setattr__(self, "bound", bound)  # plain references: the modules are the model's
         self.rg, self.batched, self.executor = rg, batched, TorchExecutor(rg, batched)
-        self._guard = CaptureGuard(bound.source if bound.source is not None else self.model, rg.traced_modules)
+        self._guard = CaptureGuard(bound.source if bound.source is not None else self.model, rg.traced_modules,
+                                   bound.volatile)
         self._schedules: dict[int, Schedule] = {}
 
     def _refresh_if_changed(self) -> None:
-        why = self._guard.changed()
+        """Capture again when the model changed, while no call is in flight (CallGate)."""
+        why = self._guard.changed() if self._unchanged_reason is None else ""
         if why:
-            with self._lock:  # one thread captures again; the others then see the new guard agree
+            with self._gate.exclusive():
                 why = self._guard.changed()
                 if why:
-                    self._build()
+                    try:
+                        self._build()
+                    except AdapterRefused as e:  # the changed model is one wavefront cannot prove: run it as it is
+                        self._unchanged_reason = f"after a change ({why}): {e}"
+                        warnings.warn(f"{type(self.model).__name__} now runs unchanged: {e}", stacklevel=3)
                     self.refreshed = why
+                    self.verify = self._verify_requested  # a new capture is verified again
 
     def forward(self, input_ids: torch.Tensor, memory: MemoryState | None = None) -> SegmentLMOutput:
-        if self.verify:  # the verifying call may switch the model to eval mode: other threads wait for it
-            with self._lock:
+        self._refresh_if_changed()
+        if self._unchanged_reason is not None:
+            return self.model(input_ids, memory) if memory is not None else self.model(input_ids)
+        if self.verify:  # the verifying call may switch the model to eval mode: no other call meanwhile
+            with self._gate.exclusive():
                 return self._forward(input_ids, memory)
-        return self._forward(input_ids, memory)
+        with self._gate.shared():
+            return self._forward(input_ids, memory)
 
     def _forward(self, input_ids, memory):
-        self._refresh_if_changed()
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] > 0:
             n_segments = len(segment_bounds(input_ids.shape[1], self.rg.segment_len))
         else:
@@ -283,6 +295,9 @@ def explain(model: nn.Module, n_segments: int | None = None) -> Explanation:
         if why:
             return Explanation(type(inner).__name__, scan_adapter.name, scan_adapter.describe(inner), no_segments,
                                f"unchanged ({why})", 0, None)
+    if isinstance(model, OptimizedModel) and model._unchanged_reason is not None:
+        return Explanation(type(model.model).__name__, "none", f"runs unchanged: {model._unchanged_reason}", no_segments,
+                           "unchanged", 0, None)
     if isinstance(model, OptimizedModel):
         rg, last = model.rg, model.last_schedule
         n = n_segments if n_segments is not None else (last.n_segments if last else None)
