@@ -168,10 +168,6 @@ def parameter_fingerprint(model: nn.Module) -> tuple:
                  for t in itertools.chain(model.parameters(), model.buffers()))
 
 
-def _identities(fingerprint: tuple) -> tuple:
-    return tuple((i, ptr, shape, dtype, device) for i, ptr, _, shape, dtype, device in fingerprint)
-
-
 def _is_plain(value) -> bool:
     if value is None or isinstance(value, (bool, int, float, str)):
         return True
@@ -282,6 +278,7 @@ class OnnxRuntimeModel(nn.Module):
         self._pinned: list = []  # its tensors, held so that their ids cannot be reused by new ones
         self._content: str | None = None  # content_digest of those weights, computed when first needed
         self._vocab: int | None = None
+        self._guard = None  # a CaptureGuard of the user's model, made on the first call
 
     @property
     def is_segments(self) -> bool:
@@ -300,15 +297,22 @@ class OnnxRuntimeModel(nn.Module):
             self._seen, self._pinned, self.sessions, self._content = None, [], {}, None
 
     def _follow_the_model(self) -> None:
-        """Drop the sessions when the model's tensors changed; when they were replaced (assign,
-        .to(), `p.data = ...`), optimize the model again, so that nothing captured from the old
-        tensors is exported."""
+        """Drop the sessions when the model changed: its tensors' values (fingerprint, then content),
+        or anything a CaptureGuard watches (tensors or modules replaced, settings such as an eps,
+        layers added). A replaced or reconfigured model is optimized again first, so that nothing
+        captured from the old one is exported."""
         with self._lock:
             seen = parameter_fingerprint(self.optimized)
-            if seen == self._seen:
+            why = self._guard.changed() if self._guard is not None else "first call"
+            if seen == self._seen and not why:
                 return
-            if self._seen is not None and _identities(seen) != _identities(self._seen) \
-                    and self.source is not self.optimized:
+            if self._guard is not None and not why and self._content is not None:
+                content = content_digest(self.source)  # storage moved (p.data = ..., restacked), values maybe not
+                if content == self._content:
+                    self._seen = seen
+                    self._pinned = list(itertools.chain(self.optimized.parameters(), self.optimized.buffers()))
+                    return
+            if self._guard is not None and why and self.source is not self.optimized:
                 from wavefront.api import optimize
                 schedule = getattr(self.optimized, "schedule_kind", None)
                 self.optimized = optimize(self.source, backend="torch", **({"schedule": schedule} if schedule else {}))
@@ -317,6 +321,9 @@ class OnnxRuntimeModel(nn.Module):
             self._vocab = emb.num_embeddings if emb is not None else None
             self._seen = parameter_fingerprint(self.optimized)
             self._pinned = list(itertools.chain(self.optimized.parameters(), self.optimized.buffers()))
+            from wavefront.scheduler.capture_guard import CaptureGuard
+            bound = getattr(self.optimized, "bound", None)
+            self._guard = CaptureGuard(self.source, volatile=getattr(bound, "volatile", frozenset()))
 
     def _session(self, example: tuple, shape_key) -> Session:
         from wavefront.export import export_onnx
@@ -350,8 +357,9 @@ class OnnxRuntimeModel(nn.Module):
 
     def _check(self, out, args, kwargs) -> None:
         from wavefront.models.segment import MemoryState
+        from wavefront.scheduler.train_mode import eval_mode
         from wavefront.verification import check_outputs
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.source.modules()):  # the graph was exported in eval mode
             if self.is_segments:
                 input_ids, memory = (tuple(args) + (kwargs.get("memory"),))[:2]
                 bound = self.optimized.bound

@@ -267,3 +267,13 @@ def test_an_exported_segment_graph_checks_its_inputs_like_torch(tmp_path):
         ref_first = model(ids)
         out, ref = session(ids.int(), first.memory), model(ids, ref_first.memory)
     assert_close(out.logits, ref.logits, 1e-4, "exported graph, int32 ids, after the refused calls")
+
+
+def test_a_setting_changed_after_the_first_call_is_seen(armt_cache):
+    """Not a tensor: eps, baked into the exported graph, must key the session too."""
+    model = tiny_armt(torch.float32)
+    fast = wavefront.optimize(model, backend="onnxruntime")
+    _same_as_torch(fast, model, IDS, "first call")
+    for layer in model.cell.layers:
+        layer.block.attn_norm.eps = 0.5
+    _same_as_torch(fast, model, IDS, "after changing eps")
