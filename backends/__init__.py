@@ -1,4 +1,4 @@
-"""Backends that execute schedules: wavefront.backends."""
-from .torch_executor import TorchExecutor, run_schedule
+"""Lowering and execution: wavefront.backends."""
+from .torch_executor import TorchExecutor
 
-__all__ = ["TorchExecutor", "run_schedule"]
+__all__ = ["TorchExecutor"]

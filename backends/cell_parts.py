@@ -44,12 +44,20 @@ def compile_part(root: fx.GraphModule, nodes: list[fx.Node], name: str) -> Part:
            and isinstance(n.args[1], int) and n.args[0] not in nodes for n in nodes):
         return Part(None, [], list(nodes), unpack=[(n, n.args[0], n.args[1]) for n in nodes])
     members = set(nodes)
-    g = fx.Graph()
     inputs: list[fx.Node] = []
     for n in nodes:
         for a in n.all_input_nodes:
             if a not in members and a.op != "get_attr" and a not in inputs:
                 inputs.append(a)
+    outputs = [n for n in nodes if any(u not in members for u in n.users)]
+    return Part(subgraph(root, nodes, inputs, outputs, name), inputs, outputs)
+
+
+def subgraph(root: fx.GraphModule, nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node],
+             name: str) -> fx.GraphModule:
+    """A GraphModule computing `outputs` (a tuple) from `inputs` (its placeholders, in order) by
+    the `nodes` of `root` (in graph order); parameters and buffers are read from root in place."""
+    g = fx.Graph()
     mapping = {a: g.placeholder(f"in_{i}") for i, a in enumerate(inputs)}
 
     def get(x):
@@ -58,7 +66,7 @@ def compile_part(root: fx.GraphModule, nodes: list[fx.Node], name: str) -> Part:
         return mapping[x]
 
     for n in nodes:
-        mapping[n] = g.node_copy(n, get)
-    outputs = [n for n in nodes if any(u not in members for u in n.users)]
+        if n not in mapping:
+            mapping[n] = g.node_copy(n, get)
     g.output(tuple(mapping[o] for o in outputs))
-    return Part(fx.GraphModule(root, g, class_name=name), inputs, outputs)
+    return fx.GraphModule(root, g, class_name=name)

@@ -369,8 +369,8 @@ class OnnxRuntimeModel(nn.Module):
             else:
                 ref = self.source(*args, **{**self.kwargs, **kwargs})
         if self.is_segments:
-            ref_memory = ref.memory.tensors if isinstance(getattr(ref, "memory", None), MemoryState) else ()
-            out_t = [out.logits, *(out.memory.tensors if ref_memory else ())]
+            ref_memory = ref.memory.leaves() if isinstance(getattr(ref, "memory", None), MemoryState) else ()
+            out_t = [out.logits, *(out.memory.leaves() if ref_memory else ())]
             ref_t = [ref.logits if hasattr(ref, "logits") else ref, *ref_memory]
         else:
             out_t, ref_t = out, ref.logits if hasattr(ref, "logits") else ref
@@ -405,11 +405,10 @@ class OnnxRuntimeModel(nn.Module):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _segments(self, input_ids: torch.Tensor, memory=None):
-        from wavefront.backends.diagonal_program import stacked_memory, unstacked_memory
         from wavefront.models.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory
         check_input_ids(input_ids)  # the torch backend's checks and messages, before onnxruntime sees anything
         rg, opt = self.optimized.rg, self.optimized
-        seg, L = rg.segment_len, rg.n_layers
+        seg = rg.segment_len
         weight = next(rg.cell.parameters())
         dtype, device = weight.dtype, weight.device
         if input_ids.device != device:
@@ -426,11 +425,11 @@ class OnnxRuntimeModel(nn.Module):
         pieces = []
         if whole:
             session = self._session((input_ids[:, :seg],), ("segments", B, dtype))
-            A, z = stacked_memory(memory.tensors, L)
-            logits, A2, z2 = session.run(input_ids[:, :whole].reshape(B, -1, seg), A, z,
-                                         torch.tensor(memory.segments_seen == 0))
+            plan = opt.executor.program.plan  # the exported program's state layout
+            logits, *stacked = session.run(input_ids[:, :whole].reshape(B, -1, seg), *plan.stack_state(memory.leaves()),
+                                           torch.tensor(memory.segments_seen == 0))
             pieces.append(logits)
-            memory = MemoryState(unstacked_memory(A2, z2), memory.segments_seen + whole // seg)
+            memory = MemoryState(rg.state_from_leaves(plan.unstack_state(stacked)), memory.segments_seen + whole // seg)
         if whole < T:  # the shorter last segment: torch, from the graph's memory
             tail = opt(input_ids[:, whole:], memory)
             pieces.append(tail.logits)

@@ -63,9 +63,9 @@ class TorchExecutor:
         self._keep = set(rg.state_out_nodes) | {rg.logits_node}
         self._validated: dict = {}
         self._flat_tuple: dict = {}
-        self._diagonal: dict = {}
-        self.program = None  # DiagonalProgram, built on the first call it applies to
-        self.program_reason = ""  # why it does not apply to this model (never retried)
+        self.program = None  # SegmentProgram for whole-segment inference calls (build_program)
+        self.program_reason = "not built"  # why there is none
+        self.last_path = ""  # how the latest call ran: "one program" or "step by step" (for tests and profiles)
         self.step_timer = None  # a StepTimer while profile() runs
         self._lock = threading.Lock()  # calls that swap module state (vmap, the fold's first check) run one at a time
 
@@ -117,6 +117,7 @@ class TorchExecutor:
         if self.batched is not None:  # once per call: stacks current, fold assumptions, lane clones' modes
             self.batched.check()
         program = self._program_for(input_ids, schedule)
+        self.last_path = "step by step" if program is None else "one program"
         if program is not None:
             return self._run_program(program, input_ids, memory)
         params = {n: get_attr_path(self.rg.graph_module, t) for n, t in self._params}
@@ -126,6 +127,7 @@ class TorchExecutor:
             env[self.rg.input_node] = input_ids[:, a:b]
             env[self.rg.first_node] = torch.tensor(memory.segments_seen + s == 0, device=device)
             envs.append(env)
+        leaves = memory.leaves()
         done = [0] * len(bounds)
         lengths = [b - a for a, b in bounds]
         state_out = self.rg.state_out_nodes
@@ -133,7 +135,7 @@ class TorchExecutor:
             self.step_timer.path = "step by step"
         for t, step in enumerate(schedule.steps):
             with maybe_step(self.step_timer, t):
-                self._run_step(step, envs, memory, lengths)
+                self._run_step(step, envs, leaves, lengths)
             for l, s in step:
                 done[s] += 1
                 if done[s] == self.rg.n_layers:  # segment finished: keep only what others read
@@ -142,88 +144,97 @@ class TorchExecutor:
                         if 0 <= r < len(envs) - 1 and done[r] == done[r + 1] == self.rg.n_layers:
                             envs[r] = {self.rg.logits_node: envs[r][self.rg.logits_node]}
         logits = torch.cat([env[self.rg.logits_node] for env in envs], dim=1)
-        final = tuple(envs[-1][n] for n in state_out)
+        final = self.rg.state_from_leaves(envs[-1][n] for n in state_out)
         return SegmentLMOutput(logits, MemoryState(final, memory.segments_seen + len(bounds)))
 
-    def _run_step(self, step, envs, memory, lengths):
+    def _run_step(self, step, envs, memory_leaves, lengths):
         """One schedule step: each cell's part before its layer, the layers (batched where
         possible), each cell's part after."""
         state_out = self.rg.state_out_nodes
         for l, s in step:
             env = envs[s]
             for node, j in self._state_in[l]:
-                env[node] = memory.tensors[j] if s == 0 else envs[s - 1][state_out[j]]
+                env[node] = memory_leaves[j] if s == 0 else envs[s - 1][state_out[j]]
             self._before[l].run(env)
         for cells in self._layer_groups(step, lengths):
             self._run_layers(cells, envs)
         for l, s in step:
             self._after[l].run(envs[s])
 
+    def build_program(self) -> None:
+        """Choose how whole-segment inference calls run, once (optimize(), or a new capture): the
+        one-program form (backends/segment_program.py) if the plan applies to this model and the
+        program gives the step-by-step result on a synthetic input (two rows, three segments,
+        in eval mode, without gradients; the lane fold checks itself on the same run). Otherwise
+        `program_reason` says why, and such calls run step by step."""
+        self.program, self.program_reason = None, ""
+        if self.batched is None:
+            return
+        from wavefront.passes.segment_plan import ProgramNotApplicable, plan_segment_program
+        from wavefront.scheduler.train_mode import eval_mode
+
+        from .segment_program import SegmentProgram
+        modules = list(self.rg.cell.modules())
+        try:
+            plan = plan_segment_program(self.rg, self.batched.signatures)
+            ids = synthetic_input_ids(self.rg.cell, 2, 3 * self.rg.segment_len)
+            with torch.no_grad(), eval_mode(modules):
+                plan.classify(ids, self.rg.segment_len)
+                ref = self._run(ids, self._schedule("diagonal", 3), None)  # step by step: self.program is None
+                program = SegmentProgram(plan, self.batched.groups[0])
+                got = self._run_program(program, ids, MemoryState(self.rg.initial_state(2, *self._dtype_device()), 0))
+            why = _differs([ref.logits, *ref.memory.leaves()], [got.logits, *got.memory.leaves()])
+            if why:
+                raise ProgramNotApplicable(f"on a synthetic input it gave another result than step by step ({why})")
+        except ProgramNotApplicable as e:
+            self.program_reason = str(e)
+            return
+        except Exception as e:  # the model's own code refused the synthetic input: stay step by step, say why
+            self.program_reason = (f"the one-program check on a synthetic input raised {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+            return
+        self.program = program
+
     def _program_for(self, input_ids, schedule):
-        """The one-program form of the diagonal schedule (backends/diagonal_program.py), where it
-        applies: the diagonal schedule over whole segments, no gradient needed (the program reads
-        the stacks as plain tensors), a single lane-folded layer kind that has checked itself."""
-        if self.batched is None or self.program_reason or input_ids.shape[1] % self.rg.segment_len:
-            return None
-        if schedule is not self._diagonal_schedule(schedule):
+        """The one program (build_program) when this call may use it: the diagonal schedule over
+        whole segments, no gradient needed (the program reads the stacks as plain tensors), the
+        lane fold still in use."""
+        if self.program is None or input_ids.shape[1] % self.rg.segment_len or schedule.lower() is None:
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.rg.cell.parameters()):
             return None
         if getattr(self.batched.groups[0].cell, "mode", "") != "fold":  # the fold fell back since (a buffer changed)
-            self.program = None
+            self.program, self.program_reason = None, "the lane-folded cell fell back to vmap after a change"
             return None
-        if self.program is None:
-            from .diagonal_program import DiagonalProgram, ProgramNotApplicable
-            cell = self.batched.groups[0].cell
-            if len(self.batched.groups) == 1 and getattr(cell, "mode", "") == "fold" and not cell.checked:
-                return None  # the fold checks itself on a step-by-step call first
-            try:
-                self.program = DiagonalProgram(self)
-            except ProgramNotApplicable as e:
-                self.program_reason = str(e)
-                return None
         return self.program
 
     def describe_program(self) -> str:
         """How whole-segment inference calls run (for explain())."""
         if self.batched is None:
             return ""
-        if self.program_reason:
-            return f"  step by step: {self.program_reason}"
-        cell = self.batched.groups[0].cell
-        if getattr(cell, "mode", "") != "fold":
-            return (f"  step by step: the batched cell runs as {getattr(cell, 'mode', '?')!r}"
-                    + (f" ({cell.fallback_reason})" if getattr(cell, "fallback_reason", "") else ""))
         if self.program is None:
-            return "  whole-segment inference calls: one program (memory stacked per layer, hidden per lane), from the next call"
+            return f"  whole-segment inference calls: step by step ({self.program_reason})"
+        cell = self.batched.groups[0].cell
         how = (f"its batched cell {compiled_label(cell)}" if compiled_label(cell) else
                f"its batched cell eager (compile failed: {cell.compile_error})" if getattr(cell, "compile_error", "")
                else "eager")
-        return (f"  whole-segment inference calls: one program, {how}: memory stacked per layer, hidden per lane, "
+        return (f"  whole-segment inference calls: one program, {how}: state stacked per layer, hidden per lane, "
                 "each step runs only its active lanes")
 
-    def _diagonal_schedule(self, schedule: Schedule):
-        """`schedule` if it is exactly the diagonal schedule for its size (else None)."""
-        key = (schedule.n_layers, schedule.n_segments)
-        if self._diagonal.get(key) is None:
-            self._diagonal = {key: build_schedule("diagonal", *key)}
-        return schedule if schedule.steps == self._diagonal[key].steps else None
-
     def _run_program(self, program, input_ids, memory):
-        from .diagonal_program import stacked_memory, unstacked_memory
         B, T = input_ids.shape
         seg = self.rg.segment_len
-        A, z = stacked_memory(memory.tensors, self.rg.n_layers)
+        stacked = program.plan.stack_state(memory.leaves())
         fresh = torch.tensor(memory.segments_seen == 0, device=input_ids.device)
-        args = (input_ids.reshape(B, T // seg, seg), A, z, fresh)
         if self.step_timer is not None:
             self.step_timer.path = "one program"
         program.step_timer = self.step_timer
         try:
-            logits, A, z = program(*args)
+            logits, *stacked = program(input_ids.reshape(B, T // seg, seg), *stacked, fresh)
         finally:
             program.step_timer = None
-        return SegmentLMOutput(logits, MemoryState(unstacked_memory(A, z), memory.segments_seen + T // seg))
+        state = self.rg.state_from_leaves(program.plan.unstack_state(stacked))
+        return SegmentLMOutput(logits, MemoryState(state, memory.segments_seen + T // seg))
 
     def _layer_groups(self, step, lengths):
         """Cells of a step that one batched call can run: same kind and segment length,
@@ -264,9 +275,30 @@ class TorchExecutor:
             envs[s][self.rg.layer_nodes[l]] = per_lane[k] if as_tuple else tree_unflatten(list(per_lane[k]), spec)
 
 
-def run_schedule(rg: RecurrenceGraph, input_ids, schedule="sequential", memory=None) -> SegmentLMOutput:
-    """One-shot helper: TorchExecutor(rg).run(input_ids, schedule, memory)."""
-    return TorchExecutor(rg).run(input_ids, schedule, memory)
+def synthetic_input_ids(cell, batch: int, tokens: int) -> torch.Tensor:
+    """Random token ids for a self-check: within the first embedding's vocabulary (zeros when
+    the cell has none), drawn from a generator of its own (the user's random state is left alone)."""
+    emb = next((m for m in cell.modules() if isinstance(m, torch.nn.Embedding)), None)
+    device = next(cell.parameters()).device
+    if emb is None:
+        return torch.zeros(batch, tokens, dtype=torch.long, device=device)
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, emb.num_embeddings, (batch, tokens), generator=gen).to(device)
 
 
-__all__ = ["TorchExecutor", "run_schedule"]
+def _differs(ref, got) -> str:
+    """Why two lists of results differ beyond rounding ("" when they agree)."""
+    from wavefront.passes.fold_cell import CHECK_RTOL
+    if len(ref) != len(got):
+        return f"{len(got)} results for {len(ref)}"
+    for i, (r, g) in enumerate(zip(ref, got)):
+        if r.shape != g.shape:
+            return f"result {i} has shape {tuple(g.shape)}, expected {tuple(r.shape)}"
+        scale = r.abs().max().clamp_min(1e-30)
+        err = float((g - r).abs().max() / scale)
+        if not err <= CHECK_RTOL.get(r.dtype, 5e-2):
+            return f"result {i} relative error {err:.2e}"
+    return ""
+
+
+__all__ = ["TorchExecutor", "synthetic_input_ids"]

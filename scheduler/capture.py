@@ -15,6 +15,7 @@ import traceback
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from wavefront.models.opaque import OpaqueModule
 
@@ -61,13 +62,15 @@ def _user_frame(exc: BaseException) -> str:
     return f"{os.path.basename(f.filename)}:{f.lineno}: {(f.line or '').strip()}"
 
 
-def trace_module(root: nn.Module, leaves=(), what: str = "", traced: list | None = None) -> fx.GraphModule:
+def trace_module(root: nn.Module, leaves=(), what: str = "", traced: list | None = None,
+                 concrete_args: dict | None = None) -> fx.GraphModule:
     """Symbolically trace `root` (layers in `leaves` and OpaqueModules kept whole) or raise a
     CaptureError naming the module being traced and the failing operation. `traced`, if given,
-    receives the modules whose code the trace ran (root included)."""
+    receives the modules whose code the trace ran (root included). `concrete_args` as torch.fx
+    takes them (fx.PH leaves become one placeholder each)."""
     tracer = _CellTracer(leaves)
     try:
-        graph = tracer.trace(root)
+        graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as exc:  # FX reports data-dependent control flow etc. as various error types
         where = tracer._wf_stack[-1] if tracer._wf_stack else ("", type(root).__name__)
         path = f"{what}.{where[0]}" if where[0] else what or "<root>"
@@ -139,20 +142,61 @@ def capture(model: nn.Module) -> RecurrenceGraph:
     _check_signature(cell, bound.family)
     layers = list(cell.layers)
     traced: list[nn.Module] = []
-    gm = trace_module(cell, leaves=layers, what="cell", traced=traced)
+    # The state goes in as one placeholder per tensor, in the structure initial_state gives (a
+    # tuple, per-layer tuples, a dict...): the cell's own code may index it, unpack it or zip it
+    # with the layers, which a single Proxy would not allow.
+    leaves, state_spec = tree_flatten(cell.initial_state(1, torch.float32, "cpu"))
+    n_state = len(leaves)
+    state_arg = list(inspect.signature(cell.forward).parameters)[2]
+    gm = trace_module(cell, leaves=layers, what="cell", traced=traced,
+                      concrete_args={state_arg: tree_unflatten([fx.PH] * n_state, state_spec)})
+    _expose_state_leaves(gm, state_spec)
     layer_graphs = tuple(trace_module(layer, what=f"cell.layers.{i}", traced=traced) for i, layer in enumerate(layers))
-    n_state = len(cell.initial_state(1, torch.float32, "cpu"))
     wiring = _analyse_cell_graph(gm, len(layers), n_state, bound.family)
-    names = tuple(cell.state_names()) if hasattr(cell, "state_names") else tuple(f"state[{j}]" for j in range(n_state))
+    names = tuple(cell.state_names()) if hasattr(cell, "state_names") else _state_paths(state_spec)
     links = tuple(StateLink(j, names[j], wiring["producers"][j], wiring["consumers"][j]) for j in range(n_state))
     structure = RecurrenceStructure(len(layers), wiring["hidden_links"], links)
     return RecurrenceGraph(
         family=bound.family, adapter=bound.adapter, cell=cell, segment_len=bound.segment_len, graph_module=gm,
         layer_graphs=layer_graphs, layer_nodes=wiring["layer_nodes"], state_in_nodes=wiring["state_in"],
         state_out_nodes=wiring["state_out"], logits_node=wiring["logits"], input_node=wiring["input"],
-        first_node=wiring["first"], structure=structure,
+        first_node=wiring["first"], structure=structure, state_spec=wiring["state_spec"],
         layer_kinds=_group_kinds(_structural_key(g) for g in layer_graphs), state_names=names,
         traced_modules=tuple(dict.fromkeys(traced)))
+
+
+def _expose_state_leaves(gm: fx.GraphModule, state_spec) -> None:
+    """Where the returned state holds one node standing for a container (a layer returned its
+    (A, z) and the cell passed it on whole), take its items out with getitem nodes, shaped like
+    initial_state's structure, so that every state tensor is a node of its own."""
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    out = tree_unflatten(list(out_node.args[0]), gm._out_spec)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        return  # the contract check says what is wrong
+
+    def expand(value, like):
+        if isinstance(like, (tuple, list, dict)) and isinstance(value, fx.Node):
+            keys = list(like) if isinstance(like, dict) else range(len(like))
+            with gm.graph.inserting_before(out_node):
+                items = {k: gm.graph.call_function(operator.getitem, (value, k)) for k in keys}
+            value = dict(items) if isinstance(like, dict) else type(like)(items.values())
+        if isinstance(like, dict) and isinstance(value, dict) and value.keys() == like.keys():
+            return {k: expand(value[k], like[k]) for k in like}
+        if isinstance(like, (tuple, list)) and isinstance(value, (tuple, list)) and len(value) == len(like):
+            return type(like)(expand(v, l) for v, l in zip(value, like))
+        return value
+
+    state = expand(out[1], tree_unflatten([None] * state_spec.num_leaves, state_spec))
+    flat, spec = tree_flatten((out[0], state))
+    out_node.args = (type(out_node.args[0])(flat),)
+    gm.graph._codegen.pytree_info = gm.graph._codegen.pytree_info._replace(out_spec=spec)
+    gm.recompile()
+
+
+def _state_paths(spec) -> tuple[str, ...]:
+    """Names of the state leaves from their place in the structure: state[0][1], state['mem']..."""
+    paths, _ = tree_flatten_with_path(tree_unflatten([0] * spec.num_leaves, spec))
+    return tuple("state" + keystr(p) for p, _ in paths)
 
 
 def _analyse_cell_graph(gm: fx.GraphModule, n_layers: int, n_state: int, family: str) -> dict:
@@ -164,7 +208,9 @@ def _analyse_cell_graph(gm: fx.GraphModule, n_layers: int, n_state: int, family:
     """
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
-    input_node, first_node, state_node = placeholders
+    input_node, first_node, state_in = placeholders[0], placeholders[1], tuple(placeholders[2:])
+    if len(state_in) != n_state:
+        raise CaptureError(f"{family}: the cell's forward must take (input_ids, first, state) only")
     layer_of = {f"layers.{i}": i for i in range(n_layers)}
     layer_nodes = [None] * n_layers
     for n in nodes:
@@ -176,21 +222,14 @@ def _analyse_cell_graph(gm: fx.GraphModule, n_layers: int, n_state: int, family:
         if n is None:
             raise CaptureError(f"{family}: layer layers.{i} is never called by the cell")
 
-    state_in: list = [None] * n_state
-    for u in state_node.users:
-        if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) \
-                and 0 <= u.args[1] < n_state:
-            state_in[u.args[1]] = u
-        else:
-            raise CaptureError(f"{family}: the cell uses its state as `{u.format_node()}`; index it as state[j] only")
-
     out_node = next(n for n in reversed(nodes) if n.op == "output")
-    out = out_node.args[0]
-    if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], (tuple, list))
-            and len(out[1]) == n_state and all(isinstance(x, fx.Node) for x in (out[0], *out[1]))):
-        raise CaptureError(f"{family}: the cell must return (logits, (state_0, ..., state_{n_state - 1})), "
-                           f"got {out}")
-    logits, state_out = out[0], tuple(out[1])
+    out = tree_unflatten(list(out_node.args[0]), gm._out_spec)  # the cell's return value, as nodes
+    state_leaves, state_spec = tree_flatten(out[1]) if isinstance(out, (tuple, list)) and len(out) == 2 else ([], None)
+    if not (state_spec is not None and isinstance(out[0], fx.Node) and len(state_leaves) == n_state
+            and all(isinstance(x, fx.Node) for x in state_leaves)):
+        raise CaptureError(f"{family}: the cell must return (logits, new_state) with new_state holding "
+                           f"{n_state} tensors like initial_state's, got {out}")
+    logits, state_out = out[0], tuple(state_leaves)
 
     owner: dict = {}
     for n in nodes:  # forward pass: layer calls and nodes fed by layers
@@ -201,11 +240,12 @@ def _analyse_cell_graph(gm: fx.GraphModule, n_layers: int, n_state: int, family:
             continue
         fed_by = [owner[a] for a in n.all_input_nodes if owner.get(a) is not None]
         owner[n] = max(fed_by) if fed_by else None
-    for n in reversed(nodes):  # backward pass: input-only nodes go to their earliest consumer
-        if n.op in ("placeholder", "get_attr", "output") or owner[n] is not None:
+    for n in reversed(nodes):  # backward pass: input-only nodes (state too) go to their earliest consumer
+        if n.op in ("get_attr", "output") or (n.op == "placeholder" and n not in state_in) \
+                or owner.get(n) is not None:
             continue
         users = [owner.get(u) for u in n.users if owner.get(u) is not None]
-        owner[n] = min(users) if users else n_layers - 1
+        owner[n] = min(users) if users else (None if n in state_in else n_layers - 1)
 
     after_layer = set()
     for n in nodes:
@@ -217,10 +257,10 @@ def _analyse_cell_graph(gm: fx.GraphModule, n_layers: int, n_state: int, family:
             feeds_layer.add(n)
     hidden = set()
     for n in nodes:
-        if n.op in ("placeholder", "output"):
-            role = "input" if n.op == "placeholder" else "output"
-        elif n in state_in:
+        if n in state_in:
             role = "state_in"
+        elif n.op in ("placeholder", "output"):
+            role = "input" if n.op == "placeholder" else "output"
         elif n.op == "get_attr":
             role = "param"
         elif n in layer_nodes:
@@ -238,12 +278,13 @@ def _analyse_cell_graph(gm: fx.GraphModule, n_layers: int, n_state: int, family:
 
     producers, consumers = [], []
     for j, n in enumerate(state_out):
-        if n in state_in or n.op in ("placeholder", "get_attr") or owner.get(n) is None:
+        if n.op in ("placeholder", "get_attr") or owner.get(n) is None:
             raise CaptureError(f"{family}: state output {j} (`{n.format_node()}`) is not computed by any layer; "
                                "state that is carried unchanged or constant is not supported")
         producers.append(owner[n])
-        users = state_in[j].users if state_in[j] is not None else {}
+        users = state_in[j].users
         consumers.append(tuple(sorted({owner[u] for u in users if owner.get(u) is not None})))
-    return dict(layer_nodes=tuple(layer_nodes), state_in=tuple(state_in), state_out=state_out, logits=logits,
+    return dict(layer_nodes=tuple(layer_nodes), state_in=state_in, state_out=state_out, logits=logits,
+                state_spec=state_spec,
                 input=input_node, first=first_node, hidden_links=tuple(sorted(hidden)),
                 producers=producers, consumers=consumers)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_unflatten
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class RecurrenceGraph:
     structure: RecurrenceStructure
     layer_kinds: tuple[int, ...]
     state_names: tuple[str, ...] = field(default=())
+    state_spec: object = None  # pytree structure of the state the cell returns (state_in/out_nodes are its leaves)
     traced_modules: tuple[nn.Module, ...] = field(default=())  # whose code torch.fx ran (capture_guard.py)
 
     @property
@@ -67,8 +69,13 @@ class RecurrenceGraph:
         """All layers structurally the same (same graph, different parameters)."""
         return len(set(self.layer_kinds)) == 1
 
-    def initial_state(self, batch: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+    def initial_state(self, batch: int, dtype: torch.dtype, device) -> tuple:
+        """The cell's fresh state (a tuple whose items may nest); MemoryState(...).leaves() flattens it."""
         return tuple(self.cell.initial_state(batch, dtype, device))
+
+    def state_from_leaves(self, leaves) -> tuple:
+        """The state structure the cell returns, from its leaves in state_out_nodes' order."""
+        return tuple(tree_unflatten(list(leaves), self.state_spec))
 
     def describe(self) -> str:
         """A short human-readable summary of the captured structure."""

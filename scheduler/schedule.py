@@ -68,6 +68,16 @@ class Schedule:
     def num_steps(self) -> int:
         return len(self.steps)
 
+    def lower(self) -> "LaneSteps | None":
+        """The lane form of this schedule if it is the diagonal one (its steps exactly
+        LaneSteps'), else None: other orders run step by step.
+
+        >>> diagonal(2, 3).lower(), sequential(2, 3).lower()
+        (LaneSteps(n_layers=2), None)
+        """
+        lanes = LaneSteps(self.n_layers)
+        return lanes if self.steps == lanes.schedule(self.n_segments).steps else None
+
     def step_of(self) -> dict[Cell, int]:
         """Step index of every scheduled cell (the first, if a cell is listed twice)."""
         out: dict[Cell, int] = {}
@@ -133,6 +143,43 @@ class Schedule:
         return plot_schedule(self, timings)
 
 
+@dataclass(frozen=True)
+class LaneSteps:
+    """The diagonal schedule lowered for a batched program: lane l is layer l, and at step t it
+    runs segment t - l. The one home of that rule; the step executor, the one-program form and
+    the ONNX export all read it from here.
+
+    >>> lanes = LaneSteps(3)
+    >>> lanes.num_steps(4), lanes.active(0, 4), lanes.active(5, 4)
+    (6, (0, 1), (2, 3))
+    """
+
+    n_layers: int
+
+    def num_steps(self, n_segments: int) -> int:
+        return self.n_layers + n_segments - 1
+
+    def segment(self, t: int, lane: int) -> int:
+        """The segment lane `lane` holds at step t (outside 0..S-1 in warm-up and drain)."""
+        return t - lane
+
+    def active(self, t: int, n_segments: int) -> tuple[int, int]:
+        """[lo, hi): the lanes that hold a real segment at step t (a contiguous range)."""
+        return max(0, t - n_segments + 1), min(self.n_layers, t + 1)
+
+    def segment_grid(self, n_segments, device=None):
+        """[steps, lanes] tensor of segment indices t - l; n_segments may be symbolic (export)."""
+        import torch
+        return (torch.arange(self.n_layers + n_segments - 1, device=device)[:, None]
+                - torch.arange(self.n_layers, device=device)[None, :])
+
+    def schedule(self, n_segments: int) -> Schedule:
+        """The same rule as a Schedule (plain data) over n_segments segments."""
+        return Schedule("diagonal", self.n_layers, n_segments, tuple(
+            tuple((l, self.segment(t, l)) for l in range(*self.active(t, n_segments)))
+            for t in range(self.num_steps(n_segments))))
+
+
 def sequential(n_layers: int, n_segments: int) -> Schedule:
     """Segment-major order, one cell per step: what the model's own forward does. L * S steps."""
     return Schedule("sequential", n_layers, n_segments,
@@ -140,10 +187,8 @@ def sequential(n_layers: int, n_segments: int) -> Schedule:
 
 
 def diagonal(n_layers: int, n_segments: int) -> Schedule:
-    """Step t runs every cell with l + s = t: L + S - 1 steps."""
-    return Schedule("diagonal", n_layers, n_segments, tuple(
-        tuple((l, t - l) for l in range(n_layers) if 0 <= t - l < n_segments)
-        for t in range(n_layers + n_segments - 1)))
+    """Step t runs every cell with l + s = t: L + S - 1 steps (LaneSteps holds the rule)."""
+    return LaneSteps(n_layers).schedule(n_segments)
 
 
 BUILDERS = {"sequential": sequential, "diagonal": diagonal}

@@ -126,7 +126,7 @@ def test_cell_contract_violations_are_reported():
             h = self.layers[0](self.embed(input_ids))
             return h, (state[0],)
 
-    with pytest.raises(CaptureError, match=r"must return \(logits, \(state_0"):
+    with pytest.raises(CaptureError, match=r"must return \(logits, new_state\) with new_state holding 1 tensors"):
         capture(BoundModel("bad", "test", BadOutput(), 4))
     with pytest.raises(CaptureError, match="not computed by any layer"):
         capture(BoundModel("bad", "test", BadState(), 4))

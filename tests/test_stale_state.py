@@ -83,7 +83,6 @@ def test_vmap_batched_kinds_draw_dropout_per_lane():
 
 def test_a_failed_self_check_never_leaves_the_unchecked_path_in_use():
     model = tiny_armt()
-    fast = wavefront.optimize(model)
     ids = ids_for(5, batch=2)
     layer = model.cell.layers[1]
     real = layer.forward
@@ -93,10 +92,10 @@ def test_a_failed_self_check_never_leaves_the_unchecked_path_in_use():
         raise RuntimeError("the layer failed during the check")
 
     layer.forward = fails_once
-    with pytest.raises(RuntimeError, match="failed during the check"):
-        fast(ids)
+    fast = wavefront.optimize(model)  # the fold checks itself in optimize(): the failure is reported, not used
     cell = fast.batched.groups[0].cell
     assert not cell.checked
+    assert fast.executor.program is None and "failed during the check" in fast.executor.program_reason
     with torch.no_grad():
         assert_close(fast(ids).logits, model(ids).logits, 1e-9, "after the failed check")
     assert cell.checked

@@ -59,6 +59,7 @@ class OptimizedModel(nn.Module):
             compile_batched(batched, aot=self.backend == "aot_inductor")
         object.__setattr__(self, "bound", bound)  # plain references: the modules are the model's
         self.rg, self.batched, self.executor = rg, batched, TorchExecutor(rg, batched)
+        self.executor.build_program()  # the fast path is chosen here, on a synthetic input, not on a later call
         self._guard = CaptureGuard(bound.source if bound.source is not None else self.model, rg.traced_modules,
                                    bound.volatile)
         self._schedules: dict[int, Schedule] = {}
@@ -119,8 +120,8 @@ class OptimizedModel(nn.Module):
                 out = self.executor.run(input_ids, schedule, memory)
             ref = self.bound.reference(input_ids, memory)
         ref_logits = ref.logits if hasattr(ref, "logits") else ref
-        ref_memory = ref.memory.tensors if isinstance(getattr(ref, "memory", None), MemoryState) else ()
-        errs = [rel_err(out.logits, ref_logits)] + [rel_err(a, b) for a, b in zip(out.memory.tensors, ref_memory)]
+        ref_memory = ref.memory.leaves() if isinstance(getattr(ref, "memory", None), MemoryState) else ()
+        errs = [rel_err(out.logits, ref_logits)] + [rel_err(a, b) for a, b in zip(out.memory.leaves(), ref_memory)]
         tol = VERIFY_RTOL.get(out.logits.dtype, 1e-4)
         if max(errs) > tol:
             raise VerificationError(f"{self.schedule_kind} schedule on backend {self.backend} differs from the model's "

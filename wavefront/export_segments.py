@@ -1,26 +1,56 @@
-"""ARMT under the diagonal schedule as an exportable program: the batched cell in a scan over steps.
+"""A segment model under the diagonal schedule as an exportable program (backends/segment_program.py).
 
-Step t of the diagonal schedule runs lane l on segment t - l. Exported with a dynamic segment
-count S, every step runs all L lanes as one call of the lane-folded batched cell (the same
-FoldLaneCell the torch backend runs); lanes outside 0 <= t - l < S (warm-up and drain) compute
-on padding and their memory update is discarded (torch.where), so the result is the schedule's,
-exactly. The L + S - 1 steps are one ONNX Scan whose carry holds the lanes' outputs from the
-previous step (lane l reads lane l - 1's) and the per-layer memory stacked on a leading layer dim;
-the top lane's output of step t is segment t - L + 1's. Memory in and out are graph inputs and
-outputs, so a long input streams through a session in pieces.
+Exported with a dynamic segment count S, the L + S - 1 steps of the schedule are one ONNX Scan
+whose body runs all L lanes in one call of the lane-folded batched cell; lanes outside 0 <= t -
+l < S (warm-up and drain) compute on padding and their state update is discarded, so the result
+is the schedule's, exactly. Any model the one program serves exports (ARMT, the public ARMT
+code, a cell of the user's own on the segment contract): the program is read off the captured
+graph, not written for one family. Memory in and out are graph inputs and outputs (each state
+position stacked over the layers), so a long input streams through a session in pieces.
 
-Graph: segments [batch, S, segment_len] int64, A [L, batch, d_key, d], z [L, batch, d_key],
-fresh (bool: no segment seen yet, so each layer's first segment is in this call) ->
-logits [batch, S * segment_len, vocab], A, z. Whole segments only: a shorter last segment is
-the caller's to run (see OnnxSegmentSession), never padded into a wrong memory.
+Graph: segments [batch, S, segment_len] int64, one [L, batch, ...] tensor per state position,
+fresh (bool: no segment seen yet, so each layer's first segment is in this call) -> logits
+[batch, S * segment_len, ...] and the state tensors. The metadata records the state layout
+(which memory leaf each layer's position is) and structure, so OnnxSegmentSession gives back
+the model's own MemoryState. Whole segments only: a shorter last segment is the caller's to
+run (see OnnxSegmentSession), never padded into a wrong memory.
 """
 from __future__ import annotations
 
 import json
 
 import torch
+from torch.utils._pytree import treespec_dumps, treespec_loads, tree_unflatten
 
-from wavefront.backends.diagonal_program import DiagonalProgram, ProgramNotApplicable, stacked_memory, unstacked_memory
+from wavefront.backends.segment_program import ProgramNotApplicable, SegmentProgram
+
+
+def _layout_from_meta(meta: dict, n_layers: int):
+    """(state_index [layer][position], per-position shapes without layer and batch, the state's
+    pytree spec or None) from a graph's metadata; graphs exported before the layout was
+    recorded carry ARMT's (A_0, z_0, A_1, z_1, ...)."""
+    if "wavefront.state_layout" in meta:
+        spec = treespec_loads(meta["wavefront.state_spec"]) if meta.get("wavefront.state_spec") else None
+        return (json.loads(meta["wavefront.state_layout"]), [tuple(s) for s in json.loads(meta["wavefront.state_shapes"])],
+                spec)
+    if "wavefront.memory_shapes" in meta:  # A's and z's per layer, without batch
+        shapes = [tuple(s) for s in json.loads(meta["wavefront.memory_shapes"])]
+    else:  # the oldest graphs: A [d_key, d], z [d_key]
+        d_key, d_model = (int(x) for x in meta["wavefront.memory_shape"].split(","))
+        shapes = [(d_key, d_model), (d_key,)]
+    return [[2 * l, 2 * l + 1] for l in range(n_layers)], shapes, None
+
+
+def _stack(leaves, layout):
+    return [torch.stack([leaves[row[p]] for row in layout]) for p in range(len(layout[0]))]
+
+
+def _unstack(stacked, layout):
+    leaves = [None] * (len(layout) * len(stacked))
+    for p, t in enumerate(stacked):
+        for l, v in enumerate(t.unbind(0)):
+            leaves[layout[l][p]] = v
+    return leaves
 
 
 class OnnxSegmentSession:
@@ -38,11 +68,7 @@ class OnnxSegmentSession:
         self.providers = self.session.get_providers()
         self.names = [i.name for i in self.session.get_inputs()]
         self.batch = self.session.get_inputs()[0].shape[0]  # fixed at export (an int), or symbolic (a str)
-        if "wavefront.memory_shapes" in meta:  # per layer, without batch: A's and z's (multi-head states too)
-            self.a_shape, self.z_shape = (tuple(s) for s in json.loads(meta["wavefront.memory_shapes"]))
-        else:  # graphs exported before the shapes were recorded whole: A [d_key, d], z [d_key]
-            d_key, d_model = (int(x) for x in meta["wavefront.memory_shape"].split(","))
-            self.a_shape, self.z_shape = (d_key, d_model), (d_key,)
+        self.layout, self.state_shapes, self.state_spec = _layout_from_meta(meta, self.n_layers)
         self.dtype = getattr(torch, meta["wavefront.dtype"].split(".")[-1])
         vocab = meta.get("wavefront.vocab_size")  # absent in graphs exported before it was recorded
         self.vocab_size = int(vocab) if vocab else None
@@ -59,17 +85,21 @@ class OnnxSegmentSession:
         if T % self.segment_len:
             raise ValueError(f"the exported graph runs whole segments of {self.segment_len} tokens; got {T} tokens: "
                              f"pass {T - T % self.segment_len} now and the rest with the next piece")
-        A = torch.zeros(self.n_layers, B, *self.a_shape, dtype=self.dtype)
-        z = torch.zeros(self.n_layers, B, *self.z_shape, dtype=self.dtype)
+        stacked = [torch.zeros(self.n_layers, B, *shape, dtype=self.dtype) for shape in self.state_shapes]
         seen = 0
         if memory is not None:
-            check_memory(memory, unstacked_memory(A, z))  # the torch backend's messages, not onnxruntime's
-            A, z = stacked_memory(memory.tensors, self.n_layers)
+            check_memory(memory, _unstack(stacked, self.layout))  # the torch backend's messages, not onnxruntime's
+            stacked = _stack(memory.leaves(), self.layout)
             seen = memory.segments_seen
         ids = input_ids.long().reshape(B, -1, self.segment_len)  # the graph takes int64 ids
-        feed = dict(zip(self.names, [ids.numpy(), A.numpy(), z.numpy(), torch.tensor(seen == 0).numpy()]))
-        logits, A2, z2 = (torch.from_numpy(x) for x in self.session.run(None, feed))
-        return SegmentLMOutput(logits, MemoryState(unstacked_memory(A2, z2), seen + T // self.segment_len))
+        feed = dict(zip(self.names, [ids.numpy(), *(t.numpy() for t in stacked), torch.tensor(seen == 0).numpy()]))
+        logits, *stacked = (torch.from_numpy(x) for x in self.session.run(None, feed))
+        return SegmentLMOutput(logits, MemoryState(self.state(_unstack(stacked, self.layout)),
+                                                   seen + T // self.segment_len))
+
+    def state(self, leaves) -> tuple:
+        """The model's memory structure from its leaves (flat for graphs that did not record it)."""
+        return tuple(leaves) if self.state_spec is None else tuple(tree_unflatten(list(leaves), self.state_spec))
 
 
 __all__ = ["OnnxSegmentSession", "export_segments"]
@@ -90,29 +120,34 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
     if T == 0 or T % seg:
         raise ExportError(f"the example must hold whole segments of {seg} tokens (got {T}): the graph runs whole "
                           "segments, any number of them")
-    with torch.no_grad():  # the folded cell checks itself on its first full-width step: eagerly, here
-        optimized(torch.zeros(B, (L + 1) * seg, dtype=input_ids.dtype, device=input_ids.device))
+    executor = optimized.executor
+    if executor.program is None:  # chosen at optimize(): the plan applies and the program checked itself
+        why = ("only the diagonal schedule runs as one program (this model was optimized with schedule='sequential')"
+               if optimized.batched is None else executor.program_reason)
+        raise ExportError(f"this model does not export: {why}")
+    with torch.no_grad():
         expected = _expected(optimized, input_ids, memory)
     try:
-        program = DiagonalProgram(optimized, own_copies=True).eval()
+        program = SegmentProgram(executor.program.plan, optimized.batched.groups[0], own_copies=True).eval()
     except ProgramNotApplicable as e:
         raise ExportError(f"this model does not export: {e}") from e
-    dtype = next(program.buffers()).dtype
+    plan = program.plan
+    dtype, device = executor._dtype_device()
     if memory is None:
-        state = optimized.rg.initial_state(B, dtype, input_ids.device)
-        memory = MemoryState(state, 0)
-    A, z = stacked_memory(memory.tensors, L)
+        memory = MemoryState(optimized.rg.initial_state(B, dtype, input_ids.device), 0)
+    stacked = plan.stack_state(memory.leaves())
     traced = input_ids if T >= 2 * seg else input_ids.repeat(1, 2)  # one segment would fix S at 1 (0/1 specialisation)
-    args = (traced.reshape(B, traced.shape[1] // seg, seg), A, z, torch.tensor(memory.segments_seen == 0))
-    shapes = ({1: torch.export.Dim.DYNAMIC}, None, None, None) if dynamic else None
+    args = (traced.reshape(B, traced.shape[1] // seg, seg), *stacked, torch.tensor(memory.segments_seen == 0))
+    shapes = ({1: torch.export.Dim.DYNAMIC}, (None,) * (len(stacked) + 1)) if dynamic else None
     onnx_program = _to_onnx(program, args, shapes)
     proto = onnx_program.model_proto
     meta = {"wavefront.kind": "segments", "wavefront.family": optimized.rg.family,
             "wavefront.schedule": diagonal(L, T // seg).to_json(), "wavefront.schedule_rule":
             "diagonal: L + S - 1 steps, step t runs (l, t - l); S is the graph's segment count",
             "wavefront.segment_len": str(seg), "wavefront.n_layers": str(L),
-            "wavefront.memory_shape": f"{A.shape[2]},{A.shape[3]}",
-            "wavefront.memory_shapes": json.dumps([list(A.shape[2:]), list(z.shape[2:])]), "wavefront.dtype": str(dtype),
+            "wavefront.state_layout": json.dumps([list(r) for r in plan.state_index]),
+            "wavefront.state_shapes": json.dumps([list(t.shape[2:]) for t in stacked]),
+            "wavefront.state_spec": treespec_dumps(optimized.rg.state_spec), "wavefront.dtype": str(dtype),
             "wavefront.dynamic": json.dumps(bool(dynamic))}
     embedding = input_embedding(optimized.model)
     if embedding is not None:  # lets a session refuse ids outside the vocabulary, as torch does
@@ -120,7 +155,7 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
     save_with_metadata(proto, path, meta)
     if check:
         out = OnnxSegmentSession(path)(input_ids, memory)
-        _check_in_onnxruntime(path, example_inputs, expected, got=[out.logits, *out.memory.tensors][:len(expected)])
+        _check_in_onnxruntime(path, example_inputs, expected, got=[out.logits, *out.memory.leaves()][:len(expected)])
     return proto
 
 
@@ -132,7 +167,7 @@ def _expected(optimized, input_ids, memory) -> list:
     bound = optimized.bound
     if memory is not None and not bound.reference_takes_memory:
         out = optimized(input_ids, memory)
-        return [out.logits, *out.memory.tensors]
+        return [out.logits, *out.memory.leaves()]
     ref = bound.reference(input_ids, memory)
     logits = ref.logits if hasattr(ref, "logits") else ref
-    return [logits, *(ref.memory.tensors if isinstance(getattr(ref, "memory", None), MemoryState) else ())]
+    return [logits, *(ref.memory.leaves() if isinstance(getattr(ref, "memory", None), MemoryState) else ())]

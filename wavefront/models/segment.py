@@ -10,18 +10,28 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 
 @dataclass(frozen=True)
 class MemoryState:
-    """Recurrent memory carried between calls: the cell's state tensors and how many segments
-    have been processed (0 means fresh: the next segment is each layer's first)."""
+    """Recurrent memory carried between calls: the cell's state and how many segments have been
+    processed (0 means fresh: the next segment is each layer's first). `tensors` is the tuple the
+    cell returned; its items are tensors or nested tuples / lists / dicts of them (one entry per
+    layer, say); `leaves()` flattens it.
 
-    tensors: tuple[torch.Tensor, ...]
+    >>> MemoryState(((torch.zeros(2), torch.ones(1)),), 1).leaves()
+    (tensor([0., 0.]), tensor([1.]))
+    """
+
+    tensors: tuple
     segments_seen: int = 0
 
+    def leaves(self) -> tuple[torch.Tensor, ...]:
+        return tuple(tree_flatten(self.tensors)[0])
+
     def detach(self) -> "MemoryState":
-        return MemoryState(tuple(t.detach() for t in self.tensors), self.segments_seen)
+        return MemoryState(tree_map(lambda t: t.detach(), self.tensors), self.segments_seen)
 
 
 @dataclass
@@ -63,14 +73,18 @@ def segment_bounds(n_tokens: int, segment_len: int) -> list[tuple[int, int]]:
     return [(s, min(s + segment_len, n_tokens)) for s in range(0, n_tokens, segment_len)]
 
 
-def check_memory(memory: MemoryState, expected: tuple[torch.Tensor, ...]) -> None:
-    """The memory passed in must look like the model's own fresh memory for this input."""
+def check_memory(memory: MemoryState, expected) -> None:
+    """The memory passed in must look like the model's own fresh memory for this input
+    (`expected`: that memory's state, any nesting; compared leaf by leaf)."""
     if not isinstance(memory, MemoryState):
         raise TypeError(f"memory must be the MemoryState a previous call returned, got {type(memory).__name__}")
-    if len(memory.tensors) != len(expected):
-        raise ValueError(f"memory holds {len(memory.tensors)} tensors but this model carries {len(expected)}: "
+    got_leaves, expected = memory.leaves(), tuple(tree_flatten(expected)[0])
+    if not all(isinstance(t, torch.Tensor) for t in got_leaves):
+        raise TypeError("memory holds something that is not a tensor: pass the memory returned by this same model")
+    if len(got_leaves) != len(expected):
+        raise ValueError(f"memory holds {len(got_leaves)} tensors but this model carries {len(expected)}: "
                          "pass the memory returned by this same model")
-    for i, (got, want) in enumerate(zip(memory.tensors, expected)):
+    for i, (got, want) in enumerate(zip(got_leaves, expected)):
         if got.shape != want.shape:
             raise ValueError(f"memory tensor {i} has shape {tuple(got.shape)}, expected {tuple(want.shape)} "
                              "(a different batch size than the call that produced it?)")
@@ -104,7 +118,7 @@ class SegmentRecurrentLM(nn.Module):
 
     def initial_memory(self, batch: int) -> MemoryState:
         dtype, device = self._param_dtype_device()
-        return MemoryState(self.cell.initial_state(batch, dtype, device), 0)
+        return MemoryState(tuple(self.cell.initial_state(batch, dtype, device)), 0)
 
     def prepare(self, input_ids, memory: MemoryState | None) -> MemoryState:
         """Validate a call's inputs; return the memory to start from."""
