@@ -41,7 +41,7 @@ class SlotMemoryLayer(nn.Module):
         q, k, v = self.qkv(self.norm1(h)).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         h = h + self.proj(att.transpose(1, 2).reshape(B, T, d))
-        h = h + self.ff2(F.gelu(self.ff1(self.norm2(h))))
+        h = h + self.ff2(F.silu(self.ff1(self.norm2(h))))
         gate = torch.sigmoid(self.write_gate(h)).transpose(1, 2)  # [B, K, T]
         new_mass = mass + gate.sum(-1)
         slots = (slots * mass.unsqueeze(-1) + gate @ h) / new_mass.unsqueeze(-1)

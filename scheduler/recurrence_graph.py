@@ -7,6 +7,8 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_unflatten
 
+from wavefront.models.segment import as_memory_tensors
+
 
 @dataclass(frozen=True)
 class StateLink:
@@ -69,13 +71,13 @@ class RecurrenceGraph:
         """All layers structurally the same (same graph, different parameters)."""
         return len(set(self.layer_kinds)) == 1
 
-    def initial_state(self, batch: int, dtype: torch.dtype, device) -> tuple:
-        """The cell's fresh state (a tuple whose items may nest); MemoryState(...).leaves() flattens it."""
-        return tuple(self.cell.initial_state(batch, dtype, device))
+    def initial_state(self, batch: int, dtype: torch.dtype, device):
+        """The cell's fresh state as MemoryState holds it (a tuple whose items may nest, or a dict)."""
+        return as_memory_tensors(self.cell.initial_state(batch, dtype, device))
 
-    def state_from_leaves(self, leaves) -> tuple:
+    def state_from_leaves(self, leaves):
         """The state structure the cell returns, from its leaves in state_out_nodes' order."""
-        return tuple(tree_unflatten(list(leaves), self.state_spec))
+        return as_memory_tensors(tree_unflatten(list(leaves), self.state_spec))
 
     def describe(self) -> str:
         """A short human-readable summary of the captured structure."""

@@ -99,7 +99,8 @@ class OnnxSegmentSession:
 
     def state(self, leaves) -> tuple:
         """The model's memory structure from its leaves (flat for graphs that did not record it)."""
-        return tuple(leaves) if self.state_spec is None else tuple(tree_unflatten(list(leaves), self.state_spec))
+        from wavefront.models.segment import as_memory_tensors
+        return tuple(leaves) if self.state_spec is None else as_memory_tensors(tree_unflatten(list(leaves), self.state_spec))
 
 
 __all__ = ["OnnxSegmentSession", "export_segments"]

@@ -17,8 +17,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 class MemoryState:
     """Recurrent memory carried between calls: the cell's state and how many segments have been
     processed (0 means fresh: the next segment is each layer's first). `tensors` is the tuple the
-    cell returned; its items are tensors or nested tuples / lists / dicts of them (one entry per
-    layer, say); `leaves()` flattens it.
+    cell returned (as_memory_tensors: a tuple, or a dict); its items are tensors or nested tuples /
+    lists / dicts of them (one entry per layer, say); `leaves()` flattens it.
 
     >>> MemoryState(((torch.zeros(2), torch.ones(1)),), 1).leaves()
     (tensor([0., 0.]), tensor([1.]))
@@ -32,6 +32,12 @@ class MemoryState:
 
     def detach(self) -> "MemoryState":
         return MemoryState(tree_map(lambda t: t.detach(), self.tensors), self.segments_seen)
+
+
+def as_memory_tensors(state):
+    """A cell's state as MemoryState.tensors holds it: a tuple for a tuple or list, any other
+    structure (a dict of per-layer states) as it is."""
+    return tuple(state) if isinstance(state, (tuple, list)) else state
 
 
 @dataclass
@@ -118,7 +124,7 @@ class SegmentRecurrentLM(nn.Module):
 
     def initial_memory(self, batch: int) -> MemoryState:
         dtype, device = self._param_dtype_device()
-        return MemoryState(tuple(self.cell.initial_state(batch, dtype, device)), 0)
+        return MemoryState(as_memory_tensors(self.cell.initial_state(batch, dtype, device)), 0)
 
     def prepare(self, input_ids, memory: MemoryState | None) -> MemoryState:
         """Validate a call's inputs; return the memory to start from."""
@@ -141,4 +147,4 @@ class SegmentRecurrentLM(nn.Module):
             seg_logits, state = self.cell(input_ids[:, start:end], first, state)
             logits.append(seg_logits)
             seen += 1
-        return SegmentLMOutput(torch.cat(logits, dim=1), MemoryState(tuple(state), seen))
+        return SegmentLMOutput(torch.cat(logits, dim=1), MemoryState(as_memory_tensors(state), seen))
