@@ -1,7 +1,7 @@
 """Is a recurrence step affine in its carry? If so, extract a(x) and b(x).
 
-A step new = f(carry, x) can run as a scan iff new = a(x) * carry + b(x) elementwise (DESIGN.md,
-"time recurrence"). Tracing f with torch.fx and propagating, for every node, whether it is
+A step new = f(carry, x) can run as a scan iff new = a(x) * carry + b(x) elementwise (ARCHITECTURE.md,
+"The two recurrences"). Tracing f with torch.fx and propagating, for every node, whether it is
 independent of the carry or affine in it (value = alpha * carry + beta, alpha and beta carry-free)
 decides that exactly, op by op, without running anything; building alpha and beta as FX nodes
 along the way yields a(x) and b(x) as graphs. A carry that reaches a non-affine op (tanh, a

@@ -123,9 +123,9 @@ class Schedule:
 
     def to_chrome_trace(self, path: str, timings=None, grid=None) -> str:
         """Write Chrome trace-event JSON (Perfetto, chrome://tracing): a track per layer, a slice
-        per cell, flow arrows for the dependencies; real durations when `timings` (from
-        wavefront.profile) are given. `grid` (passes.build_grid) supplies the edges; without
-        it, the segment-recurrent ones (hidden l-1 -> l, memory s-1 -> s). Returns the path."""
+        per cell, flow arrows for the dependencies of `grid` (passes.build_grid: the model's own
+        edges; without it, no arrows); real durations when `timings` (from wavefront.profile)
+        are given. Returns the path."""
         from .trace import write_chrome_trace
         return write_chrome_trace(self, path, timings, grid)
 

@@ -2,8 +2,9 @@
 
 One process per device, one thread (track) per layer; each cell is a complete event ("X") on its
 layer's track, spanning its step (real durations when Timings are given, else 1 ms per step);
-flow arrows ("s" -> "f") for the dependencies: hidden (layer l-1 -> l, same segment) and memory
-(segment s-1 -> s, same layer), or the edges of a given cell grid.
+flow arrows ("s" -> "f") for the dependencies, taken from the model's cell grid
+(passes.build_grid) when one is given: never guessed, since an RMT's memory flows (L-1, s) ->
+(0, s+1) where an ARMT's flows (l, s-1) -> (l, s). Without a grid the trace has no arrows.
 """
 from __future__ import annotations
 
@@ -12,21 +13,13 @@ import json
 UNIT_STEP_US = 1000.0  # without timings every step is drawn 1 ms long
 
 
-def default_edges(schedule):
-    """The segment-recurrent dependencies of a layered grid: (u, v, kind) triples."""
-    L, S = schedule.n_layers, schedule.n_segments
-    hidden = [((l - 1, s), (l, s), "hidden") for l in range(1, L) for s in range(S)]
-    memory = [((l, s - 1), (l, s), "memory") for l in range(L) for s in range(1, S)]
-    return hidden + memory
-
-
 def trace_events(schedule, timings=None, grid=None) -> dict:
     """The trace as a dict ({"traceEvents": [...], "displayTimeUnit": "ms", ...}).
 
     >>> from wavefront.scheduler.schedule import diagonal
     >>> ev = trace_events(diagonal(2, 2))["traceEvents"]
-    >>> sorted({e["ph"] for e in ev})
-    ['M', 'X', 'f', 's']
+    >>> sorted({e["ph"] for e in ev})  # no grid given: slices, no dependency arrows
+    ['M', 'X']
     """
     if timings is not None:
         timings.check_matches(schedule)
@@ -51,8 +44,7 @@ def trace_events(schedule, timings=None, grid=None) -> dict:
                            "ts": starts[t], "dur": durs[t],
                            "args": {"layer": l, "segment": s, "step": t, "cells_in_step": len(step),
                                     "duration_ms": durs[t] / 1e3 if timings is not None else None}})
-    edges = ([(u, v, k) for u, v, k in grid.graph.edges(data="kind")] if grid is not None
-             else default_edges(schedule))
+    edges = [(u, v, k) for u, v, k in grid.graph.edges(data="kind")] if grid is not None else []
     for i, (u, v, kind) in enumerate(edges):
         if u not in where or v not in where:
             continue
@@ -62,7 +54,8 @@ def trace_events(schedule, timings=None, grid=None) -> dict:
                        "ts": starts[tu] + durs[tu] / 2})
         events.append({"ph": "f", "bp": "e", "id": i + 1, "name": kind, "cat": "dependency", "pid": pid,
                        "tid": v[0] + 1, "ts": starts[tv] + durs[tv] / 2})
-    meta = {"schedule": schedule.to_dict(), "timings": timings.to_dict() if timings is not None else None}
+    meta = {"schedule": schedule.to_dict(), "timings": timings.to_dict() if timings is not None else None,
+            "edges": "from the cell grid" if grid is not None else "none (no grid given)"}
     return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"wavefront": meta}}
 
 

@@ -1,4 +1,4 @@
-"""The standalone ARMT is the reference: check it against DESIGN.md's rules written naively."""
+"""The standalone ARMT is the reference: check it against the rules in ARCHITECTURE.md ("ARMT, exactly") written naively."""
 import pytest
 import torch
 

@@ -34,3 +34,13 @@ def test_an_optimized_model_saves_loads_and_copies(what):
         with torch.no_grad():
             assert_close(logits(back(x)), logits(ref), 1e-12, f"{what} restored")
         assert back.model is not model  # its own copy of the weights
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_inductor"])
+def test_a_backend_that_does_not_apply_to_the_route_is_refused_not_ignored(backend):
+    """Options are checked once for every route: a time-loop model asked to compile its (absent)
+    batched layer cell used to run eager without a word."""
+    with pytest.raises(ValueError, match=f"backend='{backend}' compiles the batched layer cell.*MinGRU"):
+        wavefront.optimize(MinGRU(4), backend=backend)
+    with pytest.raises(ValueError, match="unknown schedule 'zigzag'"):
+        wavefront.optimize(MinGRU(4), schedule="zigzag")

@@ -11,9 +11,9 @@ import torch
 
 import wavefront
 from conftest import N_LAYERS, ids_for, tiny_armt
-from wavefront.scheduler import diagonal, sequential
+from wavefront.passes.dependence import build_grid
+from wavefront.scheduler import capture, diagonal, sequential
 from wavefront.scheduler.timings import Timings
-from wavefront.scheduler.trace import default_edges
 
 
 def test_profile_times_every_step_of_both_paths_and_leaves_the_results_alone():
@@ -42,7 +42,8 @@ def fake_timings(schedule):
 def test_chrome_trace_has_a_track_per_layer_a_slice_per_cell_and_a_flow_per_dependency(tmp_path):
     s = diagonal(3, 4)
     t = fake_timings(s)
-    trace = json.loads(open(s.to_chrome_trace(str(tmp_path / "t.json"), timings=t)).read())
+    grid = build_grid(capture(tiny_armt()), 4)  # the edges come from the model's grid
+    trace = json.loads(open(s.to_chrome_trace(str(tmp_path / "t.json"), timings=t, grid=grid)).read())
     ev = trace["traceEvents"]
     names = {e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "thread_name"}
     assert names == {"layer 0", "layer 1", "layer 2"}
@@ -57,19 +58,34 @@ def test_chrome_trace_has_a_track_per_layer_a_slice_per_cell_and_a_flow_per_depe
     for e in ev:
         if e["ph"] in "sf":
             flows.setdefault(e["id"], {})[e["ph"]] = e
-    assert len(flows) == len(default_edges(s)) == 2 * 4 + 3 * 3
+    assert len(flows) == grid.graph.number_of_edges() == 2 * 4 + 3 * 3
     by_kind = {}
     for f in flows.values():  # each arrow starts inside its source's slice and ends inside its target's
         src = next(x for x in slices.values() if x["tid"] == f["s"]["tid"] and x["ts"] <= f["s"]["ts"] < x["ts"] + x["dur"])
         dst = next(x for x in slices.values() if x["tid"] == f["f"]["tid"] and x["ts"] <= f["f"]["ts"] < x["ts"] + x["dur"])
         assert src["args"]["step"] < dst["args"]["step"] and f["f"]["bp"] == "e"
         by_kind[f["s"]["name"]] = by_kind.get(f["s"]["name"], 0) + 1
-    assert by_kind == {"hidden": 8, "memory": 9}
+    assert by_kind == {"hidden": 8, "state": 9}
     assert trace["otherData"]["wavefront"]["schedule"]["kind"] == "diagonal"
     unit = json.loads(open(s.to_chrome_trace(str(tmp_path / "u.json"))).read())["traceEvents"]
     assert {e["dur"] for e in unit if e["ph"] == "X"} == {1000.0}
+    assert not [e for e in unit if e["ph"] in "sf"]  # no grid: no guessed arrows
     with pytest.raises(ValueError, match="timings have 6 steps but the sequential schedule has 12"):
         sequential(3, 4).to_chrome_trace(str(tmp_path / "x.json"), timings=t)
+
+
+def test_the_cli_trace_draws_the_models_own_edges_for_rmt(tmp_path):
+    """RMT's memory flows from the top layer into the next segment's first: the trace says so."""
+    from wavefront.cli import main
+    path = str(tmp_path / "rmt.json")
+    assert main(["inspect", "rmt-tiny", "--schedule", "sequential", "--segments", "3", "--trace", path, "--quiet"]) == 0
+    events = json.loads(open(path).read())["traceEvents"]
+    slices = {e["args"]["step"]: (e["args"]["layer"], e["args"]["segment"]) for e in events if e["ph"] == "X"}
+    starts = {e["id"]: e for e in events if e["ph"] == "s"}
+    ends = {e["id"]: e for e in events if e["ph"] == "f"}
+    state = {(starts[i]["tid"] - 1, ends[i]["tid"] - 1) for i in starts if starts[i]["name"] == "state"}
+    L = max(l for l, _ in slices.values()) + 1
+    assert state == {(L - 1, 0)}  # (L-1, s) -> (0, s+1), never (l, s-1) -> (l, s)
 
 
 class _Page(HTMLParser):

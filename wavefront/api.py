@@ -187,15 +187,24 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module (the model to run faster), got {type(model).__name__} "
                         f"{model!r:.60}")
+    if schedule not in SCHEDULES:  # options are checked once, before any route is chosen
+        raise ValueError(f"unknown schedule {schedule!r}: choose one of {list(SCHEDULES)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {list(BACKENDS)}")
     if backend == "onnxruntime":  # the torch-optimized model, exported and run by an onnxruntime session
         from wavefront.backends.onnxruntime_backend import OnnxRuntimeModel
         return OnnxRuntimeModel(optimize(model, schedule=schedule, backend="torch"), kwargs=kwargs, verify=verify)
     from wavefront.scheduler.scan_adapters import ScanAcceleratedModel, scan_adapter_for
     scan_adapter = scan_adapter_for(model)
     why = scan_adapter.check(model) if scan_adapter is not None else ""
+    segment_model = scan_adapter is None and segment_adapter_for(model) is not None
+    if backend in COMPILING and not segment_model:
+        raise ValueError(f"backend={backend!r} compiles the batched layer cell of a segment-recurrent model; "
+                         f"{type(model).__name__} is not one (its recurrences are time loops or scans): use "
+                         "backend='torch' or backend='onnxruntime'")
     if scan_adapter is not None and not why:  # a known model family with a native kernel (Mamba)
         return ScanAcceleratedModel(model, scan_adapter, verify)
-    if scan_adapter is not None or segment_adapter_for(model) is None:
+    if not segment_model:
         from wavefront.loop_model import LoopLiftedModel, model_time_loops
         loops = model_time_loops(model)  # Python time loops: lift the affine ones into scans
         if loops:
@@ -206,10 +215,6 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
             return lifted
         if why:
             raise TypeError(f"cannot optimize {type(model).__name__}: {why}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}: choose one of {list(SCHEDULES)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: choose one of {list(BACKENDS)}")
     try:
         return OptimizedModel(model, schedule, backend, verify)
     except AdapterRefused as e:

@@ -202,7 +202,8 @@ def cmd_inspect(args) -> int:
         schedule.to_html(args.html, timings, compare=compare)
         print(f"\nwrote {args.html}")
     if args.trace:
-        schedule.to_chrome_trace(args.trace, timings)
+        from wavefront.passes.dependence import build_grid
+        schedule.to_chrome_trace(args.trace, timings, grid=build_grid(optimized.rg, schedule.n_segments))
         print(f"wrote {args.trace} (open it in https://ui.perfetto.dev or chrome://tracing)")
     return 0
 

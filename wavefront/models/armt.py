@@ -2,7 +2,7 @@
 
 `ARMT(ARMTConfig(...))` is the small dependency-free build; `wrap_armt` (hf.py) puts the same
 cell around a Hugging Face decoder-only model. Both share ARMTLayer and ARMTCell, so they run the
-same math (DESIGN.md, "ARMT, exactly").
+same math (ARCHITECTURE.md, "ARMT, exactly").
 """
 from __future__ import annotations
 

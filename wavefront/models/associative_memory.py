@@ -72,7 +72,7 @@ def memory_read(mem, x, A, z, first):
 
 
 def memory_write(mem, m, A, z, first):
-    """Write rule (DESIGN.md): A += sum_j beta_j k_j^T (v - v_prev)_j, z += sum_j gamma_j k_j.
+    """Write rule (ARCHITECTURE.md, "ARMT, exactly"): A += sum_j beta_j k_j^T (v - v_prev)_j, z += sum_j gamma_j k_j.
 
     gamma is detached, as in the published implementation (it is a correction coefficient,
     not trained through).
