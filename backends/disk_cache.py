@@ -368,7 +368,7 @@ def _fsync_dir(folder: str) -> None:
 
 
 def _version() -> str:
-    from wavefront import __version__
+    from wavefront.contract.version import __version__
     return __version__
 
 

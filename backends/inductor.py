@@ -29,11 +29,3 @@ def compile_batched(batched, *, aot: bool = False, **compile_kwargs) -> None:
                 cell.compiled = torch.compile(cell.folded, **opts)
         else:
             group.reason = (group.reason + "; " if group.reason else "") + "not compiled: inductor compiles lane-folded cells"
-
-
-def compiled_label(cell) -> str:
-    """How a batched cell's compiled graph runs ("" when it has none), for explain()."""
-    compiled = getattr(cell, "compiled", None)
-    if compiled is None:
-        return ""
-    return getattr(compiled, "label", "compiled (inductor)")

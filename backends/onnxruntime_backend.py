@@ -77,8 +77,8 @@ def model_key(model: nn.Module, *parts) -> str:
 def _key(content: str, *parts) -> str:
     import onnxruntime
 
-    import wavefront
-    text = plain_text((content, parts, wavefront.__version__, torch.__version__, onnxruntime.__version__))
+    from wavefront.contract.version import __version__
+    text = plain_text((content, parts, __version__, torch.__version__, onnxruntime.__version__))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -262,13 +262,17 @@ class OnnxRuntimeModel(nn.Module):
     its first export happens once, the others wait for it.
     """
 
-    def __init__(self, optimized: nn.Module, providers=PROVIDERS, kwargs: dict | None = None, verify: bool = False):
+    def __init__(self, optimized: nn.Module, providers=PROVIDERS, kwargs: dict | None = None, verify: bool = False, *,
+                 export, reoptimize, segments: bool):
+        """`export` (export_onnx), `reoptimize` (optimize again) and `segments` (is `optimized` a
+        segment model's OptimizedModel) come from the API, which owns routing (wavefront/api.py)."""
         super().__init__()
         self.verify = verify
         ok, why = available()
         if not ok:
             raise RuntimeError(f"backend='onnxruntime' needs onnxruntime: {why}")
         self.optimized, self.providers, self.kwargs = optimized, tuple(providers), dict(kwargs or {})
+        self._export, self._reoptimize, self._is_segments = export, reoptimize, segments
         self.sessions: dict = {}
         self.last_session: Session | None = None
         self.export_time_s: float | None = None
@@ -282,8 +286,7 @@ class OnnxRuntimeModel(nn.Module):
 
     @property
     def is_segments(self) -> bool:
-        from wavefront.api import OptimizedModel
-        return isinstance(self.optimized, OptimizedModel)
+        return self._is_segments
 
     @property
     def source(self) -> nn.Module:
@@ -313,9 +316,8 @@ class OnnxRuntimeModel(nn.Module):
                     self._pinned = list(itertools.chain(self.optimized.parameters(), self.optimized.buffers()))
                     return
             if self._guard is not None and why and self.source is not self.optimized:
-                from wavefront.api import optimize
                 schedule = getattr(self.optimized, "schedule_kind", None)
-                self.optimized = optimize(self.source, backend="torch", **({"schedule": schedule} if schedule else {}))
+                self.optimized = self._reoptimize(self.source, {"backend": "torch", **({"schedule": schedule} if schedule else {})})
             self.sessions, self._content = {}, None
             emb = input_embedding(self.source)
             self._vocab = emb.num_embeddings if emb is not None else None
@@ -326,8 +328,6 @@ class OnnxRuntimeModel(nn.Module):
             self._guard = CaptureGuard(self.source, volatile=getattr(bound, "volatile", frozenset()))
 
     def _session(self, example: tuple, shape_key) -> Session:
-        from wavefront.export import export_onnx
-
         from .disk_cache import cache_dir, cached_entry
         with self._lock:
             session = self.sessions.get(shape_key)
@@ -339,7 +339,7 @@ class OnnxRuntimeModel(nn.Module):
 
                 def export_to(tmp):
                     with _EXPORT_LOCK:
-                        export_onnx(self.optimized, example, tmp, kwargs=self.kwargs)
+                        self._export(self.optimized, example, tmp, kwargs=self.kwargs)
                 t0 = time.perf_counter()
                 entry = cached_entry(os.path.join(cache_dir("onnx"), key + ".onnx"), key, export_to)
                 if entry.built:
@@ -356,9 +356,9 @@ class OnnxRuntimeModel(nn.Module):
         return out
 
     def _check(self, out, args, kwargs) -> None:
-        from wavefront.models.segment import MemoryState
+        from wavefront.contract.segment import MemoryState
         from wavefront.scheduler.train_mode import eval_mode
-        from wavefront.verification import check_outputs
+        from wavefront.contract.checks import check_outputs
         with torch.no_grad(), eval_mode(self.source.modules()):  # the graph was exported in eval mode
             if self.is_segments:
                 input_ids, memory = (tuple(args) + (kwargs.get("memory"),))[:2]
@@ -379,11 +379,10 @@ class OnnxRuntimeModel(nn.Module):
 
     def __reduce__(self):
         # Pickling keeps the model and the options; loading optimizes (and exports) it again.
-        from wavefront.api import _reoptimize
         options = dict(backend="onnxruntime", kwargs=self.kwargs, verify=self.verify)
         if getattr(self.optimized, "schedule_kind", None):
             options["schedule"] = self.optimized.schedule_kind
-        return (_reoptimize, (self.source, options))
+        return (self._reoptimize, (self.source, options))
 
     def _tensors(self, *args, **kwargs):
         if kwargs:
@@ -405,7 +404,7 @@ class OnnxRuntimeModel(nn.Module):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _segments(self, input_ids: torch.Tensor, memory=None):
-        from wavefront.models.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory
+        from wavefront.contract.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory
         check_input_ids(input_ids)  # the torch backend's checks and messages, before onnxruntime sees anything
         rg, opt = self.optimized.rg, self.optimized
         seg = rg.segment_len

@@ -152,8 +152,8 @@ class SegmentProgram(nn.Module):
         """All L + S - 1 steps as one scan op with every lane in every step (padding masked)."""
         from torch._higher_order_ops.scan import scan
         L, plan = self.n_layers, self.plan
-        active = (lambda g: (g >= 0) & (g < S))(self.lanes.segment_grid(S, first.device))
-        hidden = plan.hidden
+        grid = self.lanes.segment_grid(S, first.device)
+        active = (grid >= 0) & (grid < S)
         shifted = [k for k, x in enumerate(plan.lane_inputs)  # values that move one lane down each step
                    if x.role == "hidden" or (x.role == "ctx" and plan.pre_rows[x.pre])]
 

@@ -14,14 +14,14 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_unflatten
 
-from wavefront.models.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory, segment_bounds
+from wavefront.contract.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory, segment_bounds
 from wavefront.passes.dependence import build_grid
+from wavefront.passes.fold_cell import compiled_label
 from wavefront.scheduler.capture import get_attr_path
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 from wavefront.scheduler.schedule import Schedule, build_schedule, validate
 
-from .cell_parts import compile_part
-from .inductor import compiled_label
+from wavefront.passes.graph_parts import compile_part
 from .step_timer import maybe_step
 
 

@@ -55,7 +55,7 @@ def bench_armt(preset: str, repeats: int, device: str):
 
 
 def bench_scan(channels: list[int], Ts: list[int], repeats: int, device: str):
-    from wavefront.export import _to_onnx
+    from wavefront.backends.onnx_graphs import to_onnx as _to_onnx
     path = os.path.join(tempfile.mkdtemp(), "scan.onnx")
     a, b = torch.rand(1024, 8), torch.randn(1024, 8)
     shapes = ({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC},) * 2

@@ -77,7 +77,7 @@ def bench_rg_lru(T: int, repeats: int):
 def bench_gla(T: int, repeats: int, decay: str = "scalar"):
     """A user's gated linear attention loop (matrix state per head): the loop, the routed chunked
     matrix scan (what optimize() runs), and the generic first-order scan over all T states."""
-    import wavefront.passes.loop_lift as loop_lift
+    import wavefront.backends.loop_lift as loop_lift
     from wavefront.models import GatedLinearAttention
     torch.manual_seed(0)
     model = GatedLinearAttention(256, 4, 64, decay)

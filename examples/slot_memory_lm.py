@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wavefront.models.segment import SegmentCell, SegmentRecurrentLM
+from wavefront.contract.segment import SegmentCell, SegmentRecurrentLM
 
 
 class SlotMemoryLayer(nn.Module):

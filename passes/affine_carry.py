@@ -185,3 +185,43 @@ def analyse_step(step: nn.Module | object) -> AffineStep:
         return gm
 
     return AffineStep(graph_of(alpha[new]), graph_of(beta[new]), traced)
+
+
+def scalar_constant(gm) -> int | float | complex | None:
+    """The Python number a coefficient graph returns whatever its inputs (`h = 0.9 * h + x[t]`:
+    a = 0.9), else None. vmap cannot map such a graph: it returns no tensor."""
+    if not isinstance(gm, fx.GraphModule):
+        return None
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    return out if isinstance(out, (int, float, complex)) and not isinstance(out, bool) else None
+
+
+def constant_coefficients(A, B, ca, cb, h0: torch.Tensor, T: int):
+    """A and B with the constant ones (ca, cb: Python numbers, or None) made [T, 1, ...] tensors
+    of the dtype the loop computes in: a Python number takes the tensors' dtype (`0.9 * h` of a
+    float32 h stays float32), widening only across kinds (a complex number and a real carry).
+
+    >>> A, B = constant_coefficients(None, None, 0.5, None, torch.zeros(2, dtype=torch.float32), 3)
+    >>> A.shape, A.dtype, B
+    (torch.Size([3, 1]), torch.float32, None)
+    """
+    dtype = h0.dtype
+    for x in (A, B):
+        if x is not None:
+            dtype = torch.promote_types(dtype, x.dtype)
+    like, shape = torch.empty((), dtype=dtype), (T,) + (1,) * h0.dim()  # [T, 1, ...]: broadcasts over the carry
+    if ca is not None:
+        A = torch.full(shape, ca, dtype=torch.result_type(like, ca), device=h0.device)
+    if cb is not None:
+        B = torch.full(shape, cb, dtype=torch.result_type(like, cb), device=h0.device)
+    return A, B
+
+
+def broadcast_coefficients(A, B, h0: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B ([T, ...] or None for 1 and 0) expanded to [T, *shape], the carry's shape
+    broadcast with theirs."""
+    inner = torch.broadcast_shapes(h0.shape, *[x.shape[1:] for x in (A, B) if x is not None])
+    shape = (T, *inner)
+    A = A.expand(shape) if A is not None else h0.new_ones(shape)
+    B = B.expand(shape) if B is not None else h0.new_zeros(shape)
+    return A, B

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from wavefront.backends.inductor import compiled_label
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 from wavefront.scheduler.train_mode import reads_training
 
 from .dependence import Verdict, analyse
+from .fold_cell import compiled_label
 from .lane_batching import LaneSignature, VmapLaneCell
 from .stacking import LayersNotStackable, ParameterStack
 

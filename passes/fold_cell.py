@@ -163,6 +163,14 @@ class FoldLaneCell(OpaqueModule):
         return ""
 
 
+def compiled_label(cell) -> str:
+    """How a batched cell's compiled graph runs ("" when it has none), for explain()."""
+    compiled = getattr(cell, "compiled", None)
+    if compiled is None:
+        return ""
+    return getattr(compiled, "label", "compiled (inductor)")
+
+
 def fold_lanes(template: fx.GraphModule, signature: LaneSignature, stack, fused: list[list[str]] = ()) -> FoldLaneCell:
     """Build the folded cell for one layer kind, or raise FoldNotApplicable saying why."""
     invariant = lane_invariant_buffers(template, stack)

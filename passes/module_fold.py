@@ -22,7 +22,7 @@ import threading
 import torch
 from torch import nn
 
-from .lane_fold import FoldNotApplicable, lane_elementwise, lane_linear
+from .lane_ops import FoldNotApplicable, lane_elementwise, lane_linear
 
 
 class LaneContext(threading.local):

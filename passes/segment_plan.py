@@ -27,7 +27,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from wavefront.backends.cell_parts import subgraph
+from .graph_parts import subgraph
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 
 

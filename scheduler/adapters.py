@@ -10,7 +10,7 @@ from typing import Protocol
 
 from torch import nn
 
-from wavefront.models.segment import SegmentRecurrentLM
+from wavefront.contract.segment import SegmentRecurrentLM
 
 from .bound_model import AdapterRefused, BoundModel  # noqa: F401 (re-exported)
 from .published_armt import PublishedARMTAdapter

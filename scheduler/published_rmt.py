@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from wavefront.models.hf import HFBlockCall, HFReadWriteEmbedStage, hf_parts
-from wavefront.models.segment import SegmentCell
+from wavefront.contract.segment import SegmentCell
 
 from .bound_model import AdapterRefused, BoundModel
 from .client_proof import client_segment_len, prove_same_as_client

@@ -7,7 +7,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_unflatten
 
-from wavefront.models.segment import as_memory_tensors
+from wavefront.contract.segment import as_memory_tensors
 
 
 @dataclass(frozen=True)

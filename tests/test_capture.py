@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from conftest import N_LAYERS, build, ids_for, tiny_armt, tiny_rmt
-from wavefront.models.segment import SegmentCell, SegmentRecurrentLM
+from wavefront.contract.segment import SegmentCell, SegmentRecurrentLM
 from wavefront.scheduler import CaptureError, capture, register_adapter
 from wavefront.scheduler.adapters import BoundModel
 

@@ -6,7 +6,7 @@ from torch import nn
 import wavefront
 from conftest import ARMT_KINDS, N_LAYERS, SEG, SEGMENT_COUNTS, VOCAB, build, ids_for, tiny_armt, tiny_rmt
 from wavefront.models.opaque import OpaqueModule
-from wavefront.models.segment import SegmentCell, SegmentRecurrentLM
+from wavefront.contract.segment import SegmentCell, SegmentRecurrentLM
 from wavefront.passes.diagonal import DiagonalBatchingIllegal, diagonal_batching
 from wavefront.passes.stacking import LayersNotStackable
 from wavefront.scheduler import capture

@@ -248,7 +248,7 @@ def test_a_truncated_onnx_entry_is_exported_again_with_a_warning(cache):
 
 
 def test_an_exported_segment_graph_checks_its_inputs_like_torch(tmp_path):
-    from wavefront.export_segments import OnnxSegmentSession
+    from wavefront.backends.onnx_segments import OnnxSegmentSession
     model = tiny_armt(torch.float32)
     ids = ids_for(4, batch=2)  # whole segments: what the graph runs
     wavefront.export_onnx(wavefront.optimize(model), (ids,), str(tmp_path / "armt.onnx"))

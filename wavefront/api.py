@@ -9,14 +9,16 @@ import torch
 from torch import nn
 
 from wavefront.call_gate import CallGate
-from wavefront.models.segment import MemoryState, SegmentLMOutput, segment_bounds
+from wavefront.reoptimize import reoptimize as _reoptimize
+from wavefront.contract.segment import MemoryState, SegmentLMOutput, segment_bounds
 from wavefront.passes.dependence import Verdict, analyse
 from wavefront.scheduler.adapters import AdapterRefused, bind_model, segment_adapter_for
 from wavefront.scheduler.capture import capture
 from wavefront.scheduler.capture_guard import CaptureGuard
 from wavefront.scheduler.schedule import Schedule, build_schedule
 from wavefront.scheduler.train_mode import eval_mode
-from wavefront.verification import VERIFY_RTOL, VerificationError
+from wavefront.stages import StageLog, debug_level
+from wavefront.contract.checks import VERIFY_RTOL, VerificationError
 
 SCHEDULES = ("diagonal", "sequential")
 BACKENDS = ("torch", "inductor", "aot_inductor", "onnxruntime")
@@ -46,23 +48,36 @@ class OptimizedModel(nn.Module):
         self._build()
 
     def _build(self) -> None:
-        """Capture the model and build its schedule's program (optimize(), and again after a change)."""
+        """Capture the model and build its schedule's program (optimize(), and again after a change),
+        each stage recorded in `stage_log` (wavefront.stages)."""
         from wavefront.backends.torch_executor import TorchExecutor
         from wavefront.passes.diagonal import diagonal_batching
-        bound = bind_model(self.model)
-        rg = capture(bound)
-        batched = diagonal_batching(rg) if self.schedule_kind == "diagonal" else None
+        log = StageLog()
+        bound = log.run("bind", lambda: bind_model(self.model), lambda b: f"{b.family} (adapter {b.adapter}), "
+                        f"segment_len {b.segment_len}, cell {type(b.cell).__name__}")
+        rg = log.run("capture", lambda: capture(bound), lambda r: r.describe())
+        log.run("analyse", lambda: analyse(rg))
+        batched = None
+        if self.schedule_kind == "diagonal":
+            batched = log.run("rewrite", lambda: diagonal_batching(rg), lambda b: "diagonal batching:\n" + b.describe())
         if self.backend in COMPILING:
             from wavefront.backends.inductor import compile_batched
             if batched is None:
                 raise ValueError(f"backend={self.backend!r} compiles the batched diagonal cell: use schedule='diagonal'")
-            compile_batched(batched, aot=self.backend == "aot_inductor")
+            log.run("compile", lambda: compile_batched(batched, aot=self.backend == "aot_inductor"),
+                    lambda _: f"{self.backend}: set up (compiled on the first call with each lane width)")
+        executor = TorchExecutor(rg, batched)
+        if batched is not None:  # the fast path is chosen here, on a synthetic input, not on a later call
+            log.run("program", lambda: executor.build_program() or executor.program,
+                    lambda p: executor.describe_program().strip())
         object.__setattr__(self, "bound", bound)  # plain references: the modules are the model's
-        self.rg, self.batched, self.executor = rg, batched, TorchExecutor(rg, batched)
-        self.executor.build_program()  # the fast path is chosen here, on a synthetic input, not on a later call
+        self.rg, self.batched, self.executor = rg, batched, executor
         self._guard = CaptureGuard(bound.source if bound.source is not None else self.model, rg.traced_modules,
                                    bound.volatile)
         self._schedules: dict[int, Schedule] = {}
+        object.__setattr__(self, "stage_log", log)
+        if self.backend in COMPILING and executor.program is not None:
+            self.compile_time_s = log[-1].seconds  # the program's check compiled the cell at every lane width
 
     def _refresh_if_changed(self) -> None:
         """Capture again when the model changed, while no call is in flight (CallGate)."""
@@ -99,12 +114,34 @@ class OptimizedModel(nn.Module):
             schedule = build_schedule(self.schedule_kind, self.rg.n_layers, n_segments)
             self._schedules = {n_segments: schedule}
         t0 = time.perf_counter()
-        out = self.executor.run(input_ids, schedule, memory)
+        if debug_level() >= 2:
+            out = self._run_timed(input_ids, schedule, memory)
+        else:
+            out = self.executor.run(input_ids, schedule, memory)
         if self.compile_time_s is None and self.backend in COMPILING:
             self.compile_time_s = time.perf_counter() - t0
         self.last_schedule = schedule
         if self.verify:
             self._check(input_ids, memory, schedule, out)
+        return out
+
+    def _run_timed(self, input_ids, schedule, memory):
+        """WAVEFRONT_DEBUG=2: the call with every step timed, a summary printed on stderr."""
+        import sys
+
+        from wavefront.backends.step_timer import StepTimer
+        timer = StepTimer(input_ids.device)
+        self.executor.step_timer = timer
+        t0 = time.perf_counter()
+        try:
+            out = self.executor.run(input_ids, schedule, memory)
+        finally:
+            self.executor.step_timer = None
+        steps = timer.durations(schedule.num_steps)
+        slowest = max(range(len(steps)), key=steps.__getitem__)
+        print(f"[wavefront] call: {schedule.kind} schedule, {schedule.num_steps} steps ({timer.path}) in "
+              f"{1e3 * (time.perf_counter() - t0):.2f} ms; per step (ms): "
+              + " ".join(f"{1e3 * d:.2f}" for d in steps) + f"; slowest step {slowest}", file=sys.stderr, flush=True)
         return out
 
     def _check(self, input_ids, memory, schedule, out):
@@ -136,11 +173,6 @@ class OptimizedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule_kind!r}, backend={self.backend!r}, family={self.rg.family!r}"
-
-
-def _reoptimize(model: nn.Module, options: dict) -> nn.Module:
-    """Unpickling an optimized model: optimize the unpickled model again with the same options."""
-    return optimize(model, **options)
 
 
 class UnchangedModel(nn.Module):
@@ -193,8 +225,11 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
         raise ValueError(f"unknown backend {backend!r}: choose one of {list(BACKENDS)}")
     if backend == "onnxruntime":  # the torch-optimized model, exported and run by an onnxruntime session
         from wavefront.backends.onnxruntime_backend import OnnxRuntimeModel
-        return OnnxRuntimeModel(optimize(model, schedule=schedule, backend="torch"), kwargs=kwargs, verify=verify)
-    from wavefront.scheduler.scan_adapters import ScanAcceleratedModel, scan_adapter_for
+        from wavefront.export import export_onnx
+        torch_model = optimize(model, schedule=schedule, backend="torch")
+        return OnnxRuntimeModel(torch_model, kwargs=kwargs, verify=verify, export=export_onnx, reoptimize=_reoptimize,
+                                segments=isinstance(torch_model, OptimizedModel))
+    from wavefront.scan_adapters import ScanAcceleratedModel, scan_adapter_for
     scan_adapter = scan_adapter_for(model)
     why = scan_adapter.check(model) if scan_adapter is not None else ""
     segment_model = scan_adapter is None and segment_adapter_for(model) is not None
@@ -202,13 +237,20 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
         raise ValueError(f"backend={backend!r} compiles the batched layer cell of a segment-recurrent model; "
                          f"{type(model).__name__} is not one (its recurrences are time loops or scans): use "
                          "backend='torch' or backend='onnxruntime'")
+    log = StageLog()
     if scan_adapter is not None and not why:  # a known model family with a native kernel (Mamba)
-        return ScanAcceleratedModel(model, scan_adapter, verify)
+        accelerated = log.run("kernel substitution", lambda: ScanAcceleratedModel(model, scan_adapter, verify),
+                              lambda m: scan_adapter.describe(model))
+        object.__setattr__(accelerated, "stage_log", log)
+        return accelerated
     if not segment_model:
         from wavefront.loop_model import LoopLiftedModel, model_time_loops
-        loops = model_time_loops(model)  # Python time loops: lift the affine ones into scans
+        loops = log.run("find time loops", lambda: model_time_loops(model),  # Python time loops: lift the affine ones
+                        lambda found: f"{len(found)} method(s) holding a time loop")
         if loops:
-            lifted = LoopLiftedModel(model, loops, verify)
+            lifted = log.run("lift loops", lambda: LoopLiftedModel(model, loops, verify),
+                             lambda m: "\n".join(m.report()))
+            object.__setattr__(lifted, "stage_log", log)
             if not lifted.lifted_any:
                 warnings.warn(f"{type(model).__name__}: no time loop can run as a scan, the model runs as it is:\n"
                               + "\n".join(lifted.report()), stacklevel=2)
@@ -283,7 +325,7 @@ def explain(model: nn.Module, n_segments: int | None = None) -> Explanation:
         return Explanation(type(model.model).__name__, "none", f"runs unchanged: {model.reason}", no_segments,
                            "unchanged", 0, None)
     from wavefront.loop_model import LoopLiftedModel, model_time_loops
-    from wavefront.scheduler.scan_adapters import ScanAcceleratedModel, scan_adapter_for
+    from wavefront.scan_adapters import ScanAcceleratedModel, scan_adapter_for
     inner = model.model if isinstance(model, (ScanAcceleratedModel, LoopLiftedModel)) else model
     scan_adapter = scan_adapter_for(inner)
     why = scan_adapter.check(inner) if scan_adapter is not None else ""

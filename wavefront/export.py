@@ -15,14 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-import wavefront
-
-EXPORT_RTOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-
-
-class ExportError(RuntimeError):
-    """The model (or a part of it) cannot be exported as asked; the message names the part."""
-
+from wavefront.backends.onnx_graphs import ExportError, check_in_onnxruntime, run_onnx, save_with_metadata, to_onnx
 
 class _Outputs(nn.Module):
     """The tensors of a model's output: `logits` for language-model outputs, else every tensor
@@ -41,9 +34,10 @@ class _Outputs(nn.Module):
 
 def _prepare(model: nn.Module):
     """(the module to export, what kind it is, a function describing what was rewritten)."""
-    from wavefront.api import OptimizedModel, optimize
+    import wavefront  # what optimize() returns, through the public package (the API imports this module)
+    OptimizedModel, optimize = wavefront.OptimizedModel, wavefront.optimize
     from wavefront.loop_model import LoopLiftedModel
-    from wavefront.scheduler.scan_adapters import ScanAcceleratedModel
+    from wavefront.scan_adapters import ScanAcceleratedModel
     if isinstance(model, OptimizedModel):
         return model, "segments", None
     if not isinstance(model, (LoopLiftedModel, ScanAcceleratedModel)):
@@ -108,7 +102,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str, *, dynamic: bool = 
 def _export(model, example_inputs, path, dynamic, time_dims, dynamic_shapes, kwargs, check):
     module, kind, report = _prepare(model)
     if kind == "segments":
-        from wavefront.export_segments import export_segments
+        from wavefront.backends.onnx_segments import export_segments
         return export_segments(module, example_inputs, path, dynamic=dynamic, check=check)
     if dynamic and dynamic_shapes is None:  # a length-1 example would fix the length at 1 (0/1 specialisation)
         example_inputs = _at_least_two_steps(example_inputs, time_dims)
@@ -117,7 +111,7 @@ def _export(model, example_inputs, path, dynamic, time_dims, dynamic_shapes, kwa
         expected = wrapper(*example_inputs)  # also warms the loop plans up, outside the export trace
     shapes = dynamic_shapes if dynamic_shapes is not None else (
         _dynamic_shapes(example_inputs, time_dims) if dynamic else None)
-    program = _to_onnx(wrapper, example_inputs, shapes)
+    program = to_onnx(wrapper, example_inputs, shapes)
     proto = program.model_proto
     meta = {"wavefront.kind": kind, "wavefront.rewrites": json.dumps(report()),
             "wavefront.dynamic": json.dumps(bool(dynamic)),
@@ -125,60 +119,8 @@ def _export(model, example_inputs, path, dynamic, time_dims, dynamic_shapes, kwa
                                             for x in example_inputs])}
     save_with_metadata(proto, path, meta)
     if check:
-        _check_in_onnxruntime(path, example_inputs, expected)
+        check_in_onnxruntime(path, example_inputs, expected)
     return proto
-
-
-def _to_onnx(module: nn.Module, args: tuple, dynamic_shapes):
-    """torch.export (non-strict: our Python runs, with symbolic sizes) then torch.onnx; a
-    LoopExportError inside is reported as itself, not as the exporter's generic failure."""
-    torch._dynamo.reset()  # repeated exports in one process otherwise interfere
-    try:
-        with torch.no_grad():
-            exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-            return torch.onnx.export(exported, dynamo=True, verbose=False)
-    except Exception as e:
-        from wavefront.passes.loop_lift import LoopExportError
-        cause = e
-        while cause is not None and not isinstance(cause, LoopExportError):
-            cause = cause.__cause__ or cause.__context__
-        raise ExportError(str(cause) if cause is not None else f"export failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
-
-
-def save_with_metadata(proto, path: str, meta: dict) -> None:
-    """Add wavefront's version and `meta` to the graph's metadata_props, check it, save it."""
-    import onnx
-    for k, v in {"wavefront.version": wavefront.__version__, **meta}.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.checker.check_model(proto)
-    onnx.save(proto, path)
-
-
-def _check_in_onnxruntime(path: str, example_inputs: tuple, expected, got=None) -> None:
-    from wavefront.testing import rel_err
-    got = run_onnx(path, example_inputs) if got is None else got
-    want = [t for t in tree_leaves(expected) if isinstance(t, torch.Tensor)]
-    for k, (g, w) in enumerate(zip(got, want)):
-        err, tol = rel_err(g, w), EXPORT_RTOL.get(w.dtype, 1e-4)
-        if err > tol:
-            raise ExportError(f"the exported graph differs from the eager model on the example inputs: output {k} "
-                              f"relative error {err:.3e} > {tol:.0e}")
-
-
-def run_onnx(path: str, inputs, providers=("CPUExecutionProvider",)) -> list[torch.Tensor]:
-    """Run an exported graph in onnxruntime; returns its outputs as tensors.
-
-    The session's providers are checked: asking for CUDAExecutionProvider on a machine without
-    it raises instead of silently running on the CPU.
-    """
-    from wavefront.backends.onnxruntime_backend import open_session
-    session = open_session(path, providers)
-    names = [i.name for i in session.get_inputs()]
-    tensors = [x for x in (inputs if isinstance(inputs, (tuple, list)) else (inputs,)) if isinstance(x, torch.Tensor)]
-    feed = {n: x.detach().cpu().numpy() for n, x in zip(names, tensors)}
-    return [torch.from_numpy(o) for o in session.run(None, feed)]
 
 
 __all__ = ["ExportError", "export_onnx", "run_onnx"]

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wavefront.passes.loop_lift import LoopRunner
+from wavefront.backends.loop_lift import LoopRunner
 from wavefront.scheduler.time_loops import LoopSite, find_time_loops, rewrite_function, uses_private_names
+from wavefront.reoptimize import reoptimize
 
 
 @dataclass
@@ -115,7 +116,7 @@ class LoopLiftedModel(nn.Module):
         with self._lifted():
             out = self.model(*args, **kwargs)
         if self.verify:
-            from wavefront.verification import check_outputs
+            from wavefront.contract.checks import check_outputs
             with torch.no_grad():
                 ref = self.model(*args, **kwargs)
             check_outputs(out, ref, "the model with its loops run as scans (vs its own loops)")
@@ -124,8 +125,7 @@ class LoopLiftedModel(nn.Module):
 
     def __reduce__(self):
         # Pickling (torch.save, copy.deepcopy) keeps the model and the options; loading optimizes it again.
-        from wavefront.api import _reoptimize
-        return (_reoptimize, (self.model, {"verify": self.verify}))
+        return (reoptimize, (self.model, {"verify": self.verify}))
 
     @property
     def lifted_any(self) -> bool:

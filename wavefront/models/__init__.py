@@ -4,7 +4,7 @@ from .associative_memory import AssociativeMemory, dpfp
 from .hf import HFARMT, wrap_armt
 from .loop_models import ElmanRNN, GatedLinearAttention, LinearRecurrence, MinGRU
 from .rmt import RMT, RMTConfig
-from .segment import MemoryState, SegmentLMOutput, SegmentRecurrentLM
+from wavefront.contract.segment import MemoryState, SegmentLMOutput, SegmentRecurrentLM
 
 __all__ = ["ARMT", "ARMTCell", "ARMTConfig", "ARMTLayer", "AssociativeMemory", "dpfp", "HFARMT", "wrap_armt", "ElmanRNN", "GatedLinearAttention", "LinearRecurrence", "MinGRU",
            "RMT", "RMTConfig", "MemoryState", "SegmentLMOutput", "SegmentRecurrentLM"]

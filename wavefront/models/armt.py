@@ -14,7 +14,7 @@ from torch import nn
 from .associative_memory import AssociativeMemory
 from .config import StackConfig
 from .decoder import DecoderBlock, RMSNorm
-from .segment import SegmentCell, SegmentRecurrentLM
+from wavefront.contract.segment import SegmentCell, SegmentRecurrentLM
 
 
 class ARMTLayer(nn.Module):

@@ -16,7 +16,7 @@ from torch import nn
 from .armt import ARMTCell, ARMTLayer
 from .associative_memory import AssociativeMemory
 from .opaque import OpaqueModule
-from .segment import SegmentRecurrentLM
+from wavefront.contract.segment import SegmentRecurrentLM
 
 
 @dataclass

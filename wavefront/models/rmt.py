@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import StackConfig
 from .decoder import DecoderBlock, RMSNorm
-from .segment import SegmentCell, SegmentRecurrentLM
+from wavefront.contract.segment import SegmentCell, SegmentRecurrentLM
 
 
 class RMTCell(SegmentCell):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wavefront.reoptimize import reoptimize
+
 
 def _mamba_module():
     try:
@@ -106,7 +108,7 @@ class ScanAcceleratedModel(nn.Module):
         with swapped(self.adapter.patches()):
             out = self.model(*args, **kwargs)
         if self.verify:
-            from wavefront.verification import check_outputs
+            from wavefront.contract.checks import check_outputs
             with torch.no_grad():
                 ref = self.model(*args, **kwargs)
             check_outputs(out, ref, "the native scan (vs the model's own loop)", rtol=1e-4)  # it computes in fp32
@@ -115,5 +117,4 @@ class ScanAcceleratedModel(nn.Module):
 
     def __reduce__(self):
         # Pickling (torch.save, copy.deepcopy) keeps the model and the options; loading optimizes it again.
-        from wavefront.api import _reoptimize
-        return (_reoptimize, (self.model, {"verify": self.verify}))
+        return (reoptimize, (self.model, {"verify": self.verify}))

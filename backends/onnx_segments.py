@@ -22,7 +22,9 @@ import json
 import torch
 from torch.utils._pytree import treespec_dumps, treespec_loads, tree_unflatten
 
-from wavefront.backends.segment_program import ProgramNotApplicable, SegmentProgram
+from .onnx_graphs import ExportError, check_in_onnxruntime, save_with_metadata, to_onnx
+from .onnxruntime_backend import check_token_ids, input_embedding, open_session
+from .segment_program import ProgramNotApplicable, SegmentProgram
 
 
 def _layout_from_meta(meta: dict, n_layers: int):
@@ -61,7 +63,6 @@ class OnnxSegmentSession:
     def __init__(self, path: str, providers=("CPUExecutionProvider",)):
         import onnx
 
-        from wavefront.backends.onnxruntime_backend import open_session
         meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
         self.segment_len, self.n_layers = int(meta["wavefront.segment_len"]), int(meta["wavefront.n_layers"])
         self.session = open_session(path, providers)
@@ -74,8 +75,7 @@ class OnnxSegmentSession:
         self.vocab_size = int(vocab) if vocab else None
 
     def __call__(self, input_ids: torch.Tensor, memory=None):
-        from wavefront.backends.onnxruntime_backend import check_token_ids
-        from wavefront.models.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory
+        from wavefront.contract.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory
         check_input_ids(input_ids)  # the torch backend's checks: an ONNX Gather would wrap a negative id
         check_token_ids(input_ids, self.vocab_size)
         B, T = input_ids.shape
@@ -99,7 +99,7 @@ class OnnxSegmentSession:
 
     def state(self, leaves) -> tuple:
         """The model's memory structure from its leaves (flat for graphs that did not record it)."""
-        from wavefront.models.segment import as_memory_tensors
+        from wavefront.contract.segment import as_memory_tensors
         return tuple(leaves) if self.state_spec is None else as_memory_tensors(tree_unflatten(list(leaves), self.state_spec))
 
 
@@ -109,9 +109,7 @@ __all__ = ["OnnxSegmentSession", "export_segments"]
 def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: bool = True, check: bool = True):
     """export_onnx for a model optimize() put under the diagonal schedule (see the module docstring)."""
 
-    from wavefront.backends.onnxruntime_backend import input_embedding
-    from wavefront.export import ExportError, _check_in_onnxruntime, _to_onnx, save_with_metadata
-    from wavefront.models.segment import MemoryState
+    from wavefront.contract.segment import MemoryState
     from wavefront.scheduler.schedule import diagonal
     input_ids, memory = (tuple(example_inputs) + (None,))[:2]
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -140,7 +138,7 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
     traced = input_ids if T >= 2 * seg else input_ids.repeat(1, 2)  # one segment would fix S at 1 (0/1 specialisation)
     args = (traced.reshape(B, traced.shape[1] // seg, seg), *stacked, torch.tensor(memory.segments_seen == 0))
     shapes = ({1: torch.export.Dim.DYNAMIC}, (None,) * (len(stacked) + 1)) if dynamic else None
-    onnx_program = _to_onnx(program, args, shapes)
+    onnx_program = to_onnx(program, args, shapes)
     proto = onnx_program.model_proto
     meta = {"wavefront.kind": "segments", "wavefront.family": optimized.rg.family,
             "wavefront.schedule": diagonal(L, T // seg).to_json(), "wavefront.schedule_rule":
@@ -156,7 +154,7 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
     save_with_metadata(proto, path, meta)
     if check:
         out = OnnxSegmentSession(path)(input_ids, memory)
-        _check_in_onnxruntime(path, example_inputs, expected, got=[out.logits, *out.memory.leaves()][:len(expected)])
+        check_in_onnxruntime(path, example_inputs, expected, got=[out.logits, *out.memory.leaves()][:len(expected)])
     return proto
 
 
@@ -164,7 +162,7 @@ def _expected(optimized, input_ids, memory) -> list:
     """What the exported graph must give on the example: the user's own forward (logits, and the
     memory where the model returns it); for a model whose forward starts fresh only, continuing a
     stream, the optimized model's (itself verified against that forward)."""
-    from wavefront.models.segment import MemoryState
+    from wavefront.contract.segment import MemoryState
     bound = optimized.bound
     if memory is not None and not bound.reference_takes_memory:
         out = optimized(input_ids, memory)
