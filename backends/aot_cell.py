@@ -176,6 +176,12 @@ class AotFoldedCell:
         self.loaded_from_cache = False
         self._markers: dict[tuple, torch.Tensor] = {}
 
+    @property
+    def traced_by_dynamo(self) -> bool:
+        """Whether the next call may trace (the build exports, the fallback is torch.compile);
+        once the package runs, calls go straight to it."""
+        return self.runner is None or self.fallback is not None
+
     @staticmethod
     def _split(args, kwargs):
         params = {k: v for k, v in kwargs.items() if k.startswith("lane_")}

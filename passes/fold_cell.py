@@ -91,6 +91,12 @@ class FoldLaneCell(OpaqueModule):
         a graph torch.compile cannot handle runs eager from then on, the reason kept."""
         if self.compiled is None or not self.checked or torch.is_grad_enabled() or self.layers_training:
             return self.folded(*args, **kwargs)
+        if not getattr(self.compiled, "traced_by_dynamo", True):  # an AOTInductor package: no shape guessing to set
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:
+                self.compiled, self.compile_error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                return self.folded(*args, **kwargs)
         # Duck sizing would tie unrelated sizes that happen to be equal on the first call
         # (lanes == batch == layers) and recompile when they part; keep them independent. (Set and
         # restored by hand: config.patch costs ~0.1 ms, as much as a small step.)

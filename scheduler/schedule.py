@@ -75,8 +75,12 @@ class Schedule:
         >>> diagonal(2, 3).lower(), sequential(2, 3).lower()
         (LaneSteps(n_layers=2), None)
         """
-        lanes = LaneSteps(self.n_layers)
-        return lanes if self.steps == lanes.schedule(self.n_segments).steps else None
+        cached = self.__dict__.get("_lowered", False)  # computed once per schedule (executors ask every call)
+        if cached is False:
+            lanes = LaneSteps(self.n_layers)
+            cached = lanes if self.steps == lanes.schedule(self.n_segments).steps else None
+            object.__setattr__(self, "_lowered", cached)
+        return cached
 
     def step_of(self) -> dict[Cell, int]:
         """Step index of every scheduled cell (the first, if a cell is listed twice)."""

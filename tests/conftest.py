@@ -5,6 +5,10 @@ import warnings
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each, or
+    os.environ["OMP_NUM_THREADS"] = "1"      # OpenMP's spinning threads slow both 10x (subprocesses inherit it)
+    torch.set_num_threads(1)
+
 if not torch.cuda.is_available():  # Triton kernels run on CPU only in the interpreter, set before they are imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -18,6 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                         "--repeats", "1"], ["seconds", "gbps", "form"]),
     ("onnxruntime_speed.py", ["--preset", "tiny", "--channels", "4", "--T", "64", "--repeats", "1"],
      ["name", "providers"]),
+    ("segment_model_speedup.py", ["--layers", "2", "--segments", "3", "--repeats", "1"],
+     ["sequential_s", "diagonal_s", "step_bound", "path"]),
     ("scan_matrix.py", ["--T", "40", "--heads", "2", "--dk", "4", "--dv", "4", "--repeats", "1"], ["loop_s", "chunked_s"]),
 ])
 def test_script_prints_json_lines(script, args, fields):
