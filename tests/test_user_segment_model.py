@@ -166,6 +166,28 @@ def test_a_layer_reading_another_layers_state_is_not_batched_silently():
         _close(fast(x), model(x), 1e-12, "neighbour state")
 
 
+class MixesRowsCell(DictStateCell):
+    """The part before the layers centres the batch (it mixes rows): folding segments into rows
+    would change it, so the program is refused and the model runs step by step, exactly."""
+
+    def forward(self, input_ids, first, state):
+        h = self.embed(input_ids)
+        h = h - h.mean(0, keepdim=True)
+        new = {}
+        for i in range(len(self.layers)):
+            h, new[f"layer{i}"] = self.layers[i](h, state[f"layer{i}"], first)
+        return self.head(self.norm(h)), new
+
+
+def test_a_part_before_the_layers_that_mixes_rows_is_not_batched_over_segments():
+    model = SegmentRecurrentLM(MixesRowsCell(slot_model().cell), SEG).double().eval()
+    fast = wavefront.optimize(model)
+    assert fast.executor.program is None and "neither per row nor" in fast.executor.program_reason
+    x = ids(L + 2)
+    with torch.no_grad():
+        _close(fast(x), model(x), 1e-12, "rows mixed before the layers")
+
+
 def test_the_example_script_builds_the_same_model_it_documents():
     model = slot.slot_memory_lm(n_layers=2)
     assert isinstance(model.cell, SegmentCell) and not any(isinstance(m, nn.Embedding) and m.num_embeddings != 128
