@@ -33,6 +33,8 @@ import tempfile
 import threading
 import warnings
 
+from wavefront.contract.version import __version__
+
 try:
     import fcntl
 except ImportError:  # not POSIX: builders in other processes may race (atomic renames keep entries whole)
@@ -368,7 +370,6 @@ def _fsync_dir(folder: str) -> None:
 
 
 def _version() -> str:
-    from wavefront.contract.version import __version__
     return __version__
 
 

@@ -22,13 +22,20 @@ import torch
 from torch import fx, nn
 from torch.func import vmap
 
-from wavefront.passes.affine_carry import (AffineStep, NotAffine, analyse_step, broadcast_coefficients,
-                                            constant_coefficients, scalar_constant)
+from wavefront.passes.affine_carry import (
+    AffineStep,
+    NotAffine,
+    analyse_step,
+    broadcast_coefficients,
+    constant_coefficients,
+    scalar_constant,
+)
 from wavefront.passes.index_hoist import HoistedReads, hoist_index_reads, read_views
 from wavefront.passes.matrix_state import match_matrix_step
 from wavefront.scheduler.time_loops import LoopSite, assigned_after
 
 from .linear_scan import linear_scan
+from .matrix_scan import matrix_scan
 
 
 class _StepHolder(nn.Module):
@@ -217,7 +224,6 @@ def _matrix_state_scan(plan: _Plan, site: LoopSite, env: dict, steps: "_Steps", 
     step (no [T, ..., dk, dv] states held), then the last step in plain Python for the values
     the loop leaves. None (the generic scan runs) when a's shape is not a scalar or per-key-dim
     decay, or the parts do not broadcast to the state."""
-    from .matrix_scan import matrix_scan
     n, in_dims = steps.n, (0,) + (None,) * len(xs)
     lead, (dk, dv) = tuple(h0.shape[:-2]), tuple(h0.shape[-2:])
     K, V, Q = (_over_steps(g, [idx, *xs], in_dims, steps) for g in plan.matrix)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .linear_scan import linear_scan
+from . import triton_scan
+from .linear_scan import linear_scan, needs_grad
 
 ALL_STATES_AT_ONCE = 1 << 22  # elements of chunk states (n x state) held at once; above: chunk by chunk
 
@@ -116,8 +117,6 @@ def matrix_scan(q, k, v, decay=None, S0=None, method: str = "auto"):
     >>> o[0, :, 0]
     tensor([2., 4., 6.])
     """
-    from . import triton_scan
-    from .linear_scan import needs_grad
     if method == "auto":
         method = "triton" if q.is_cuda and not needs_grad(q, k, v, decay, S0) and triton_scan.available(q.device)[0] \
             else "chunked"

@@ -20,7 +20,10 @@ from __future__ import annotations
 import json
 
 import torch
-from torch.utils._pytree import treespec_dumps, treespec_loads, tree_unflatten
+from torch.utils._pytree import tree_unflatten, treespec_dumps, treespec_loads
+
+from wavefront.contract.segment import MemoryState, SegmentLMOutput, as_memory_tensors, check_input_ids, check_memory
+from wavefront.scheduler.schedule import diagonal
 
 from .onnx_graphs import ExportError, check_in_onnxruntime, save_with_metadata, to_onnx
 from .onnxruntime_backend import check_token_ids, input_embedding, open_session
@@ -75,7 +78,6 @@ class OnnxSegmentSession:
         self.vocab_size = int(vocab) if vocab else None
 
     def __call__(self, input_ids: torch.Tensor, memory=None):
-        from wavefront.contract.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory
         check_input_ids(input_ids)  # the torch backend's checks: an ONNX Gather would wrap a negative id
         check_token_ids(input_ids, self.vocab_size)
         B, T = input_ids.shape
@@ -99,7 +101,6 @@ class OnnxSegmentSession:
 
     def state(self, leaves) -> tuple:
         """The model's memory structure from its leaves (flat for graphs that did not record it)."""
-        from wavefront.contract.segment import as_memory_tensors
         return tuple(leaves) if self.state_spec is None else as_memory_tensors(tree_unflatten(list(leaves), self.state_spec))
 
 
@@ -109,8 +110,6 @@ __all__ = ["OnnxSegmentSession", "export_segments"]
 def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: bool = True, check: bool = True):
     """export_onnx for a model optimize() put under the diagonal schedule (see the module docstring)."""
 
-    from wavefront.contract.segment import MemoryState
-    from wavefront.scheduler.schedule import diagonal
     input_ids, memory = (tuple(example_inputs) + (None,))[:2]
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ExportError("a segment model exports from example input_ids [batch, tokens] (and optionally a memory)")
@@ -162,7 +161,6 @@ def _expected(optimized, input_ids, memory) -> list:
     """What the exported graph must give on the example: the user's own forward (logits, and the
     memory where the model returns it); for a model whose forward starts fresh only, continuing a
     stream, the optimized model's (itself verified against that forward)."""
-    from wavefront.contract.segment import MemoryState
     bound = optimized.bound
     if memory is not None and not bound.reference_takes_memory:
         out = optimized(input_ids, memory)

@@ -33,6 +33,14 @@ import time
 import torch
 from torch import nn
 
+from wavefront.contract.checks import check_outputs
+from wavefront.contract.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory
+from wavefront.contract.version import __version__
+from wavefront.scheduler.capture_guard import CaptureGuard
+from wavefront.scheduler.train_mode import eval_mode
+
+from .disk_cache import cache_dir, cached_entry
+
 PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 # torch.export and torch._dynamo.reset() are process-wide: two models exporting in two threads
 # take turns (one model's threads already do, on its own lock)
@@ -77,7 +85,6 @@ def model_key(model: nn.Module, *parts) -> str:
 def _key(content: str, *parts) -> str:
     import onnxruntime
 
-    from wavefront.contract.version import __version__
     text = plain_text((content, parts, __version__, torch.__version__, onnxruntime.__version__))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -323,12 +330,10 @@ class OnnxRuntimeModel(nn.Module):
             self._vocab = emb.num_embeddings if emb is not None else None
             self._seen = parameter_fingerprint(self.optimized)
             self._pinned = list(itertools.chain(self.optimized.parameters(), self.optimized.buffers()))
-            from wavefront.scheduler.capture_guard import CaptureGuard
             bound = getattr(self.optimized, "bound", None)
             self._guard = CaptureGuard(self.source, volatile=getattr(bound, "volatile", frozenset()))
 
     def _session(self, example: tuple, shape_key) -> Session:
-        from .disk_cache import cache_dir, cached_entry
         with self._lock:
             session = self.sessions.get(shape_key)
             if session is None:
@@ -356,9 +361,6 @@ class OnnxRuntimeModel(nn.Module):
         return out
 
     def _check(self, out, args, kwargs) -> None:
-        from wavefront.contract.segment import MemoryState
-        from wavefront.scheduler.train_mode import eval_mode
-        from wavefront.contract.checks import check_outputs
         with torch.no_grad(), eval_mode(self.source.modules()):  # the graph was exported in eval mode
             if self.is_segments:
                 input_ids, memory = (tuple(args) + (kwargs.get("memory"),))[:2]
@@ -404,7 +406,6 @@ class OnnxRuntimeModel(nn.Module):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _segments(self, input_ids: torch.Tensor, memory=None):
-        from wavefront.contract.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory
         check_input_ids(input_ids)  # the torch backend's checks and messages, before onnxruntime sees anything
         rg, opt = self.optimized.rg, self.optimized
         seg = rg.segment_len

@@ -26,6 +26,7 @@ import contextlib
 import torch
 from torch import nn
 
+from wavefront.passes.module_fold import LaneBlock
 from wavefront.passes.segment_plan import ProgramNotApplicable, SegmentPlan
 from wavefront.scheduler.schedule import LaneSteps
 
@@ -195,7 +196,6 @@ class SegmentProgram(nn.Module):
         """(LaneBlock, {its parameter: stack name}) for each opaque block in the folded graph
         (Hugging Face layers): what its calls pass as lane_params, found once here, so that a
         compiled forward never reads the graph (dynamo cannot trace GraphModule.graph)."""
-        from wavefront.passes.module_fold import LaneBlock
         by_input = {"lane_" + n.replace(".", "_"): n for n in self.stack_names}
         out = []
         for node in self.folded.graph.nodes:

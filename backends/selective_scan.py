@@ -14,6 +14,7 @@ import torch
 
 from . import native_scan
 from .disk_cache import KernelLibrary
+from .linear_scan import linear_scan
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -182,7 +183,6 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None):
     >>> all(torch.allclose(x, y, atol=1e-6) for x, y in zip(selective_scan_torch(*args), selective_scan_reference(*args)))
     True
     """
-    from .linear_scan import linear_scan
     _check_shapes(u, delta, A, B, C, D, z)  # broadcasting would hide a wrong D or z
     dA = torch.exp(delta[..., None] * A[None, :, None, :])  # [batch, channels, T, N]
     dBu = (delta * u)[..., None] * B.transpose(-1, -2)[:, None]

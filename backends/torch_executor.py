@@ -16,12 +16,15 @@ from torch.utils._pytree import tree_unflatten
 
 from wavefront.contract.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory, segment_bounds
 from wavefront.passes.dependence import build_grid
-from wavefront.passes.fold_cell import compiled_label
+from wavefront.passes.fold_cell import CHECK_RTOL, compiled_label
+from wavefront.passes.graph_parts import compile_part
+from wavefront.passes.segment_plan import ProgramNotApplicable, plan_segment_program
 from wavefront.scheduler.capture import get_attr_path
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 from wavefront.scheduler.schedule import Schedule, build_schedule, validate
+from wavefront.scheduler.train_mode import eval_mode
 
-from wavefront.passes.graph_parts import compile_part
+from .segment_program import SegmentProgram
 from .step_timer import maybe_step
 
 
@@ -170,10 +173,7 @@ class TorchExecutor:
         self.program, self.program_reason = None, ""
         if self.batched is None:
             return
-        from wavefront.passes.segment_plan import ProgramNotApplicable, plan_segment_program
-        from wavefront.scheduler.train_mode import eval_mode
 
-        from .segment_program import SegmentProgram
         modules = list(self.rg.cell.modules())
         try:
             plan = plan_segment_program(self.rg, self.batched.signatures)
@@ -288,7 +288,6 @@ def synthetic_input_ids(cell, batch: int, tokens: int) -> torch.Tensor:
 
 def _differs(ref, got) -> str:
     """Why two lists of results differ beyond rounding ("" when they agree)."""
-    from wavefront.passes.fold_cell import CHECK_RTOL
     if len(ref) != len(got):
         return f"{len(got)} results for {len(ref)}"
     for i, (r, g) in enumerate(zip(ref, got)):

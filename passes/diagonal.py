@@ -13,8 +13,9 @@ from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 from wavefront.scheduler.train_mode import reads_training
 
 from .dependence import Verdict, analyse
-from .fold_cell import compiled_label
+from .fold_cell import compiled_label, fold_lanes
 from .lane_batching import LaneSignature, VmapLaneCell
+from .lane_fold import FoldNotApplicable, joint_names, linear_groups
 from .stacking import LayersNotStackable, ParameterStack
 
 
@@ -99,7 +100,6 @@ def diagonal_batching(rg: RecurrenceGraph, *, fold: bool = True) -> BatchedRecur
         graphs = [rg.layer_graphs[l] for l in layers]
         fused = []
         if fold:
-            from .lane_fold import joint_names, linear_groups
             fused = linear_groups(graphs[0])
         try:
             stack = ParameterStack(graphs, joint=joint_names(fused, graphs[0]) if fused else ())
@@ -107,8 +107,6 @@ def diagonal_batching(rg: RecurrenceGraph, *, fold: bool = True) -> BatchedRecur
             raise LayersNotStackable(f"layers {list(layers)} of {rg.family}: {e}") from e
         cell, reason = None, ""
         if fold:
-            from .fold_cell import fold_lanes
-            from .lane_fold import FoldNotApplicable
             try:
                 cell = fold_lanes(graphs[0], signatures[layers[0]], stack, fused)
             except FoldNotApplicable as e:

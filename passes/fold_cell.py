@@ -10,6 +10,7 @@ from wavefront.scheduler.train_mode import eval_mode
 
 from .lane_batching import LaneSignature, VmapLaneCell
 from .lane_fold import FoldNotApplicable, fold_graph, lane_invariant_buffers
+from .module_fold import LaneBlock
 
 CHECK_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}  # a structural check: mixed rows differ by O(1)
 
@@ -49,7 +50,6 @@ class FoldLaneCell(OpaqueModule):
         """The lane clones of opaque blocks take their originals' train/eval flags (module_fold);
         `training`: is any module of the kind's layers in training mode (then the compiled graph,
         traced in one mode, does not run)."""
-        from .module_fold import LaneBlock
         self.layers_training = training
         for m in self.folded.modules():
             if isinstance(m, LaneBlock):

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from wavefront.contract.checks import rel_err
 from wavefront.contract.segment import SegmentRecurrentLM, segment_bounds
 
 from .bound_model import AdapterRefused
@@ -114,7 +115,6 @@ def prove_same_as_client(what: str, client: nn.Module, cell: nn.Module, segment_
 
 
 def _compare(what, label, ref, ours, segment_len):
-    from wavefront.contract.checks import rel_err
     if not isinstance(ref, torch.Tensor) or ref.shape != ours.shape:
         raise AdapterRefused(f"{what}: the model's own forward returned logits of shape "
                              f"{tuple(getattr(ref, 'shape', ()))}, wavefront's cell {tuple(ours.shape)}")

@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .html_report import write_html
+from .trace import write_chrome_trace
+from .views import grid_text, lanes_text
+
 Cell = tuple[int, int]
 JSON_FORMAT = "wavefront.schedule"
 JSON_VERSION = 1
@@ -117,12 +121,10 @@ class Schedule:
                    tuple(tuple(tuple(c) if isinstance(c, list) else c for c in step) for step in d["steps"]))
 
     def __str__(self) -> str:
-        from .views import grid_text
         return grid_text(self)
 
     def lanes_text(self) -> str:
         """Per step, the cells that run together (the terminal twin of the timeline)."""
-        from .views import lanes_text
         return lanes_text(self)
 
     def to_chrome_trace(self, path: str, timings=None, grid=None) -> str:
@@ -130,14 +132,12 @@ class Schedule:
         per cell, flow arrows for the dependencies of `grid` (passes.build_grid: the model's own
         edges; without it, no arrows); real durations when `timings` (from wavefront.profile)
         are given. Returns the path."""
-        from .trace import write_chrome_trace
         return write_chrome_trace(self, path, timings, grid)
 
     def to_html(self, path: str, timings=None, compare=None) -> str:
         """Write one self-contained HTML report (inline SVG and CSS, no scripts, no network):
         the grid coloured by step, the timeline, hover details per cell, step counts and the
         speedup bound; `compare` (a Schedule, or (Schedule, Timings)) is shown beside. Returns the path."""
-        from .html_report import write_html
         return write_html(self, path, timings, compare)
 
     def plot(self, timings=None):
@@ -211,7 +211,6 @@ def validate(schedule: Schedule, grid) -> None:
     Every cell must appear exactly once and every dependence edge must point to a later step;
     the error names and marks the offending step.
     """
-    from .views import grid_text
 
     if (schedule.n_layers, schedule.n_segments) != (grid.n_layers, grid.n_segments):
         raise ScheduleError(f"schedule is for {schedule.n_layers} layers x {schedule.n_segments} segments, but the "

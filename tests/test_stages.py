@@ -46,6 +46,9 @@ def test_other_routes_and_onnxruntime_record_their_stages():
     assert names[:5] == ["bind", "capture", "analyse", "rewrite", "program"] and names[-1] == "onnx export"
     with pytest.raises(TypeError, match="optimize the model first"):
         wavefront.stages(tiny_armt())
+    from wavefront.api import UnchangedModel
+    (stage,) = wavefront.stages(UnchangedModel(tiny_armt(), "a reason"))
+    assert stage.name == "unchanged" and stage.text == "a reason"
 
 
 def test_wavefront_debug_prints_the_stages_and_the_steps(monkeypatch, capsys):

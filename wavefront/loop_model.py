@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from wavefront.backends.loop_lift import LoopRunner
-from wavefront.scheduler.time_loops import LoopSite, find_time_loops, rewrite_function, uses_private_names
+from wavefront.contract.checks import check_outputs
 from wavefront.reoptimize import reoptimize
+from wavefront.scheduler.time_loops import LoopSite, find_time_loops, rewrite_function, uses_private_names
 
 
 @dataclass
@@ -116,7 +117,6 @@ class LoopLiftedModel(nn.Module):
         with self._lifted():
             out = self.model(*args, **kwargs)
         if self.verify:
-            from wavefront.contract.checks import check_outputs
             with torch.no_grad():
                 ref = self.model(*args, **kwargs)
             check_outputs(out, ref, "the model with its loops run as scans (vs its own loops)")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wavefront.contract.checks import check_outputs
 from wavefront.reoptimize import reoptimize
 
 
@@ -108,7 +109,6 @@ class ScanAcceleratedModel(nn.Module):
         with swapped(self.adapter.patches()):
             out = self.model(*args, **kwargs)
         if self.verify:
-            from wavefront.contract.checks import check_outputs
             with torch.no_grad():
                 ref = self.model(*args, **kwargs)
             check_outputs(out, ref, "the native scan (vs the model's own loop)", rtol=1e-4)  # it computes in fp32

@@ -73,7 +73,9 @@ def stages(optimized) -> StageLog:
     """
     inner = getattr(optimized, "optimized", None)  # backend="onnxruntime" wraps the torch-optimized model
     log = StageLog(stages(inner) if inner is not None else getattr(optimized, "stage_log", None) or ())
-    if log == [] and not hasattr(optimized, "stage_log"):
+    if isinstance(getattr(optimized, "reason", None), str):  # UnchangedModel: recognised, runs as it is
+        log.append(Stage("unchanged", optimized.model, 0.0, optimized.reason))
+    elif not log and not hasattr(optimized, "stage_log"):
         raise TypeError(f"stages() shows what optimize() did; got {type(optimized).__name__}: optimize the model first")
     schedule = getattr(optimized, "last_schedule", None)
     if schedule is not None:
