@@ -9,7 +9,7 @@ from wavefront.contract.checks import VERIFY_RTOL, rel_err
 from wavefront.contract.version import __version__
 
 from .loop_lift import LoopExportError
-from .onnxruntime_backend import open_session
+from .onnx_session import open_session
 
 
 class ExportError(RuntimeError):

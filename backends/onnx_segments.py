@@ -26,7 +26,7 @@ from wavefront.contract.segment import MemoryState, SegmentLMOutput, as_memory_t
 from wavefront.scheduler.schedule import diagonal
 
 from .onnx_graphs import ExportError, check_in_onnxruntime, save_with_metadata, to_onnx
-from .onnxruntime_backend import check_token_ids, input_embedding, open_session
+from .onnx_session import Session, check_token_ids, input_embedding
 from .segment_program import ProgramNotApplicable, SegmentProgram
 
 
@@ -63,15 +63,14 @@ class OnnxSegmentSession:
     memory=None) -> SegmentLMOutput`. Whole segments go through the graph; a shorter last segment
     is refused with the length to pass instead (padding it would change the memory it writes)."""
 
-    def __init__(self, path: str, providers=("CPUExecutionProvider",)):
+    def __init__(self, path: str, providers=("CPUExecutionProvider",), strict: bool = True):
         import onnx
 
         meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
         self.segment_len, self.n_layers = int(meta["wavefront.segment_len"]), int(meta["wavefront.n_layers"])
-        self.session = open_session(path, providers)
-        self.providers = self.session.get_providers()
-        self.names = [i.name for i in self.session.get_inputs()]
-        self.batch = self.session.get_inputs()[0].shape[0]  # fixed at export (an int), or symbolic (a str)
+        self.session = Session(path, providers, strict=strict)
+        self.providers = self.session.providers
+        self.batch = self.session.session.get_inputs()[0].shape[0]  # fixed at export (an int), or symbolic (a str)
         self.layout, self.state_shapes, self.state_spec = _layout_from_meta(meta, self.n_layers)
         self.dtype = getattr(torch, meta["wavefront.dtype"].split(".")[-1])
         vocab = meta.get("wavefront.vocab_size")  # absent in graphs exported before it was recorded
@@ -94,10 +93,12 @@ class OnnxSegmentSession:
             stacked = _stack(memory.leaves(), self.layout)
             seen = memory.segments_seen
         ids = input_ids.long().reshape(B, -1, self.segment_len)  # the graph takes int64 ids
-        feed = dict(zip(self.names, [ids.numpy(), *(t.numpy() for t in stacked), torch.tensor(seen == 0).numpy()]))
-        logits, *stacked = (torch.from_numpy(x) for x in self.session.run(None, feed))
+        logits, *stacked = self.session.run(ids, *stacked, torch.tensor(seen == 0))
         return SegmentLMOutput(logits, MemoryState(self.state(_unstack(stacked, self.layout)),
                                                    seen + T // self.segment_len))
+
+    def describe(self) -> str:
+        return self.session.describe()
 
     def state(self, leaves) -> tuple:
         """The model's memory structure from its leaves (flat for graphs that did not record it)."""

@@ -40,8 +40,9 @@ from wavefront.scheduler.capture_guard import CaptureGuard
 from wavefront.scheduler.train_mode import eval_mode
 
 from .disk_cache import cache_dir, cached_entry
+from .onnx_segments import OnnxSegmentSession
+from .onnx_session import PROVIDERS, Session, check_token_ids, input_embedding
 
-PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 # torch.export and torch._dynamo.reset() are process-wide: two models exporting in two threads
 # take turns (one model's threads already do, on its own lock)
 _EXPORT_LOCK = threading.Lock()
@@ -55,21 +56,6 @@ def available() -> tuple[bool, str]:
     except ImportError as e:
         return False, f"{e.name} is not installed (pip install 'wavefront[onnx]', or [gpu] on a CUDA machine)"
     return True, ""
-
-
-def open_session(path: str, providers, strict: bool = True):
-    """An onnxruntime InferenceSession asking for `providers`. onnxruntime drops a provider it
-    lacks without a word: strict=True raises then, with what it got; strict=False asks only for
-    the available ones (the caller reports what it got)."""
-    import onnxruntime as ort
-    providers = list(providers)
-    wanted = providers if strict else ([p for p in providers if p in ort.get_available_providers()]
-                                        or ["CPUExecutionProvider"])
-    session = ort.InferenceSession(path, providers=wanted)
-    missing = [p for p in providers if p not in session.get_providers()]
-    if strict and missing:
-        raise RuntimeError(f"onnxruntime did not give the providers {missing} (it gave {session.get_providers()})")
-    return session
 
 
 def model_key(model: nn.Module, *parts) -> str:
@@ -181,82 +167,6 @@ def _is_plain(value) -> bool:
     return isinstance(value, (tuple, list)) and all(_is_plain(v) for v in value)
 
 
-def input_embedding(model: nn.Module) -> nn.Embedding | None:
-    """The model's token embedding: get_input_embeddings() (Hugging Face), else its first
-    nn.Embedding.
-
-    >>> input_embedding(nn.Sequential(nn.Embedding(7, 2), nn.Linear(2, 2))).num_embeddings
-    7
-    """
-    get = getattr(model, "get_input_embeddings", None)
-    if callable(get):
-        try:
-            emb = get()
-        except (NotImplementedError, AttributeError):
-            emb = None
-        if isinstance(emb, nn.Embedding):
-            return emb
-    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-
-
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int | None) -> None:
-    """Refuse ids outside [0, vocab_size) as torch's embedding does (an ONNX Gather would wrap a
-    negative id around instead).
-
-    >>> check_token_ids(torch.tensor([[0, 49]]), 50)
-    >>> check_token_ids(torch.tensor([[-3]]), 50)
-    Traceback (most recent call last):
-    ...
-    IndexError: index out of range in self: token ids must lie in [0, 50) (the model's vocabulary), got ids from -3 to -3
-    """
-    if vocab_size is None or input_ids.numel() == 0:
-        return
-    lo, hi = (int(v) for v in torch.aminmax(input_ids))
-    if lo < 0 or hi >= vocab_size:
-        raise IndexError(f"index out of range in self: token ids must lie in [0, {vocab_size}) (the model's "
-                         f"vocabulary), got ids from {lo} to {hi}")
-
-
-class Session:
-    """One onnxruntime session over IOBinding, with the providers it really got."""
-
-    def __init__(self, path: str, providers=PROVIDERS):
-        self.session = open_session(path, providers, strict=False)
-        self.providers = self.session.get_providers()
-        self.requested = list(providers)
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
-
-    def run(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        binding = self.session.io_binding()
-        keep = []
-        for name, t in zip(self.inputs, tensors):
-            t = t.contiguous()
-            if t.is_cuda and self.device == "cuda":  # by pointer: no copy off the device
-                keep.append(t)
-                binding.bind_input(name, "cuda", t.device.index or 0, _np_dtype(t.dtype), list(t.shape), t.data_ptr())
-            else:
-                binding.bind_cpu_input(name, t.detach().cpu().numpy())
-        for name in self.outputs:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        outs = [torch.from_numpy(o.numpy()) for o in binding.get_outputs()]
-        # (on CUDA the outputs are copied to the host here: the from-device hand-over is untested without a GPU)
-        return outs if self.device == "cpu" else [o.cuda() for o in outs]
-
-    def describe(self) -> str:
-        fallback = "CUDAExecutionProvider" in self.requested and "CUDAExecutionProvider" not in self.providers
-        return f"onnxruntime providers: {', '.join(self.providers)}" + (
-            " (CUDA was asked for and is not available: running on the CPU)" if fallback else "")
-
-
-def _np_dtype(dtype: torch.dtype):
-    import numpy as np
-    return {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64, torch.bool: np.bool_,
-            torch.float16: np.float16, torch.int32: np.int32}[dtype]
-
-
 class OnnxRuntimeModel(nn.Module):
     """A model optimized by wavefront, run by onnxruntime; the same forward and outputs as
     `optimized` (logits for language models, tensors otherwise).
@@ -349,7 +259,8 @@ class OnnxRuntimeModel(nn.Module):
                 entry = cached_entry(os.path.join(cache_dir("onnx"), key + ".onnx"), key, export_to)
                 if entry.built:
                     self.export_time_s, self.exports = time.perf_counter() - t0, self.exports + 1
-                session = self.sessions[shape_key] = Session(entry.path, self.providers)
+                make = OnnxSegmentSession if shape_key[0] == "segments" else Session  # the segment call over Session
+                session = self.sessions[shape_key] = make(entry.path, self.providers, strict=False)
             self.last_session = session
             return session
 
@@ -424,12 +335,9 @@ class OnnxRuntimeModel(nn.Module):
         whole = (T // seg) * seg
         pieces = []
         if whole:
-            session = self._session((input_ids[:, :seg],), ("segments", B, dtype))
-            plan = opt.executor.program.plan  # the exported program's state layout
-            logits, *stacked = session.run(input_ids[:, :whole].reshape(B, -1, seg), *plan.stack_state(memory.leaves()),
-                                           torch.tensor(memory.segments_seen == 0))
-            pieces.append(logits)
-            memory = MemoryState(rg.state_from_leaves(plan.unstack_state(stacked)), memory.segments_seen + whole // seg)
+            out = self._session((input_ids[:, :seg],), ("segments", B, dtype))(input_ids[:, :whole], memory)
+            pieces.append(out.logits)
+            memory = out.memory
         if whole < T:  # the shorter last segment: torch, from the graph's memory
             tail = opt(input_ids[:, whole:], memory)
             pieces.append(tail.logits)
@@ -442,5 +350,4 @@ class OnnxRuntimeModel(nn.Module):
         return self.last_session.describe()
 
 
-__all__ = ["OnnxRuntimeModel", "Session", "available", "check_token_ids", "content_digest", "input_embedding",
-           "model_key", "open_session", "parameter_fingerprint", "plain_text"]
+__all__ = ["OnnxRuntimeModel", "available", "content_digest", "model_key", "parameter_fingerprint", "plain_text"]

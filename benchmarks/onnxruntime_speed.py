@@ -25,7 +25,7 @@ from presets import ARMT_PRESETS, split_preset  # noqa: E402
 
 import wavefront  # noqa: E402
 from wavefront.backends.linear_scan import linear_scan  # noqa: E402
-from wavefront.backends.onnxruntime_backend import PROVIDERS, Session  # noqa: E402
+from wavefront.backends.onnx_session import PROVIDERS, Session  # noqa: E402
 from wavefront.models import ARMT, ARMTConfig  # noqa: E402
 from wavefront.testing import rel_err  # noqa: E402
 
