@@ -8,17 +8,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from wavefront.backends.inductor import compile_batched
+from wavefront.backends.onnxruntime_backend import OnnxRuntimeModel
+from wavefront.backends.step_timer import StepTimer
+from wavefront.backends.torch_executor import TorchExecutor
 from wavefront.call_gate import CallGate
-from wavefront.reoptimize import reoptimize as _reoptimize
+from wavefront.contract.checks import VERIFY_RTOL, VerificationError
 from wavefront.contract.segment import MemoryState, SegmentLMOutput, segment_bounds
+from wavefront.export import export_onnx
+from wavefront.loop_model import LoopLiftedModel, model_time_loops
 from wavefront.passes.dependence import Verdict, analyse
+from wavefront.passes.diagonal import diagonal_batching
+from wavefront.reoptimize import reoptimize as _reoptimize
+from wavefront.scan_adapters import ScanAcceleratedModel, scan_adapter_for
 from wavefront.scheduler.adapters import AdapterRefused, bind_model, segment_adapter_for
 from wavefront.scheduler.capture import capture
 from wavefront.scheduler.capture_guard import CaptureGuard
 from wavefront.scheduler.schedule import Schedule, build_schedule
 from wavefront.scheduler.train_mode import eval_mode
 from wavefront.stages import StageLog, debug_level
-from wavefront.contract.checks import VERIFY_RTOL, VerificationError
+from wavefront.testing import rel_err
 
 SCHEDULES = ("diagonal", "sequential")
 BACKENDS = ("torch", "inductor", "aot_inductor", "onnxruntime")
@@ -50,8 +59,6 @@ class OptimizedModel(nn.Module):
     def _build(self) -> None:
         """Capture the model and build its schedule's program (optimize(), and again after a change),
         each stage recorded in `stage_log` (wavefront.stages)."""
-        from wavefront.backends.torch_executor import TorchExecutor
-        from wavefront.passes.diagonal import diagonal_batching
         log = StageLog()
         bound = log.run("bind", lambda: bind_model(self.model), lambda b: f"{b.family} (adapter {b.adapter}), "
                         f"segment_len {b.segment_len}, cell {type(b.cell).__name__}")
@@ -61,7 +68,6 @@ class OptimizedModel(nn.Module):
         if self.schedule_kind == "diagonal":
             batched = log.run("rewrite", lambda: diagonal_batching(rg), lambda b: "diagonal batching:\n" + b.describe())
         if self.backend in COMPILING:
-            from wavefront.backends.inductor import compile_batched
             if batched is None:
                 raise ValueError(f"backend={self.backend!r} compiles the batched diagonal cell: use schedule='diagonal'")
             log.run("compile", lambda: compile_batched(batched, aot=self.backend == "aot_inductor"),
@@ -129,7 +135,6 @@ class OptimizedModel(nn.Module):
         """WAVEFRONT_DEBUG=2: the call with every step timed, a summary printed on stderr."""
         import sys
 
-        from wavefront.backends.step_timer import StepTimer
         timer = StepTimer(input_ids.device)
         self.executor.step_timer = timer
         t0 = time.perf_counter()
@@ -147,7 +152,6 @@ class OptimizedModel(nn.Module):
     def _check(self, input_ids, memory, schedule, out):
         """verify=True: this call against the user's own forward (in eval mode when the model is
         training: dropout draws differ between any two runs)."""
-        from wavefront.testing import rel_err
         if memory is not None and not self.bound.reference_takes_memory:
             return  # the model's own forward starts fresh only: verify the first fresh call instead
         modules = list(self.model.modules())
@@ -224,12 +228,9 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {list(BACKENDS)}")
     if backend == "onnxruntime":  # the torch-optimized model, exported and run by an onnxruntime session
-        from wavefront.backends.onnxruntime_backend import OnnxRuntimeModel
-        from wavefront.export import export_onnx
         torch_model = optimize(model, schedule=schedule, backend="torch")
         return OnnxRuntimeModel(torch_model, kwargs=kwargs, verify=verify, export=export_onnx, reoptimize=_reoptimize,
                                 segments=isinstance(torch_model, OptimizedModel))
-    from wavefront.scan_adapters import ScanAcceleratedModel, scan_adapter_for
     scan_adapter = scan_adapter_for(model)
     why = scan_adapter.check(model) if scan_adapter is not None else ""
     segment_model = scan_adapter is None and segment_adapter_for(model) is not None
@@ -244,7 +245,6 @@ def optimize(model: nn.Module, *, schedule: str = "diagonal", backend: str = "to
         object.__setattr__(accelerated, "stage_log", log)
         return accelerated
     if not segment_model:
-        from wavefront.loop_model import LoopLiftedModel, model_time_loops
         loops = log.run("find time loops", lambda: model_time_loops(model),  # Python time loops: lift the affine ones
                         lambda found: f"{len(found)} method(s) holding a time loop")
         if loops:
@@ -315,7 +315,6 @@ def explain(model: nn.Module, n_segments: int | None = None) -> Explanation:
     >>> print(explain(RMT(RMTConfig(n_layers=2)), n_segments=4).steps)
     {'sequential': 8}
     """
-    from wavefront.backends.onnxruntime_backend import OnnxRuntimeModel
     if isinstance(model, OnnxRuntimeModel):
         e = explain(model.optimized, n_segments)
         e.backend = "onnxruntime; " + model.describe()
@@ -324,8 +323,6 @@ def explain(model: nn.Module, n_segments: int | None = None) -> Explanation:
     if isinstance(model, UnchangedModel):
         return Explanation(type(model.model).__name__, "none", f"runs unchanged: {model.reason}", no_segments,
                            "unchanged", 0, None)
-    from wavefront.loop_model import LoopLiftedModel, model_time_loops
-    from wavefront.scan_adapters import ScanAcceleratedModel, scan_adapter_for
     inner = model.model if isinstance(model, (ScanAcceleratedModel, LoopLiftedModel)) else model
     scan_adapter = scan_adapter_for(inner)
     why = scan_adapter.check(inner) if scan_adapter is not None else ""

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import torch
 
+import wavefront
+from wavefront.backends.linear_scan import choose_method, linear_scan
 from wavefront.benchmarking import compare
+from wavefront.models.scan_reference import linear_scan_reference
+from wavefront.presets import example_model, split_preset
+from wavefront.testing import rel_err
 
 
 def diagonal_speedup(preset: str, *, backend: str = "torch", batch: int = 1, repeats: int = 5,
@@ -18,9 +23,6 @@ def diagonal_speedup(preset: str, *, backend: str = "torch", batch: int = 1, rep
     >>> rec["n_steps"], rec["error"] < 1e-4
     (11, True)
     """
-    import wavefront
-    from wavefront.presets import example_model, split_preset
-    from wavefront.testing import rel_err
 
     cfg, S = split_preset(preset)
     model, _ = example_model(f"armt-{preset}")
@@ -48,9 +50,6 @@ def first_order_scan(channels: int, T: int, *, repeats: int = 5) -> dict:
     >>> first_order_scan(4, 64, repeats=1)["error"] < 1e-5
     True
     """
-    from wavefront.backends.linear_scan import choose_method, linear_scan
-    from wavefront.models.scan_reference import linear_scan_reference
-    from wavefront.testing import rel_err
 
     a = torch.rand(T, channels) * 0.5 + 0.5
     b = torch.randn(T, channels)

@@ -23,6 +23,13 @@ import os
 import sys
 import traceback
 
+import wavefront
+from wavefront import bench_families, demo
+from wavefront.api import OptimizedModel
+from wavefront.export import ExportError
+from wavefront.passes.dependence import build_grid
+from wavefront.presets import ARMT_PRESETS, EXAMPLE_MODELS, example_model
+
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, KeyError)
 POSITIVE = ("segments", "batch", "repeats", "channels", "T")  # argument dests that must be >= 1
 OUTPUT_FLAGS = {"output": "-o", "html": "--html", "trace": "--trace"}  # argument dest -> flag
@@ -93,7 +100,6 @@ def _call_factory(factory, name: str, path: str):
 def load_model(args):
     """(model, segment count, example inputs or None) from a named example or a user's file
     exposing a factory (which returns the model, or (model, example input tuple))."""
-    from wavefront.presets import example_model
     if args.file:
         module = _import_user_file(args.file)
         factory = getattr(module, args.factory, None)
@@ -116,7 +122,6 @@ def load_model(args):
 
 
 def _segment_model(optimized) -> bool:
-    from wavefront.api import OptimizedModel
     return isinstance(optimized, OptimizedModel)
 
 
@@ -130,7 +135,6 @@ def example_ids(model, optimized, n_segments: int, batch: int):
 
 
 def _optimize(model, schedule: str, backend: str = "torch"):
-    import wavefront
     try:
         return wavefront.optimize(model, schedule=schedule, backend=backend)
     except ValueError as e:
@@ -142,7 +146,6 @@ def _profiled(optimized, ids, repeats: int, show_progress: bool):
     """Timings of the run with the median total among `repeats` profiled runs (after a warm-up)."""
     import torch
 
-    import wavefront
     with torch.inference_mode():
         optimized(ids)  # warm-up: the fold checks itself, kernels compile
         runs = [wavefront.profile(optimized, ids) for _ in _progress(range(repeats), "profiling", show_progress)]
@@ -151,13 +154,11 @@ def _profiled(optimized, ids, repeats: int, show_progress: bool):
 
 
 def cmd_demo(args) -> int:
-    from wavefront import demo
     demo.main()
     return 0
 
 
 def cmd_inspect(args) -> int:
-    import wavefront
     model, S, inputs = load_model(args)
     optimized = _optimize(model, args.schedule, args.backend)
     if not _segment_model(optimized):  # time loops / scans: no layer x segment schedule to draw
@@ -202,15 +203,12 @@ def cmd_inspect(args) -> int:
         schedule.to_html(args.html, timings, compare=compare)
         print(f"\nwrote {args.html}")
     if args.trace:
-        from wavefront.passes.dependence import build_grid
         schedule.to_chrome_trace(args.trace, timings, grid=build_grid(optimized.rg, schedule.n_segments))
         print(f"wrote {args.trace} (open it in https://ui.perfetto.dev or chrome://tracing)")
     return 0
 
 
 def cmd_bench(args) -> int:
-    from wavefront import bench_families
-    from wavefront.presets import ARMT_PRESETS
     if args.family == "diagonal":
         presets = args.preset or ["tiny"]
         unknown = [p for p in presets if p not in ARMT_PRESETS]
@@ -240,7 +238,6 @@ def cmd_bench(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    import wavefront
     model, S, inputs = load_model(args)
     optimized = _optimize(model, "diagonal")
     if _segment_model(optimized):
@@ -258,8 +255,6 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wavefront import bench_families
-    from wavefront.presets import ARMT_PRESETS, EXAMPLE_MODELS
     p = argparse.ArgumentParser(prog="wavefront", description="Schedule recurrent sequence models: see what runs "
                                 "together, when, and how fast.", formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -375,7 +370,6 @@ def user_mistake(e: Exception, model_file: str | None) -> str | None:
     >>> user_mistake(RuntimeError("an internal slip"), None) is None  # not from the user's file: traceback
     True
     """
-    from wavefront.export import ExportError
     if isinstance(e, (CLIError, ExportError)):
         return _first_line(e)
     where = _frame_in(e, model_file) if model_file else None

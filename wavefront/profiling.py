@@ -5,6 +5,9 @@ import time
 
 import torch
 
+from wavefront.api import OptimizedModel
+from wavefront.backends.step_timer import StepTimer
+from wavefront.benchmarking import device_name
 from wavefront.scheduler.timings import Timings
 
 
@@ -22,9 +25,6 @@ def profile(optimized, input_ids: torch.Tensor, memory=None) -> Timings:
     >>> t.num_steps == wavefront.last_schedule(fast).num_steps == 4
     True
     """
-    from wavefront.api import OptimizedModel
-    from wavefront.benchmarking import device_name
-    from wavefront.backends.step_timer import StepTimer
 
     if not isinstance(optimized, OptimizedModel):
         raise TypeError(f"profile() times the schedule steps of a model wavefront.optimize() returned, got "
