@@ -23,6 +23,7 @@ import torch
 from torch.utils._pytree import tree_unflatten, treespec_dumps, treespec_loads
 
 from wavefront.contract.segment import MemoryState, SegmentLMOutput, as_memory_tensors, check_input_ids, check_memory
+from wavefront.passes.segment_plan import stack_state, unstack_state
 from wavefront.scheduler.schedule import diagonal
 
 from .onnx_graphs import ExportError, check_in_onnxruntime, save_with_metadata, to_onnx
@@ -44,18 +45,6 @@ def _layout_from_meta(meta: dict, n_layers: int):
         d_key, d_model = (int(x) for x in meta["wavefront.memory_shape"].split(","))
         shapes = [(d_key, d_model), (d_key,)]
     return [[2 * l, 2 * l + 1] for l in range(n_layers)], shapes, None
-
-
-def _stack(leaves, layout):
-    return [torch.stack([leaves[row[p]] for row in layout]) for p in range(len(layout[0]))]
-
-
-def _unstack(stacked, layout):
-    leaves = [None] * (len(layout) * len(stacked))
-    for p, t in enumerate(stacked):
-        for l, v in enumerate(t.unbind(0)):
-            leaves[layout[l][p]] = v
-    return leaves
 
 
 class OnnxSegmentSession:
@@ -89,12 +78,12 @@ class OnnxSegmentSession:
         stacked = [torch.zeros(self.n_layers, B, *shape, dtype=self.dtype) for shape in self.state_shapes]
         seen = 0
         if memory is not None:
-            check_memory(memory, _unstack(stacked, self.layout))  # the torch backend's messages, not onnxruntime's
-            stacked = _stack(memory.leaves(), self.layout)
+            check_memory(memory, unstack_state(stacked, self.layout))  # the torch backend's messages, not onnxruntime's
+            stacked = stack_state(memory.leaves(), self.layout)
             seen = memory.segments_seen
         ids = input_ids.long().reshape(B, -1, self.segment_len)  # the graph takes int64 ids
         logits, *stacked = self.session.run(ids, *stacked, torch.tensor(seen == 0))
-        return SegmentLMOutput(logits, MemoryState(self.state(_unstack(stacked, self.layout)),
+        return SegmentLMOutput(logits, MemoryState(self.state(unstack_state(stacked, self.layout)),
                                                    seen + T // self.segment_len))
 
     def describe(self) -> str:
@@ -131,7 +120,7 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
     except ProgramNotApplicable as e:
         raise ExportError(f"this model does not export: {e}") from e
     plan = program.plan
-    dtype, device = executor._dtype_device()
+    dtype, _ = executor._dtype_device()
     if memory is None:
         memory = MemoryState(optimized.rg.initial_state(B, dtype, input_ids.device), 0)
     stacked = plan.stack_state(memory.leaves())

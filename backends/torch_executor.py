@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_unflatten
 
 from wavefront.contract.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory, segment_bounds
 from wavefront.passes.dependence import build_grid
-from wavefront.passes.fold_cell import CHECK_RTOL, compiled_label
+from wavefront.passes.fold_cell import compiled_label, structural_mismatch
 from wavefront.passes.graph_parts import compile_part
 from wavefront.passes.segment_plan import ProgramNotApplicable, plan_segment_program
 from wavefront.scheduler.capture import get_attr_path
@@ -164,16 +164,15 @@ class TorchExecutor:
         for l, s in step:
             self._after[l].run(envs[s])
 
-    def build_program(self) -> None:
+    def build_program(self):
         """Choose how whole-segment inference calls run, once (optimize(), or a new capture): the
         one-program form (backends/segment_program.py) if the plan applies to this model and the
         program gives the step-by-step result on a synthetic input (two rows, three segments,
-        in eval mode, without gradients; the lane fold checks itself on the same run). Otherwise
-        `program_reason` says why, and such calls run step by step."""
+        in eval mode, without gradients; the lane fold checks itself on the same run). Returns
+        the program, or None with `program_reason` saying why (such calls run step by step)."""
         self.program, self.program_reason = None, ""
         if self.batched is None:
-            return
-
+            return None
         modules = list(self.rg.cell.modules())
         try:
             plan = plan_segment_program(self.rg, self.batched.signatures)
@@ -188,12 +187,13 @@ class TorchExecutor:
                 raise ProgramNotApplicable(f"on a synthetic input it gave another result than step by step ({why})")
         except ProgramNotApplicable as e:
             self.program_reason = str(e)
-            return
+            return None
         except Exception as e:  # the model's own code refused the synthetic input: stay step by step, say why
             self.program_reason = (f"the one-program check on a synthetic input raised {type(e).__name__}: "
                                    f"{str(e).splitlines()[0][:200] if str(e) else ''}")
-            return
+            return None
         self.program = program
+        return program
 
     def _program_for(self, input_ids, schedule):
         """The one program (build_program) when this call may use it: the diagonal schedule over
@@ -290,14 +290,7 @@ def _differs(ref, got) -> str:
     """Why two lists of results differ beyond rounding ("" when they agree)."""
     if len(ref) != len(got):
         return f"{len(got)} results for {len(ref)}"
-    for i, (r, g) in enumerate(zip(ref, got)):
-        if r.shape != g.shape:
-            return f"result {i} has shape {tuple(g.shape)}, expected {tuple(r.shape)}"
-        scale = r.abs().max().clamp_min(1e-30)
-        err = float((g - r).abs().max() / scale)
-        if not err <= CHECK_RTOL.get(r.dtype, 5e-2):
-            return f"result {i} relative error {err:.2e}"
-    return ""
+    return next((f"result {i}: {why}" for i, (r, g) in enumerate(zip(ref, got)) if (why := structural_mismatch(g, r))), "")
 
 
 __all__ = ["TorchExecutor", "synthetic_input_ids"]

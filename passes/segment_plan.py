@@ -27,9 +27,10 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .fold_cell import CHECK_RTOL
-from .graph_parts import subgraph
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph
+
+from .fold_cell import structural_mismatch
+from .graph_parts import subgraph
 
 
 class ProgramNotApplicable(Exception):
@@ -65,17 +66,10 @@ class SegmentPlan:
         return [(i, x) for i, x in enumerate(self.lane_inputs) if x.role == "hidden"]
 
     def stack_state(self, leaves) -> list[torch.Tensor]:
-        """The memory's leaves as one [L, ...] tensor per state position."""
-        return [torch.stack([leaves[self.state_index[l][p]] for l in range(self.n_layers)])
-                for p in range(len(self.state_out_leaf))]
+        return stack_state(leaves, self.state_index)
 
     def unstack_state(self, stacked) -> list[torch.Tensor]:
-        """The memory's leaves (in the capture's order) from the stacked positions."""
-        leaves = [None] * (self.n_layers * len(stacked))
-        for p, t in enumerate(stacked):
-            for l, v in enumerate(t.unbind(0)):
-                leaves[self.state_index[l][p]] = v
-        return leaves
+        return unstack_state(stacked, self.state_index)
 
     def classify(self, input_ids: torch.Tensor, segment_len: int) -> None:
         """Decide, on a real input of two or more rows and segments, which pre outputs are per
@@ -97,9 +91,9 @@ class SegmentPlan:
                                                "many rows it is given")
                 rows.append(False)
             elif v.dim() and v.shape[0] == S * B and all(p.shape == (B, *v.shape[1:]) for p in per) \
-                    and _same(v.reshape(S, B, *v.shape[1:]), torch.stack(per)):
+                    and not structural_mismatch(v.reshape(S, B, *v.shape[1:]), torch.stack(per)):
                 rows.append(True)
-            elif all(p.shape == v.shape and _same(p, v) for p in per):
+            elif all(p.shape == v.shape and not structural_mismatch(p, v) for p in per):
                 rows.append(False)
             else:
                 raise ProgramNotApplicable(f"the part of the cell before the layers (output {i}) is neither per row nor "
@@ -109,13 +103,23 @@ class SegmentPlan:
         self.pre_rows = tuple(rows)
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal up to rounding (a matmul over more rows may round differently); a value that mixes
-    segments or rows differs by O(1), far above this (the lane fold's check uses the same)."""
-    if not (a.is_floating_point() or a.is_complex()) or b.numel() == 0:
-        return torch.equal(a, b)
-    scale = b.abs().max().clamp_min(1e-30)
-    return bool((a - b).abs().max() / scale <= CHECK_RTOL.get(b.dtype, 5e-2))
+def stack_state(leaves, state_index) -> list[torch.Tensor]:
+    """The memory's leaves as one [L, ...] tensor per state position (`state_index[l][p]`: the
+    leaf layer l holds at position p).
+
+    >>> [t.tolist() for t in stack_state([torch.tensor(0), torch.tensor(1)], [[1], [0]])]
+    [[1, 0]]
+    """
+    return [torch.stack([leaves[row[p]] for row in state_index]) for p in range(len(state_index[0]))]
+
+
+def unstack_state(stacked, state_index) -> list[torch.Tensor]:
+    """The memory's leaves, in the capture's order, from the stacked positions (stack_state's inverse)."""
+    leaves = [None] * (len(state_index) * len(stacked))
+    for p, t in enumerate(stacked):
+        for l, v in enumerate(t.unbind(0)):
+            leaves[state_index[l][p]] = v
+    return leaves
 
 
 def _leaf_path(node: fx.Node, root: fx.Node) -> tuple | None:
@@ -259,4 +263,4 @@ def plan_segment_program(rg: RecurrenceGraph, signatures) -> SegmentPlan:
                        tuple(roles[n] for n in inputs))
 
 
-__all__ = ["LaneInput", "ProgramNotApplicable", "SegmentPlan", "plan_segment_program"]
+__all__ = ["LaneInput", "ProgramNotApplicable", "SegmentPlan", "plan_segment_program", "stack_state", "unstack_state"]

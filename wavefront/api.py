@@ -74,7 +74,7 @@ class OptimizedModel(nn.Module):
                     lambda _: f"{self.backend}: set up (compiled on the first call with each lane width)")
         executor = TorchExecutor(rg, batched)
         if batched is not None:  # the fast path is chosen here, on a synthetic input, not on a later call
-            log.run("program", lambda: executor.build_program() or executor.program,
+            log.run("program", executor.build_program,
                     lambda p: executor.describe_program().strip())
         object.__setattr__(self, "bound", bound)  # plain references: the modules are the model's
         self.rg, self.batched, self.executor = rg, batched, executor
