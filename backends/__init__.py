@@ -1,4 +1,4 @@
 """Lowering and execution: wavefront.backends."""
-from .torch_executor import TorchExecutor
+from wavefront.backends.torch_executor import TorchExecutor
 
 __all__ = ["TorchExecutor"]

@@ -30,10 +30,8 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 from torch.utils._pytree import tree_flatten, tree_unflatten
-
+from wavefront.backends.disk_cache import cache_dir, cached_entry, load_entry
 from wavefront.scheduler.capture import get_attr_path
-
-from .disk_cache import cache_dir, cached_entry, load_entry
 
 
 class AotNotApplicable(Exception):

@@ -25,12 +25,10 @@ import contextlib
 
 import torch
 from torch import nn
-
-from wavefront.passes.module_fold import LaneBlock
+from wavefront.backends.step_timer import maybe_step
+from wavefront.passes.lanes.block_clones import LaneBlock
 from wavefront.passes.segment_plan import ProgramNotApplicable, SegmentPlan
 from wavefront.scheduler.schedule import LaneSteps
-
-from .step_timer import maybe_step
 
 
 class SegmentProgram(nn.Module):

@@ -13,19 +13,24 @@ import threading
 import torch
 from torch import fx
 from torch.utils._pytree import tree_unflatten
-
-from wavefront.contract.segment import MemoryState, SegmentLMOutput, check_input_ids, check_memory, segment_bounds
+from wavefront.backends.segment_program import SegmentProgram
+from wavefront.backends.step_timer import maybe_step
 from wavefront.passes.dependence import build_grid
-from wavefront.passes.fold_cell import compiled_label, structural_mismatch
 from wavefront.passes.graph_parts import compile_part
+from wavefront.passes.lanes.fold_cell import compiled_label, structural_mismatch
 from wavefront.passes.segment_plan import ProgramNotApplicable, plan_segment_program
 from wavefront.scheduler.capture import get_attr_path
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 from wavefront.scheduler.schedule import Schedule, build_schedule, validate
 from wavefront.scheduler.train_mode import eval_mode
 
-from .segment_program import SegmentProgram
-from .step_timer import maybe_step
+from wavefront.contract.segment import (
+    MemoryState,
+    SegmentLMOutput,
+    check_input_ids,
+    check_memory,
+    segment_bounds,
+)
 
 
 class TorchExecutor:

@@ -24,8 +24,8 @@ from harness import compare  # noqa: E402
 from presets import ARMT_PRESETS, split_preset  # noqa: E402
 
 import wavefront  # noqa: E402
-from wavefront.backends.linear_scan import linear_scan  # noqa: E402
-from wavefront.backends.onnx_session import PROVIDERS, Session  # noqa: E402
+from wavefront.backends.scans.linear.dispatch import linear_scan  # noqa: E402
+from wavefront.backends.onnx.session import PROVIDERS, Session  # noqa: E402
 from wavefront.models import ARMT, ARMTConfig  # noqa: E402
 from wavefront.testing import rel_err  # noqa: E402
 
@@ -55,7 +55,7 @@ def bench_armt(preset: str, repeats: int, device: str):
 
 
 def bench_scan(channels: list[int], Ts: list[int], repeats: int, device: str):
-    from wavefront.backends.onnx_graphs import to_onnx as _to_onnx
+    from wavefront.backends.onnx.graphs import to_onnx as _to_onnx
     path = os.path.join(tempfile.mkdtemp(), "scan.onnx")
     a, b = torch.rand(1024, 8), torch.randn(1024, 8)
     shapes = ({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC},) * 2

@@ -21,10 +21,12 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import device_name, emit, time_fn  # noqa: E402
 
-from wavefront.backends import triton_scan  # noqa: E402
-from wavefront.backends.linear_scan import linear_scan  # noqa: E402
-from wavefront.backends.matrix_scan import chunked_matrix_scan  # noqa: E402
-from wavefront.models.scan_reference import linear_scan_reference, matrix_scan_reference  # noqa: E402
+import wavefront.backends.scans.linear.triton as triton_scan  # noqa: E402
+import wavefront.backends.scans.matrix.triton as triton_matrix  # noqa: E402
+from wavefront.backends.scans.linear.dispatch import linear_scan  # noqa: E402
+from wavefront.backends.scans.matrix.chunked import chunked_matrix_scan  # noqa: E402
+from wavefront.backends.scans.linear.naive import linear_scan_reference  # noqa: E402
+from wavefront.backends.scans.matrix.naive import matrix_scan_reference
 from wavefront.testing import rel_err  # noqa: E402
 
 
@@ -76,8 +78,8 @@ def matrix_state(T, device, repeats, heads, d, loop_max_T):
     nbytes = (4 * q.numel() + a.numel()) * 4
     forms = {"chunked_torch": lambda: chunked_matrix_scan(q, k, v, a)}
     if device != "cpu" and triton_scan.available(device)[0]:
-        forms["triton_chunked"] = lambda: triton_scan.triton_matrix_scan(q, k, v, a, form="chunked")
-        forms["triton_recurrent"] = lambda: triton_scan.triton_matrix_scan(q, k, v, a, form="recurrent")
+        forms["triton_chunked"] = lambda: triton_matrix.triton_matrix_scan(q, k, v, a, form="chunked")
+        forms["triton_recurrent"] = lambda: triton_matrix.triton_matrix_scan(q, k, v, a, form="recurrent")
     if T <= loop_max_T:
         forms["loop"] = lambda: matrix_scan_reference(q, k, v, a)
     ref, _ = matrix_scan_reference(*(x[:, :1].double().cpu() for x in (q, k, v, a)))

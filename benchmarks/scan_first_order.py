@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import device_name, emit, time_fn  # noqa: E402
 
-from wavefront.backends.chunked_scan import chunked_linear_scan  # noqa: E402
-from wavefront.backends.linear_scan import choose_method  # noqa: E402
-from wavefront.backends.native_scan import native_linear_scan  # noqa: E402
-from wavefront.models.scan_reference import linear_scan_reference  # noqa: E402
+from wavefront.backends.scans.linear.chunked import chunked_linear_scan  # noqa: E402
+from wavefront.backends.scans.linear.dispatch import choose_method  # noqa: E402
+from wavefront.backends.scans.linear.native import native_linear_scan  # noqa: E402
+from wavefront.backends.scans.linear.naive import linear_scan_reference  # noqa: E402
 from wavefront.testing import rel_err  # noqa: E402
 
 

@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import compare  # noqa: E402
 
-from wavefront.backends.matrix_scan import chunked_matrix_scan  # noqa: E402
-from wavefront.models.scan_reference import matrix_scan_reference  # noqa: E402
+from wavefront.backends.scans.matrix.chunked import chunked_matrix_scan  # noqa: E402
+from wavefront.backends.scans.matrix.naive import matrix_scan_reference  # noqa: E402
 from wavefront.testing import rel_err  # noqa: E402
 
 

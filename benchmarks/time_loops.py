@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from harness import compare, time_fn  # noqa: E402
 
 import wavefront  # noqa: E402
-from wavefront.loop_model import model_time_loops  # noqa: E402
+from wavefront.time_loops.model import model_time_loops  # noqa: E402
 from wavefront.models import MinGRU  # noqa: E402
 from wavefront.testing import rel_err  # noqa: E402
 
@@ -77,7 +77,7 @@ def bench_rg_lru(T: int, repeats: int):
 def bench_gla(T: int, repeats: int, decay: str = "scalar"):
     """A user's gated linear attention loop (matrix state per head): the loop, the routed chunked
     matrix scan (what optimize() runs), and the generic first-order scan over all T states."""
-    import wavefront.backends.loop_lift as loop_lift
+    import wavefront.time_loops.runner as loop_lift
     from wavefront.models import GatedLinearAttention
     torch.manual_seed(0)
     model = GatedLinearAttention(256, 4, 64, decay)

@@ -1,4 +1,4 @@
 """Analysis and rewrite passes: wavefront.passes."""
-from .dependence import CellGrid, Verdict, analyse, build_grid
+from wavefront.passes.dependence import CellGrid, Verdict, analyse, build_grid
 
 __all__ = ["CellGrid", "Verdict", "analyse", "build_grid"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import networkx as nx
-
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph, RecurrenceStructure
 
 Cell = tuple[int, int]

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from wavefront.passes.dependence import Verdict, analyse
+from wavefront.passes.lanes.fold_cell import compiled_label, fold_lanes
+from wavefront.passes.lanes.fold_graph import (
+    FoldNotApplicable,
+    joint_names,
+    linear_groups,
+)
+from wavefront.passes.lanes.signature import LaneSignature
+from wavefront.passes.lanes.stacking import LayersNotStackable, ParameterStack
+from wavefront.passes.lanes.vmap_cell import VmapLaneCell
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph
 from wavefront.scheduler.train_mode import reads_training
-
-from .dependence import Verdict, analyse
-from .fold_cell import compiled_label, fold_lanes
-from .lane_batching import LaneSignature, VmapLaneCell
-from .lane_fold import FoldNotApplicable, joint_names, linear_groups
-from .stacking import LayersNotStackable, ParameterStack
 
 
 class DiagonalBatchingIllegal(ValueError):

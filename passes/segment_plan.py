@@ -26,11 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
-
+from wavefront.passes.graph_parts import subgraph
+from wavefront.passes.lanes.fold_cell import structural_mismatch
 from wavefront.scheduler.recurrence_graph import RecurrenceGraph
-
-from .fold_cell import structural_mismatch
-from .graph_parts import subgraph
 
 
 class ProgramNotApplicable(Exception):
@@ -163,7 +161,7 @@ def _ancestors(targets, stop) -> list[fx.Node]:
 
 def plan_segment_program(rg: RecurrenceGraph, signatures) -> SegmentPlan:
     """The plan for `rg`, or ProgramNotApplicable saying why not (see the module docstring).
-    `signatures`: each layer's LaneSignature (passes/lane_batching.py)."""
+    `signatures`: each layer's LaneSignature (passes/lanes/vmap_cell.py)."""
     L = rg.n_layers
     if len(set(rg.layer_kinds)) != 1:
         raise ProgramNotApplicable(f"the layer stack has {len(set(rg.layer_kinds))} layer kinds (a hybrid stack): one "

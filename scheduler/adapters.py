@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Protocol
 
 from torch import nn
+from wavefront.scheduler.bound_model import AdapterRefused, BoundModel  # noqa: F401 (re-exported)
+from wavefront.scheduler.published_armt import PublishedARMTAdapter
+from wavefront.scheduler.published_rmt import PublishedRMTAdapter
 
 from wavefront.contract.segment import SegmentRecurrentLM
-
-from .bound_model import AdapterRefused, BoundModel  # noqa: F401 (re-exported)
-from .published_armt import PublishedARMTAdapter
-from .published_rmt import PublishedRMTAdapter
 
 
 class RecurrenceAdapter(Protocol):

@@ -15,12 +15,20 @@ import traceback
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
+from torch.utils._pytree import (
+    keystr,
+    tree_flatten,
+    tree_flatten_with_path,
+    tree_unflatten,
+)
+from wavefront.scheduler.adapters import bind_model
+from wavefront.scheduler.recurrence_graph import (
+    RecurrenceGraph,
+    RecurrenceStructure,
+    StateLink,
+)
 
 from wavefront.models.opaque import OpaqueModule
-
-from .adapters import bind_model
-from .recurrence_graph import RecurrenceGraph, RecurrenceStructure, StateLink
 
 
 class CaptureError(RuntimeError):

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-from .train_mode import reads_training
+from wavefront.scheduler.train_mode import reads_training
 
 _SKIP_ATTRS = frozenset({"training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
                          "_is_full_backward_hook"})

@@ -19,12 +19,11 @@ import math
 
 import torch
 from torch import nn
+from wavefront.scheduler.bound_model import AdapterRefused
+from wavefront.scheduler.train_mode import eval_mode
 
 from wavefront.contract.checks import rel_err
 from wavefront.contract.segment import SegmentRecurrentLM, segment_bounds
-
-from .bound_model import AdapterRefused
-from .train_mode import eval_mode
 
 PROOF_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 

@@ -26,13 +26,12 @@ import types
 
 import torch
 from torch import nn
+from wavefront.scheduler.bound_model import AdapterRefused, BoundModel
+from wavefront.scheduler.client_proof import client_segment_len, prove_same_as_client
 
 from wavefront.models.armt import ARMTCell
 from wavefront.models.hf import HFBlockCall, HFEmbedStage, hf_parts
 from wavefront.models.opaque import OpaqueModule
-
-from .bound_model import AdapterRefused, BoundModel
-from .client_proof import client_segment_len, prove_same_as_client
 
 _WRAPPER_ATTRS = ("W_mq", "W_mk", "W_mv", "W_mb", "layer", "num_mem_tokens", "associate", "update_mem", "zero_mem")
 

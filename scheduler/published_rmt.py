@@ -10,12 +10,11 @@ and schedule="sequential" runs it, proven equal to the client's forward at bind 
 from __future__ import annotations
 
 from torch import nn
+from wavefront.scheduler.bound_model import AdapterRefused, BoundModel
+from wavefront.scheduler.client_proof import client_segment_len, prove_same_as_client
 
-from wavefront.models.hf import HFBlockCall, HFReadWriteEmbedStage, hf_parts
 from wavefront.contract.segment import SegmentCell
-
-from .bound_model import AdapterRefused, BoundModel
-from .client_proof import client_segment_len, prove_same_as_client
+from wavefront.models.hf import HFBlockCall, HFReadWriteEmbedStage, hf_parts
 
 
 class _BlockLayer(nn.Module):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .html_report import write_html
-from .trace import write_chrome_trace
-from .views import grid_text, lanes_text
+from wavefront.scheduler.html_report import write_html
+from wavefront.scheduler.trace import write_chrome_trace
+from wavefront.scheduler.views import grid_text, lanes_text
 
 Cell = tuple[int, int]
 JSON_FORMAT = "wavefront.schedule"
@@ -143,7 +143,7 @@ class Schedule:
     def plot(self, timings=None):
         """A matplotlib Figure: heat map of the step (or, with `timings`, the measured time) per
         cell. Needs matplotlib (pip install 'wavefront[viz]')."""
-        from .plot import plot_schedule
+        from wavefront.scheduler.plot import plot_schedule
         return plot_schedule(self, timings)
 
 

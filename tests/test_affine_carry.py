@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from wavefront.passes.affine_carry import NotAffine, analyse_step
+from wavefront.time_loops.affine_carry import NotAffine, analyse_step
 from wavefront.testing import assert_close
 
 

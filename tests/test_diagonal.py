@@ -8,7 +8,7 @@ from conftest import ARMT_KINDS, N_LAYERS, SEG, SEGMENT_COUNTS, VOCAB, build, id
 from wavefront.models.opaque import OpaqueModule
 from wavefront.contract.segment import SegmentCell, SegmentRecurrentLM
 from wavefront.passes.diagonal import DiagonalBatchingIllegal, diagonal_batching
-from wavefront.passes.stacking import LayersNotStackable
+from wavefront.passes.lanes.stacking import LayersNotStackable
 from wavefront.scheduler import capture
 from wavefront.testing import assert_close, rel_err
 

@@ -8,10 +8,11 @@ import pytest
 
 
 def _modules():
+    """Every module under wavefront, subpackages included (wavefront.backends.scans.linear.native...)."""
     names = []
     for pkg in ("wavefront", "wavefront.models", "wavefront.scheduler", "wavefront.passes", "wavefront.backends"):
         mod = importlib.import_module(pkg)
-        names += [f"{pkg}.{m.name}" for m in pkgutil.iter_modules(mod.__path__) if not m.ispkg]
+        names += [m.name for m in pkgutil.walk_packages(mod.__path__, pkg + ".") if not m.ispkg]
     return sorted(set(names) - {"wavefront.demo", "wavefront.__main__"})  # scripts: importing them runs them
 
 

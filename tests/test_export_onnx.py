@@ -62,7 +62,7 @@ def exported_armt(tmp_path_factory):
 @pytest.mark.parametrize("n_segments", [1, 2, 7])  # S < L, S = L - 1 ... and S > L (L = 3)
 def test_armt_diagonal_graph_runs_any_segment_count(exported_armt, n_segments):
     from conftest import SEG
-    from wavefront.backends.onnx_segments import OnnxSegmentSession
+    from wavefront.backends.onnx.segments import OnnxSegmentSession
     model, path, _ = exported_armt
     ids = torch.randint(0, 50, (2, n_segments * SEG))
     out = OnnxSegmentSession(path)(ids)
@@ -76,7 +76,7 @@ def test_armt_diagonal_graph_runs_any_segment_count(exported_armt, n_segments):
 
 def test_armt_graph_streams_in_pieces_and_records_its_schedule(exported_armt):
     from conftest import SEG
-    from wavefront.backends.onnx_segments import OnnxSegmentSession
+    from wavefront.backends.onnx.segments import OnnxSegmentSession
     from wavefront.scheduler.schedule import Schedule
     model, path, proto = exported_armt
     ops = {n.op_type for n in proto.graph.node}
@@ -114,7 +114,7 @@ def test_segment_models_that_cannot_export_say_why(tmp_path):
 @pytest.mark.hf
 def test_armt_over_hf_llama_exports_too(tmp_path):
     from conftest import SEG, tiny_llama
-    from wavefront.backends.onnx_segments import OnnxSegmentSession
+    from wavefront.backends.onnx.segments import OnnxSegmentSession
     from wavefront.models import wrap_armt
     model = wrap_armt(tiny_llama(torch.float32), SEG, 3, 4).eval()
     path = str(tmp_path / "llama_armt.onnx")

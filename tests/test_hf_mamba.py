@@ -50,7 +50,7 @@ def test_the_swap_is_undone_even_on_error():
 
 
 def test_refused_at_optimize_time_when_the_kernel_cannot_be_built(monkeypatch):
-    import wavefront.backends.selective_scan as sel
+    import wavefront.backends.scans.selective.native as sel
     model = tiny_mamba()
     broken = sel.native_scan.KernelLibrary("selective", "", [])
     broken._tried, broken.error = True, "RuntimeError: no C compiler found (set CC)"
@@ -59,5 +59,5 @@ def test_refused_at_optimize_time_when_the_kernel_cannot_be_built(monkeypatch):
         with pytest.raises(TypeError, match="could not be built: RuntimeError: no C compiler"):
             wavefront.optimize(model)
     else:  # 4.x: the inlined loop is lifted into a first-order scan, which needs no selective kernel
-        from wavefront.loop_model import LoopLiftedModel
+        from wavefront.time_loops.model import LoopLiftedModel
         assert isinstance(wavefront.optimize(model), LoopLiftedModel)

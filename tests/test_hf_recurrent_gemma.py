@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import wavefront
-from wavefront.loop_model import LoopLiftedModel
+from wavefront.time_loops.model import LoopLiftedModel
 from wavefront.testing import assert_close
 
 pytestmark = pytest.mark.hf

@@ -4,9 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wavefront.backends.chunked_scan import chunked_linear_scan, exportable_linear_scan
-from wavefront.backends.linear_scan import choose_method, linear_scan
-from wavefront.models.scan_reference import linear_scan_reference
+from wavefront.backends.scans.linear.chunked import chunked_linear_scan, exportable_linear_scan
+from wavefront.backends.scans.linear.dispatch import choose_method, linear_scan
+from wavefront.backends.scans.linear.naive import linear_scan_reference
 from wavefront.testing import assert_close
 
 
@@ -115,7 +115,7 @@ def test_nan_and_inf_in_the_first_coefficient_propagate_like_the_reference(form,
 
 def _triton():
     pytest.importorskip("triton")
-    from wavefront.backends import triton_scan
+    import wavefront.backends.scans.linear.triton as triton_scan
     ok, why = triton_scan.available("cpu")
     if not ok:
         pytest.skip(why)

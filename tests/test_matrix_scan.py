@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wavefront.backends.matrix_scan import chunked_matrix_scan
-from wavefront.models.scan_reference import matrix_scan_reference
+from wavefront.backends.scans.matrix.chunked import chunked_matrix_scan
+from wavefront.backends.scans.matrix.naive import matrix_scan_reference
 from wavefront.testing import assert_close
 
 F64 = torch.float64

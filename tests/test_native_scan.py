@@ -4,9 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import wavefront.backends.native_scan as ns
-from wavefront.backends.native_scan import native_linear_scan
-from wavefront.models.scan_reference import linear_scan_reference
+import wavefront.backends.scans.linear.native as ns
+from wavefront.backends.scans.linear.native import native_linear_scan
+from wavefront.backends.scans.linear.naive import linear_scan_reference
 from wavefront.testing import assert_close
 
 
@@ -103,7 +103,7 @@ def test_complex_values_and_gradients(reverse):
 
 def test_dropped_large_outputs_are_reused_and_held_ones_never(monkeypatch):
     monkeypatch.setenv("WAVEFRONT_SCAN_CACHE_MB", "64")
-    from wavefront.backends.output_cache import OUTPUTS, clear_output_cache
+    from wavefront.backends.scans.linear.output_cache import OUTPUTS, clear_output_cache
     clear_output_cache()
     a, b = inputs((1024, 1024), torch.float32)  # 4 MB: large enough to cache
     ref = linear_scan_reference(a, b, dim=0)

@@ -3,9 +3,10 @@ inf exactly like the reference (h_{-1} = 0 is multiplied, never skipped: inf * 0
 import pytest
 import torch
 
-from wavefront.backends.native_scan import native_linear_scan
-from wavefront.backends.selective_scan import selective_scan, selective_scan_torch
-from wavefront.models.scan_reference import linear_scan_reference
+from wavefront.backends.scans.linear.native import native_linear_scan
+from wavefront.backends.scans.selective.native import selective_scan
+from wavefront.backends.scans.selective.chunked import selective_scan_torch
+from wavefront.backends.scans.linear.naive import linear_scan_reference
 
 COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 

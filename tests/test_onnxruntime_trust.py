@@ -17,7 +17,7 @@ pytest.importorskip("onnxscript")
 import wavefront  # noqa: E402
 from conftest import N_LAYERS, SEG, VOCAB, ids_for, tiny_armt  # noqa: E402
 from wavefront.backends.disk_cache import CacheWarning  # noqa: E402
-from wavefront.backends.onnxruntime_backend import model_key  # noqa: E402
+from wavefront.backends.onnx.model_key import model_key  # noqa: E402
 from wavefront.models import LinearRecurrence  # noqa: E402
 from wavefront.testing import assert_close  # noqa: E402
 
@@ -248,7 +248,7 @@ def test_a_truncated_onnx_entry_is_exported_again_with_a_warning(cache):
 
 
 def test_an_exported_segment_graph_checks_its_inputs_like_torch(tmp_path):
-    from wavefront.backends.onnx_segments import OnnxSegmentSession
+    from wavefront.backends.onnx.segments import OnnxSegmentSession
     model = tiny_armt(torch.float32)
     ids = ids_for(4, batch=2)  # whole segments: what the graph runs
     wavefront.export_onnx(wavefront.optimize(model), (ids,), str(tmp_path / "armt.onnx"))

@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
-from wavefront.backends import output_cache
-from wavefront.backends.native_scan import native_linear_scan
-from wavefront.backends.output_cache import OUTPUTS, clear_output_cache
+import wavefront.backends.scans.linear.output_cache as output_cache
+from wavefront.backends.scans.linear.native import native_linear_scan
+from wavefront.backends.scans.linear.output_cache import OUTPUTS, clear_output_cache
 
 SHAPE = (1024, 1024)  # float32: 4 MB, large enough to be cached
 

@@ -69,7 +69,7 @@ def test_published_model_exports_to_onnx_under_the_diagonal_schedule(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     import wavefront
-    from wavefront.backends.onnx_segments import OnnxSegmentSession
+    from wavefront.backends.onnx.segments import OnnxSegmentSession
     model = published("llama").float()
     path = str(tmp_path / "published.onnx")
     wavefront.export_onnx(wavefront.optimize(model), (ids_for(4, batch=1),), path)
@@ -178,7 +178,7 @@ def test_a_multi_head_published_model_exports_and_runs_from_fresh_memory(tmp_pat
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     import wavefront
-    from wavefront.backends.onnx_segments import OnnxSegmentSession
+    from wavefront.backends.onnx.segments import OnnxSegmentSession
     model = variant(VARIANTS["experimental, 2 heads"]).float()
     path = str(tmp_path / "heads.onnx")
     wavefront.export_onnx(wavefront.optimize(model), (ids_for(3, batch=1),), path)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from wavefront.backends.selective_scan import selective_scan
-from wavefront.models.scan_reference import selective_scan_reference
+from wavefront.backends.scans.selective.native import selective_scan
+from wavefront.backends.scans.selective.naive import selective_scan_reference
 from wavefront.testing import assert_close
 
 

@@ -6,7 +6,7 @@ import torch
 
 import wavefront
 from conftest import SEG, build, ids_for, tiny_armt
-from wavefront.passes.module_fold import LaneBlock
+from wavefront.passes.lanes.block_clones import LaneBlock
 from wavefront.testing import assert_close, rel_err
 
 
@@ -214,7 +214,8 @@ def test_a_replaced_plain_tensor_attribute_is_seen():
 
 def test_vmap_lanes_draw_different_dropout_masks_in_one_call():
     from torch import fx
-    from wavefront.passes.lane_batching import LaneSignature, VmapLaneCell
+    from wavefront.passes.lanes.signature import LaneSignature
+    from wavefront.passes.lanes.vmap_cell import VmapLaneCell
     template = fx.symbolic_trace(torch.nn.Dropout(0.5))
     g = fx.Graph()
     x, first = g.placeholder("x"), g.placeholder("first")

@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import wavefront
-from wavefront.loop_model import LoopLiftedModel
+from wavefront.time_loops.model import LoopLiftedModel
 from wavefront.models import ElmanRNN, MinGRU
-from wavefront.scheduler.time_loops import find_time_loops
+from wavefront.time_loops.source import find_time_loops
 from wavefront.testing import assert_close
 
 F64 = torch.float64
@@ -143,7 +143,7 @@ def test_random_lengths_and_widths(T, B, d):
     torch.manual_seed(T * 31 + d)
     a, b = torch.rand(B, T, d, dtype=F64), torch.randn(B, T, d, dtype=F64)
     ref = ReverseWrites()(a, b)
-    out = LoopLiftedModel(ReverseWrites(), wavefront.loop_model.model_time_loops(ReverseWrites()))(a, b)
+    out = LoopLiftedModel(ReverseWrites(), wavefront.time_loops.model.model_time_loops(ReverseWrites()))(a, b)
     for x, y in zip(out, ref):
         assert_close(x, y, 1e-12, f"T={T}")
 

@@ -5,10 +5,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("triton")
-from wavefront.backends import triton_scan  # noqa: E402
-from wavefront.backends.linear_scan import choose_method, linear_scan  # noqa: E402
-from wavefront.backends.matrix_scan import matrix_scan  # noqa: E402
-from wavefront.models.scan_reference import linear_scan_reference, matrix_scan_reference  # noqa: E402
+import wavefront.backends.scans.linear.triton as triton_scan  # noqa: E402
+import wavefront.backends.scans.matrix.triton as triton_matrix  # noqa: E402
+from wavefront.backends.scans.linear.dispatch import choose_method, linear_scan  # noqa: E402
+from wavefront.backends.scans.matrix.dispatch import matrix_scan  # noqa: E402
+from wavefront.backends.scans.linear.naive import linear_scan_reference  # noqa: E402
+from wavefront.backends.scans.matrix.naive import matrix_scan_reference
 from wavefront.testing import assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,7 +54,7 @@ def test_matrix_kernels_match_the_reference(decay, form, T):
     a = {"additive": None, "scalar": torch.rand(2, 2, T, generator=g), "per_dim": torch.rand(2, 2, T, 5, generator=g)}[decay]
     S0 = torch.randn(2, 2, 5, 6, generator=g)
     dev = [x.to(DEVICE) if x is not None else None for x in (q, k, v, a, S0)]
-    o, S = triton_scan.triton_matrix_scan(*dev, form=form, chunk=16, block_v=16)
+    o, S = triton_matrix.triton_matrix_scan(*dev, form=form, chunk=16, block_v=16)
     ro, rS = matrix_scan_reference(*_f64(q, k, v, a, S0))
     assert_close(o.cpu(), ro, 1e-5, "outputs")
     assert_close(S.cpu(), rS, 1e-5, "final state")
@@ -61,7 +63,7 @@ def test_matrix_kernels_match_the_reference(decay, form, T):
 def test_chunked_refuses_per_dim_decay():
     q = torch.randn(1, 4, 3, device=DEVICE)
     with pytest.raises(ValueError, match="form='recurrent'"):
-        triton_scan.triton_matrix_scan(q, q, q, torch.rand(1, 4, 3, device=DEVICE), form="chunked")
+        triton_matrix.triton_matrix_scan(q, q, q, torch.rand(1, 4, 3, device=DEVICE), form="chunked")
 
 
 def test_forward_only_methods_refuse_when_gradients_are_needed():

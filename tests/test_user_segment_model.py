@@ -70,7 +70,7 @@ def test_streaming_and_gradients_match_the_models_own_forward():
 
 
 def test_the_one_program_exports_with_a_dynamic_segment_count(tmp_path):
-    from wavefront.backends.onnx_segments import OnnxSegmentSession
+    from wavefront.backends.onnx.segments import OnnxSegmentSession
     model = slot_model()
     path = str(tmp_path / "slot.onnx")
     wavefront.export_onnx(wavefront.optimize(model), (ids(2),), path)  # checked in onnxruntime against the model

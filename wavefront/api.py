@@ -9,18 +9,17 @@ import torch
 from torch import nn
 
 from wavefront.backends.inductor import compile_batched
-from wavefront.backends.onnxruntime_backend import OnnxRuntimeModel
+from wavefront.backends.onnx.runtime_model import OnnxRuntimeModel
 from wavefront.backends.step_timer import StepTimer
 from wavefront.backends.torch_executor import TorchExecutor
 from wavefront.call_gate import CallGate
 from wavefront.contract.checks import VERIFY_RTOL, VerificationError
 from wavefront.contract.segment import MemoryState, SegmentLMOutput, segment_bounds
 from wavefront.export import export_onnx
-from wavefront.loop_model import LoopLiftedModel, model_time_loops
 from wavefront.passes.dependence import Verdict, analyse
 from wavefront.passes.diagonal import diagonal_batching
 from wavefront.reoptimize import reoptimize as _reoptimize
-from wavefront.scan_adapters import ScanAcceleratedModel, scan_adapter_for
+from wavefront.routes.kernels import ScanAcceleratedModel, scan_adapter_for
 from wavefront.scheduler.adapters import AdapterRefused, bind_model, segment_adapter_for
 from wavefront.scheduler.capture import capture
 from wavefront.scheduler.capture_guard import CaptureGuard
@@ -28,6 +27,7 @@ from wavefront.scheduler.schedule import Schedule, build_schedule
 from wavefront.scheduler.train_mode import eval_mode
 from wavefront.stages import StageLog, debug_level
 from wavefront.testing import rel_err
+from wavefront.time_loops.model import LoopLiftedModel, model_time_loops
 
 SCHEDULES = ("diagonal", "sequential")
 BACKENDS = ("torch", "inductor", "aot_inductor", "onnxruntime")

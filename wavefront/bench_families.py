@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 
 import wavefront
-from wavefront.backends.linear_scan import choose_method, linear_scan
+from wavefront.backends.scans.linear.dispatch import choose_method, linear_scan
+from wavefront.backends.scans.linear.naive import linear_scan_reference
 from wavefront.benchmarking import compare
-from wavefront.models.scan_reference import linear_scan_reference
 from wavefront.presets import example_model, split_preset
 from wavefront.testing import rel_err
 

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from wavefront.backends.onnx_graphs import ExportError, check_in_onnxruntime, run_onnx, save_with_metadata, to_onnx
+from wavefront.backends.onnx.graphs import (
+    ExportError,
+    check_in_onnxruntime,
+    run_onnx,
+    save_with_metadata,
+    to_onnx,
+)
+
 
 class _Outputs(nn.Module):
     """The tensors of a model's output: `logits` for language-model outputs, else every tensor
@@ -36,8 +43,8 @@ def _prepare(model: nn.Module):
     """(the module to export, what kind it is, a function describing what was rewritten)."""
     import wavefront  # what optimize() returns, through the public package (the API imports this module)
     OptimizedModel, optimize = wavefront.OptimizedModel, wavefront.optimize
-    from wavefront.loop_model import LoopLiftedModel
-    from wavefront.scan_adapters import ScanAcceleratedModel
+    from wavefront.routes.kernels import ScanAcceleratedModel
+    from wavefront.time_loops.model import LoopLiftedModel
     if isinstance(model, OptimizedModel):
         return model, "segments", None
     if not isinstance(model, (LoopLiftedModel, ScanAcceleratedModel)):
@@ -102,7 +109,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str, *, dynamic: bool = 
 def _export(model, example_inputs, path, dynamic, time_dims, dynamic_shapes, kwargs, check):
     module, kind, report = _prepare(model)
     if kind == "segments":
-        from wavefront.backends.onnx_segments import export_segments
+        from wavefront.backends.onnx.segments import export_segments
         return export_segments(module, example_inputs, path, dynamic=dynamic, check=check)
     if dynamic and dynamic_shapes is None:  # a length-1 example would fix the length at 1 (0/1 specialisation)
         example_inputs = _at_least_two_steps(example_inputs, time_dims)

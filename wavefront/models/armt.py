@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from wavefront.contract.segment import SegmentCell, SegmentRecurrentLM
+
 from .associative_memory import AssociativeMemory
 from .config import StackConfig
 from .decoder import DecoderBlock, RMSNorm
-from wavefront.contract.segment import SegmentCell, SegmentRecurrentLM
 
 
 class ARMTLayer(nn.Module):

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from wavefront.contract.segment import SegmentRecurrentLM
+
 from .armt import ARMTCell, ARMTLayer
 from .associative_memory import AssociativeMemory
 from .opaque import OpaqueModule
-from wavefront.contract.segment import SegmentRecurrentLM
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Small modules written the way users write recurrences: a Python loop over time. They are the
-inputs of the time-loop lifting pass (wavefront.loop_model) in tests, benchmarks and examples;
+inputs of the time-loop lifting pass (wavefront.time_loops.model) in tests, benchmarks and examples;
 their own forward is the reference."""
 from __future__ import annotations
 

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from wavefront.contract.segment import SegmentCell, SegmentRecurrentLM
+
 from .config import StackConfig
 from .decoder import DecoderBlock, RMSNorm
-from wavefront.contract.segment import SegmentCell, SegmentRecurrentLM
 
 
 class RMTCell(SegmentCell):

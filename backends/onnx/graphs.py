@@ -4,17 +4,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
+from wavefront.backends.onnx.session import open_session
 
 from wavefront.contract.checks import VERIFY_RTOL, rel_err
 from wavefront.contract.version import __version__
-
-from .loop_lift import LoopExportError
-from .onnx_session import open_session
 
 
 class ExportError(RuntimeError):
     """The model (or a part of it) cannot be exported as asked; the message names the part."""
 
+
+class LoopExportError(RuntimeError):
+    """A time loop that cannot run as a scan was met while exporting: it would be unrolled."""
 
 
 def to_onnx(module: nn.Module, args: tuple, dynamic_shapes):

@@ -13,11 +13,14 @@ from __future__ import annotations
 import math
 
 import torch
-
-from wavefront.models.scan_reference import check_h0, linear_scan_reference, time_dim
-
-from . import native_scan, triton_scan
-from .chunked_scan import chunked_linear_scan, exportable_linear_scan
+import wavefront.backends.scans.linear.native as native_scan
+import wavefront.backends.scans.linear.triton as triton_scan
+from wavefront.backends.scans.linear.chunked import (
+    chunked_linear_scan,
+    exportable_linear_scan,
+)
+from wavefront.backends.scans.linear.naive import linear_scan_reference
+from wavefront.backends.scans.shapes import check_h0, time_dim
 
 METHODS = ("auto", "native", "triton", "chunked", "loop")
 WIDE_STEP = 1 << 20  # elements per step above which a Python step's overhead is negligible

@@ -17,15 +17,12 @@ is generic and slow on CPU, and a Python loop pays dispatch per step.
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 
 import torch
-
-from wavefront.models.scan_reference import check_h0, time_dim
-
-from .disk_cache import KernelLibrary, build_library, cache_root  # noqa: F401 (re-exported)
-from .output_cache import OUTPUTS
+from wavefront.backends.disk_cache import KernelLibrary, build_library, cache_root  # noqa: F401 (re-exported)
+from wavefront.backends.scans.linear.output_cache import OUTPUTS
+from wavefront.backends.scans.shapes import check_h0, time_dim
 
 _SOURCE = r"""
 #include <stdint.h>

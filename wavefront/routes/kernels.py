@@ -31,7 +31,7 @@ def _mamba_module():
 def _native_mamba_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, **unused):
     """transformers' mamba_selective_scan signature, computed by the native kernel (float32)."""
-    from wavefront.backends.selective_scan import selective_scan
+    from wavefront.backends.scans.selective.native import selective_scan
     if delta_bias is not None:
         dt = dt + delta_bias.to(dt.dtype)[..., None]
     if delta_softplus:
@@ -41,7 +41,9 @@ def _native_mamba_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=No
         return t.float().contiguous() if t is not None else None
 
     if torch.compiler.is_exporting():  # the native kernel is a ctypes call: export the torch form
-        from wavefront.backends.selective_scan import selective_scan_torch as selective_scan
+        from wavefront.backends.scans.selective.chunked import (
+            selective_scan_torch as selective_scan,
+        )
     y, h = selective_scan(f32(hidden_states), f32(dt), f32(A), f32(B), f32(C), f32(D), f32(z))
     y = y.to(hidden_states.dtype)
     return (y, h) if return_last_state else y
@@ -65,7 +67,7 @@ class MambaScanAdapter:
                     "wavefront replaces the module-level mamba_selective_scan of transformers 5.x")
         if any(p.device.type != "cpu" for p in model.parameters()):
             return "the native selective scan runs on the CPU (move the model there, or use the CUDA kernels)"
-        from wavefront.backends import selective_scan
+        import wavefront.backends.scans.selective.native as selective_scan
         if selective_scan.library() is None:
             return f"the native selective scan could not be built: {selective_scan.KERNEL.error}"
         return ""

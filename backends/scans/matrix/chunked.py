@@ -13,9 +13,7 @@ materialised: one per chunk. Low-precision inputs accumulate in float32.
 from __future__ import annotations
 
 import torch
-
-from . import triton_scan
-from .linear_scan import linear_scan, needs_grad
+from wavefront.backends.scans.linear.dispatch import linear_scan
 
 ALL_STATES_AT_ONCE = 1 << 22  # elements of chunk states (n x state) held at once; above: chunk by chunk
 
@@ -38,11 +36,11 @@ def _per_dim_decay_terms(qc, kc, ac):
 
 def chunked_matrix_scan(q, k, v, decay=None, S0=None, chunk: int | None = None):
     """(o, last state) of the matrix-state recurrence; the same contract as
-    wavefront.models.scan_reference.matrix_scan_reference.
+    wavefront.backends.scans.linear.naive.matrix_scan_reference.
 
     >>> q, k, v = torch.randn(2, 37, 4), torch.randn(2, 37, 4), torch.randn(2, 37, 3)
     >>> a = torch.rand(2, 37)
-    >>> from wavefront.models.scan_reference import matrix_scan_reference
+    >>> from wavefront.backends.scans.matrix.naive import matrix_scan_reference
     >>> o, S = chunked_matrix_scan(q, k, v, a, chunk=8)
     >>> ro, rS = matrix_scan_reference(q, k, v, a)
     >>> bool(torch.allclose(o, ro, atol=1e-5) and torch.allclose(S, rS, atol=1e-5))
@@ -109,24 +107,4 @@ def chunked_matrix_scan(q, k, v, decay=None, S0=None, chunk: int | None = None):
     return o.to(out_dtype), S_last.to(out_dtype)
 
 
-def matrix_scan(q, k, v, decay=None, S0=None, method: str = "auto"):
-    """(o, last state) of S_t = diag(a_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t: the Triton kernels
-    on a CUDA device when no gradient is needed ("auto"), else the chunked torch form.
-
-    >>> o, S = matrix_scan(torch.ones(1, 3, 2), torch.ones(1, 3, 2), torch.ones(1, 3, 4))
-    >>> o[0, :, 0]
-    tensor([2., 4., 6.])
-    """
-    if method == "auto":
-        method = "triton" if q.is_cuda and not needs_grad(q, k, v, decay, S0) and triton_scan.available(q.device)[0] \
-            else "chunked"
-    if method == "triton":
-        if needs_grad(q, k, v, decay, S0):
-            raise ValueError("method='triton' is forward only: use method='auto' or 'chunked' when gradients are needed")
-        return triton_scan.triton_matrix_scan(q, k, v, decay, S0)
-    if method == "chunked":
-        return chunked_matrix_scan(q, k, v, decay, S0)
-    raise ValueError(f"unknown method {method!r}: choose 'auto', 'triton' or 'chunked'")
-
-
-__all__ = ["chunked_matrix_scan", "matrix_scan"]
+__all__ = ["chunked_matrix_scan"]

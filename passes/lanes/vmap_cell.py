@@ -2,7 +2,7 @@
 with its own layer's parameters.
 
 The general form comes from torch.func: vmap over functional_call of the layer's captured
-graph, which batches any layer, foreign blocks included. (lane_fold.py adds a faster rewrite
+graph, which batches any layer, foreign blocks included. (fold_graph.py adds a faster rewrite
 for layers whose graphs are fully traced.)
 """
 from __future__ import annotations
@@ -11,35 +11,10 @@ import threading
 
 from torch import fx
 from torch.func import functional_call, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
+from wavefront.passes.lanes.signature import LaneSignature
 
 from wavefront.models.opaque import OpaqueModule
-
-
-class LaneSignature:
-    """How a layer call's arguments split into per-lane tensors and values shared by all lanes.
-
-    Built from the layer's call node in the captured cell graph: every node argument is per
-    lane (the first-segment flag too: a step can mix a layer's first segment with later ones),
-    constants are shared. `flag_lane` is the flag's index among the lane values (or None).
-    """
-
-    def __init__(self, layer_node: fx.Node, first_node: fx.Node):
-        leaves, self.spec = tree_flatten((tuple(layer_node.args), dict(layer_node.kwargs)))
-        self.leaves = leaves
-        self.lane_pos = [i for i, x in enumerate(leaves) if isinstance(x, fx.Node)]
-        self.constants = [(i, x) for i, x in enumerate(leaves) if not isinstance(x, fx.Node)]
-        flag = [k for k, i in enumerate(self.lane_pos) if leaves[i] is first_node]
-        self.flag_lane = flag[0] if flag else None
-
-    def rebuild(self, lane_values):
-        """The call's (args, kwargs) with these values in the node arguments' places."""
-        leaves = [None] * len(self.leaves)
-        for i, v in zip(self.lane_pos, lane_values):
-            leaves[i] = v
-        for i, v in self.constants:
-            leaves[i] = v
-        return tree_unflatten(leaves, self.spec)
 
 
 class VmapLaneCell(OpaqueModule):

@@ -21,8 +21,7 @@ import threading
 
 import torch
 from torch import nn
-
-from .lane_ops import FoldNotApplicable, lane_elementwise, lane_linear
+from wavefront.passes.lanes.ops import FoldNotApplicable, lane_elementwise, lane_linear
 
 
 class LaneContext(threading.local):

@@ -3,7 +3,7 @@
 A loop S = a * S + k v^T with the output o = S^T q (linear attention, RetNet, GLA, Mamba-2) is
 affine in S, so the generic lifting already runs it as a first-order scan, but that holds all T
 states [T, ..., dk, dv]. When the body's update is an outer product and the output reads the
-new state only through that contraction, the chunked form (backends/matrix_scan.py) computes
+new state only through that contraction, the chunked form (backends/scans/matrix/dispatch.py) computes
 the outputs with matmuls per chunk and never holds more than one state per chunk.
 
 Recognised, structurally (other spellings keep the generic path, which is exact too):

@@ -9,8 +9,7 @@ overflow or underflow past a few hundred steps). Low-precision inputs accumulate
 from __future__ import annotations
 
 import torch
-
-from wavefront.models.scan_reference import check_h0, time_dim
+from wavefront.backends.scans.shapes import check_h0, time_dim
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -4,14 +4,18 @@ from __future__ import annotations
 import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from wavefront.passes.lanes.block_clones import LaneBlock
+from wavefront.passes.lanes.fold_graph import (
+    FoldNotApplicable,
+    fold_graph,
+    lane_invariant_buffers,
+)
+from wavefront.passes.lanes.signature import LaneSignature
+from wavefront.passes.lanes.vmap_cell import VmapLaneCell
+from wavefront.scheduler.train_mode import eval_mode
 
 from wavefront.contract.checks import rel_err
 from wavefront.models.opaque import OpaqueModule
-from wavefront.scheduler.train_mode import eval_mode
-
-from .lane_batching import LaneSignature, VmapLaneCell
-from .lane_fold import FoldNotApplicable, fold_graph, lane_invariant_buffers
-from .module_fold import LaneBlock
 
 CHECK_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}  # a structural check: mixed rows differ by O(1)
 

@@ -21,14 +21,24 @@ import json
 
 import torch
 from torch.utils._pytree import tree_unflatten, treespec_dumps, treespec_loads
-
-from wavefront.contract.segment import MemoryState, SegmentLMOutput, as_memory_tensors, check_input_ids, check_memory
+from wavefront.backends.onnx.graphs import (
+    ExportError,
+    check_in_onnxruntime,
+    save_with_metadata,
+    to_onnx,
+)
+from wavefront.backends.onnx.session import Session, check_token_ids, input_embedding
+from wavefront.backends.segment_program import ProgramNotApplicable, SegmentProgram
 from wavefront.passes.segment_plan import stack_state, unstack_state
 from wavefront.scheduler.schedule import diagonal
 
-from .onnx_graphs import ExportError, check_in_onnxruntime, save_with_metadata, to_onnx
-from .onnx_session import Session, check_token_ids, input_embedding
-from .segment_program import ProgramNotApplicable, SegmentProgram
+from wavefront.contract.segment import (
+    MemoryState,
+    SegmentLMOutput,
+    as_memory_tensors,
+    check_input_ids,
+    check_memory,
+)
 
 
 def _layout_from_meta(meta: dict, n_layers: int):

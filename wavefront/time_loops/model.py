@@ -14,10 +14,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wavefront.backends.loop_lift import LoopRunner
 from wavefront.contract.checks import check_outputs
 from wavefront.reoptimize import reoptimize
-from wavefront.scheduler.time_loops import LoopSite, find_time_loops, rewrite_function, uses_private_names
+from wavefront.time_loops.runner import LoopRunner
+from wavefront.time_loops.source import (
+    LoopSite,
+    find_time_loops,
+    rewrite_function,
+    uses_private_names,
+)
 
 
 @dataclass

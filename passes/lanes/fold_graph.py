@@ -19,10 +19,13 @@ import operator
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
-
-from .lane_ops import FoldNotApplicable, lane_elementwise, lane_linear, lane_row_flag
-from .module_fold import LaneBlock
-
+from wavefront.passes.lanes.block_clones import LaneBlock
+from wavefront.passes.lanes.ops import (
+    FoldNotApplicable,
+    lane_elementwise,
+    lane_linear,
+    lane_row_flag,
+)
 
 _ELEMENTWISE_FUNCS = {operator.mul: "mul", operator.add: "add", operator.sub: "sub", operator.truediv: "truediv",
                       torch.mul: "mul", torch.add: "add", torch.sub: "sub", torch.div: "truediv",

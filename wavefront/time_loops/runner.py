@@ -22,7 +22,10 @@ import torch
 from torch import fx, nn
 from torch.func import vmap
 
-from wavefront.passes.affine_carry import (
+from wavefront.backends.onnx.graphs import LoopExportError
+from wavefront.backends.scans.linear.dispatch import linear_scan
+from wavefront.backends.scans.matrix.dispatch import matrix_scan
+from wavefront.time_loops.affine_carry import (
     AffineStep,
     NotAffine,
     analyse_step,
@@ -30,12 +33,9 @@ from wavefront.passes.affine_carry import (
     constant_coefficients,
     scalar_constant,
 )
-from wavefront.passes.index_hoist import HoistedReads, hoist_index_reads, read_views
-from wavefront.passes.matrix_state import match_matrix_step
-from wavefront.scheduler.time_loops import LoopSite, assigned_after
-
-from .linear_scan import linear_scan
-from .matrix_scan import matrix_scan
+from wavefront.time_loops.index_hoist import HoistedReads, hoist_index_reads, read_views
+from wavefront.time_loops.matrix_state import match_matrix_step
+from wavefront.time_loops.source import LoopSite, assigned_after
 
 
 class _StepHolder(nn.Module):
@@ -216,7 +216,7 @@ class _Plan:
     b: HoistedReads | None
     ys: HoistedReads | None  # ys(previous carry, new carry, i, *tensors); None: no outputs
     reads_previous: bool  # do the ys read the previous carry (else only the new one)?
-    matrix: tuple | None = None  # (k, v, q) HoistedReads of a matrix-state loop (passes/matrix_state.py)
+    matrix: tuple | None = None  # (k, v, q) HoistedReads of a matrix-state loop (wavefront/time_loops/matrix_state.py)
 
 
 def _matrix_state_scan(plan: _Plan, site: LoopSite, env: dict, steps: "_Steps", h0, idx, xs):
@@ -346,10 +346,6 @@ class _Steps:
             return torch.arange(self.rng.start, self.rng.stop, self.rng.step, device=device)
         idx = torch.arange(*self.bounds, device=device)
         return idx.flip(0) if self.reverse else idx
-
-
-class LoopExportError(RuntimeError):
-    """A time loop that cannot run as a scan was met while exporting: it would be unrolled."""
 
 
 class _Decline(Exception):

@@ -1,0 +1,1 @@
+"""The routes optimize() chooses among (see ROUTES in wavefront/routes/registry.py)."""
