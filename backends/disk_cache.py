@@ -5,7 +5,7 @@ Layout (the root is $WAVEFRONT_CACHE_DIR, default ~/.cache/wavefront, created mo
 
     <root>/<name>-<key>.so          C kernels (build_library)
     <root>/aot_inductor/<key>.pt2   AOTInductor packages (backends.aot_cell)
-    <root>/onnx/<key>.onnx          exported graphs (backends.onnxruntime_backend)
+    <root>/onnx/<key>.onnx          exported graphs (wavefront/routes/onnxruntime.py)
 
 Beside each entry, `<entry>.meta.json` records its key, size and sha256 (and what the builder
 keeps with it, e.g. an AOT package's shape guard), and `<entry>.lock` serialises its builders.

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from wavefront.backends.aot_cell import AotFoldedCell
+
 
 def compile_batched(batched, *, aot: bool = False, **compile_kwargs) -> None:
     """Compile every lane-folded cell of a BatchedRecurrence in place: with torch.compile, or
@@ -23,7 +25,6 @@ def compile_batched(batched, *, aot: bool = False, **compile_kwargs) -> None:
         cell = group.cell
         if getattr(cell, "mode", None) == "fold":
             if aot:
-                from wavefront.backends.aot_cell import AotFoldedCell
                 cell.compiled = AotFoldedCell(cell.folded, compile_kwargs)
             else:
                 cell.compiled = torch.compile(cell.folded, **opts)

@@ -49,6 +49,11 @@ def segment_adapter_for(model: nn.Module) -> RecurrenceAdapter | None:
     return next((a for a in _ADAPTERS if a.matches(model)), None)
 
 
+def adapter_names() -> list[str]:
+    """The registered segment adapters' names, in the order they are tried."""
+    return [a.name for a in _ADAPTERS]
+
+
 def bind_model(model: nn.Module) -> BoundModel:
     """The first matching adapter's view of `model`, or an error listing what is supported."""
     if isinstance(model, BoundModel):
@@ -56,6 +61,6 @@ def bind_model(model: nn.Module) -> BoundModel:
     for adapter in _ADAPTERS:
         if adapter.matches(model):
             return adapter.bind(model)
-    names = ", ".join(a.name for a in _ADAPTERS)
+    names = ", ".join(adapter_names())
     raise TypeError(f"no wavefront adapter recognises {type(model).__name__} (tried: {names}). Build it from "
                     "wavefront.models, or register_adapter() one that returns its segment cell")

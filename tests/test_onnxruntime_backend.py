@@ -7,7 +7,7 @@ pytest.importorskip("onnxscript")
 import wavefront  # noqa: E402
 from conftest import SEG, tiny_armt  # noqa: E402
 from wavefront.backends.onnx.model_key import model_key  # noqa: E402
-from wavefront.backends.onnx.runtime_model import OnnxRuntimeModel  # noqa: E402
+from wavefront.routes.onnxruntime import OnnxRuntimeModel  # noqa: E402
 from wavefront.models import LinearRecurrence  # noqa: E402
 from wavefront.testing import assert_close  # noqa: E402
 

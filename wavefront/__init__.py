@@ -4,19 +4,21 @@
 >>> from wavefront.models import ARMT, ARMTConfig
 >>> fast = wavefront.optimize(ARMT(ARMTConfig(n_layers=2)))
 """
-from wavefront import models  # noqa: E402
-from wavefront.api import (  # noqa: E402
+from wavefront import models
+from wavefront.api import (
+           Optimized,
            OptimizedModel,
+           UnchangedModel,
            VerificationError,
            explain,
            last_schedule,
            optimize,
 )
 from wavefront.contract.version import __version__
-from wavefront.export import ExportError, export_onnx  # noqa: E402
-from wavefront.profiling import profile  # noqa: E402
-from wavefront.scheduler.timings import Timings  # noqa: E402
-from wavefront.stages import stages  # noqa: E402
+from wavefront.export import ExportError, export_onnx
+from wavefront.profiling import profile
+from wavefront.scheduler.timings import Timings
+from wavefront.stages import stages
 
-__all__ = ["models", "optimize", "explain", "last_schedule", "OptimizedModel", "VerificationError", "export_onnx",
-           "ExportError", "profile", "Timings", "stages", "__version__"]
+__all__ = ["models", "optimize", "explain", "last_schedule", "Optimized", "OptimizedModel", "UnchangedModel",
+           "VerificationError", "export_onnx", "ExportError", "profile", "Timings", "stages", "__version__"]

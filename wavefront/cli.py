@@ -236,14 +236,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import torch
 
     model, S, inputs = load_model(args)
     optimized = _optimize(model, "diagonal")
     if _segment_model(optimized):
         inputs = (example_ids(model, optimized, S, args.batch),)
-        with torch.inference_mode():
-            optimized(*inputs)  # the fold checks itself before the program is exported
     elif inputs is None:
         raise CLIError("this model has no segment recurrence, so its example inputs are unknown: return "
                        "(model, example_inputs) from the factory")

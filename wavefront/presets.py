@@ -1,6 +1,10 @@
 """Model sizes the benchmarks and the CLI share (the configs the issues name), and the named
 example models `wavefront inspect` / `export` build."""
 
+import torch
+
+from wavefront.models import ARMT, RMT, ARMTConfig, RMTConfig
+
 ARMT_PRESETS = {
     # dispatch-bound: tiny layers, so per-call overhead dominates the sequential model
     "dispatch": dict(n_layers=8, d_model=64, n_heads=4, d_ff=128, segment_len=32, n_mem_tokens=8, d_mem=16,
@@ -29,9 +33,6 @@ def example_model(name: str, seed: int = 0):
     >>> type(model).__name__, S
     ('ARMT', 8)
     """
-    import torch
-
-    from wavefront.models import ARMT, RMT, ARMTConfig, RMTConfig
     torch.manual_seed(seed)
     if name.startswith("armt-") and name[5:] in ARMT_PRESETS:
         cfg, S = split_preset(name[5:])

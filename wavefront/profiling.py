@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from wavefront.api import OptimizedModel
+from wavefront.api import OnnxRuntimeModel, OptimizedModel
 from wavefront.backends.step_timer import StepTimer
 from wavefront.benchmarking import device_name
 from wavefront.scheduler.timings import Timings
@@ -26,12 +26,12 @@ def profile(optimized, input_ids: torch.Tensor, memory=None) -> Timings:
     True
     """
 
-    if not isinstance(optimized, OptimizedModel):
-        raise TypeError(f"profile() times the schedule steps of a model wavefront.optimize() returned, got "
-                        f"{type(optimized).__name__}: optimize the model first")
-    if optimized.backend == "onnxruntime":
+    if isinstance(optimized, OnnxRuntimeModel):
         raise ValueError("profile() times steps that wavefront runs; under backend='onnxruntime' the steps run "
                          "inside one ONNX Scan node: profile the torch or inductor backend instead")
+    if not isinstance(optimized, OptimizedModel):
+        raise TypeError(f"profile() times the schedule steps of a segment model wavefront.optimize() returned, got "
+                        f"{type(optimized).__name__}: optimize the model first")
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
     executor = optimized.executor

@@ -71,18 +71,9 @@ def stages(optimized) -> StageLog:
     >>> [s.name for s in wavefront.stages(fast)]
     ['bind', 'capture', 'analyse', 'rewrite', 'program']
     """
-    inner = getattr(optimized, "optimized", None)  # backend="onnxruntime" wraps the torch-optimized model
-    log = StageLog(stages(inner) if inner is not None else getattr(optimized, "stage_log", None) or ())
-    if isinstance(getattr(optimized, "reason", None), str):  # UnchangedModel: recognised, runs as it is
-        log.append(Stage("unchanged", optimized.model, 0.0, optimized.reason))
-    elif not log and not hasattr(optimized, "stage_log"):
+    if not callable(getattr(optimized, "stages", None)) or not hasattr(optimized, "stage_log"):
         raise TypeError(f"stages() shows what optimize() did; got {type(optimized).__name__}: optimize the model first")
-    schedule = getattr(optimized, "last_schedule", None)
-    if schedule is not None:
-        log.append(Stage("schedule (last call)", schedule, 0.0, str(schedule)))
-    if inner is not None and getattr(optimized, "last_session", None) is not None:
-        log.append(Stage("onnx export", optimized.last_session, optimized.export_time_s or 0.0, optimized.describe()))
-    return log
+    return StageLog(optimized.stages())
 
 
 __all__ = ["Stage", "StageLog", "debug_level", "stages"]

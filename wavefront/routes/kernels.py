@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wavefront.contract.checks import check_outputs
-from wavefront.reoptimize import reoptimize
+import wavefront.backends.scans.selective.native as native_selective
+from wavefront.backends.scans.selective.chunked import selective_scan_torch
+from wavefront.routes.base import Optimized
+from wavefront.routes.explanation import NO_SEGMENTS, Explanation
 
 
 def _mamba_module():
@@ -31,7 +33,6 @@ def _mamba_module():
 def _native_mamba_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, **unused):
     """transformers' mamba_selective_scan signature, computed by the native kernel (float32)."""
-    from wavefront.backends.scans.selective.native import selective_scan
     if delta_bias is not None:
         dt = dt + delta_bias.to(dt.dtype)[..., None]
     if delta_softplus:
@@ -40,11 +41,9 @@ def _native_mamba_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=No
     def f32(t):
         return t.float().contiguous() if t is not None else None
 
-    if torch.compiler.is_exporting():  # the native kernel is a ctypes call: export the torch form
-        from wavefront.backends.scans.selective.chunked import (
-            selective_scan_torch as selective_scan,
-        )
-    y, h = selective_scan(f32(hidden_states), f32(dt), f32(A), f32(B), f32(C), f32(D), f32(z))
+    # the native kernel is a ctypes call: an export traces the torch form
+    scan = selective_scan_torch if torch.compiler.is_exporting() else native_selective.selective_scan
+    y, h = scan(f32(hidden_states), f32(dt), f32(A), f32(B), f32(C), f32(D), f32(z))
     y = y.to(hidden_states.dtype)
     return (y, h) if return_last_state else y
 
@@ -67,9 +66,8 @@ class MambaScanAdapter:
                     "wavefront replaces the module-level mamba_selective_scan of transformers 5.x")
         if any(p.device.type != "cpu" for p in model.parameters()):
             return "the native selective scan runs on the CPU (move the model there, or use the CUDA kernels)"
-        import wavefront.backends.scans.selective.native as selective_scan
-        if selective_scan.library() is None:
-            return f"the native selective scan could not be built: {selective_scan.KERNEL.error}"
+        if native_selective.library() is None:
+            return f"the native selective scan could not be built: {native_selective.KERNEL.error}"
         return ""
 
     def patches(self):
@@ -100,23 +98,51 @@ def swapped(patches):
             setattr(mod, name, fn)
 
 
-class ScanAcceleratedModel(nn.Module):
-    """A model whose time loops run as native scans; same forward signature and outputs."""
+class KernelSubstitutedModel(Optimized):
+    """A model whose time-loop functions run as wavefront's kernels; same forward signature and outputs."""
 
-    def __init__(self, model: nn.Module, adapter, verify: bool = False):
-        super().__init__()
-        self.model, self.adapter, self.verify = model, adapter, verify
+    route = "kernel substitution"
+    precision = torch.float32  # the native selective scan computes in float32
 
-    def forward(self, *args, **kwargs):
+    def __init__(self, model: nn.Module, adapter, options: dict, verify: bool = False):
+        super().__init__(model, options, verify)
+        self.adapter = adapter
+
+    def run(self, *args, **kwargs):
         with swapped(self.adapter.patches()):
-            out = self.model(*args, **kwargs)
-        if self.verify:
-            with torch.no_grad():
-                ref = self.model(*args, **kwargs)
-            check_outputs(out, ref, "the native scan (vs the model's own loop)", rtol=1e-4)  # it computes in fp32
-            self.verify = False
-        return out
+            return self.model(*args, **kwargs)
 
-    def __reduce__(self):
-        # Pickling (torch.save, copy.deepcopy) keeps the model and the options; loading optimizes it again.
-        return (reoptimize, (self.model, {"verify": self.verify}))
+    def describe_route(self) -> str:
+        return f"the {self.adapter.name} kernel substitution"
+
+    def rewrites(self) -> list[str]:
+        return [self.adapter.describe(self.model)]
+
+    def export_kind(self) -> str:
+        return self.adapter.name
+
+    def explain(self, n_segments: int | None = None) -> Explanation:
+        return preview(self.model, n_segments)
+
+
+def recognise(model: nn.Module) -> str | None:
+    """'' when an adapter substitutes kernels in `model`, the reason when one recognises it but
+    cannot, None when none recognises it."""
+    adapter = scan_adapter_for(model)
+    return None if adapter is None else adapter.check(model)
+
+
+def build(model: nn.Module, options: dict, verify: bool, log) -> KernelSubstitutedModel:
+    adapter = scan_adapter_for(model)
+    return log.run("kernel substitution", lambda: KernelSubstitutedModel(model, adapter, options, verify),
+                   lambda m: adapter.describe(model))
+
+
+def preview(model: nn.Module, n_segments: int | None = None) -> Explanation:
+    adapter = scan_adapter_for(model)
+    why = adapter.check(model)
+    return Explanation(type(model).__name__, adapter.name, adapter.describe(model), NO_SEGMENTS,
+                       f"unchanged ({why})" if why else "native scan", 0, None)
+
+
+__all__ = ["KernelSubstitutedModel", "build", "preview", "recognise", "scan_adapter_for"]

@@ -9,13 +9,13 @@ loops ran as scans and why the others did not.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from wavefront.contract.checks import check_outputs
-from wavefront.reoptimize import reoptimize
+from wavefront.routes.base import Optimized
+from wavefront.routes.explanation import NO_SEGMENTS, Explanation
 from wavefront.time_loops.runner import LoopRunner
 from wavefront.time_loops.source import (
     LoopSite,
@@ -98,12 +98,15 @@ def model_time_loops(model: nn.Module) -> list[tuple[nn.Module, LiftedFunction]]
     return found
 
 
-class LoopLiftedModel(nn.Module):
+class LoopLiftedModel(Optimized):
     """`model` with its affine time loops run as scans; same forward signature and outputs."""
 
-    def __init__(self, model: nn.Module, loops: list[tuple[nn.Module, LiftedFunction]], verify: bool = False):
-        super().__init__()
-        self.model, self.loops, self.verify = model, loops, verify
+    route = "time loops"
+
+    def __init__(self, model: nn.Module, loops: list[tuple[nn.Module, LiftedFunction]], options: dict | None = None,
+                 verify: bool = False):
+        super().__init__(model, options or {}, verify)
+        self.loops = loops
 
     @contextlib.contextmanager
     def _lifted(self):
@@ -118,19 +121,22 @@ class LoopLiftedModel(nn.Module):
             for m, name in installed:
                 del m.__dict__[name]
 
-    def forward(self, *args, **kwargs):
+    def run(self, *args, **kwargs):
         with self._lifted():
-            out = self.model(*args, **kwargs)
-        if self.verify:
-            with torch.no_grad():
-                ref = self.model(*args, **kwargs)
-            check_outputs(out, ref, "the model with its loops run as scans (vs its own loops)")
-            self.verify = False
-        return out
+            return self.model(*args, **kwargs)
 
-    def __reduce__(self):
-        # Pickling (torch.save, copy.deepcopy) keeps the model and the options; loading optimizes it again.
-        return (reoptimize, (self.model, {"verify": self.verify}))
+    def describe_route(self) -> str:
+        return "its loops run as scans"
+
+    def rewrites(self) -> list[str]:
+        return self.report()
+
+    def export_kind(self) -> str:
+        return "time-loops"
+
+    def explain(self, n_segments: int | None = None) -> Explanation:
+        return Explanation(type(self.model).__name__, "time-loops", "Python time loops:\n  " + "\n  ".join(self.report()),
+                           NO_SEGMENTS, "loops as scans" if self.lifted_any else "unchanged", 0, None)
 
     @property
     def lifted_any(self) -> bool:
@@ -153,4 +159,24 @@ class LoopLiftedModel(nn.Module):
         return lines
 
 
-__all__ = ["LiftedFunction", "LoopLiftedModel", "model_time_loops"]
+def recognise(model: nn.Module) -> str | None:
+    """'' when a method of a module in `model` holds a time loop (lifted or not), None otherwise."""
+    return "" if model_time_loops(model) else None
+
+
+def build(model: nn.Module, options: dict, verify: bool, log) -> LoopLiftedModel:
+    loops = log.run("find time loops", lambda: model_time_loops(model),
+                    lambda found: f"{len(found)} method(s) holding a time loop")
+    lifted = log.run("lift loops", lambda: LoopLiftedModel(model, loops, options, verify), lambda m: "\n".join(m.report()))
+    object.__setattr__(lifted, "stage_log", log)
+    if not lifted.lifted_any:
+        warnings.warn(f"{type(model).__name__}: no time loop can run as a scan, the model runs as it is:\n"
+                      + "\n".join(lifted.report()), stacklevel=3)
+    return lifted
+
+
+def preview(model: nn.Module, n_segments: int | None = None) -> Explanation:
+    return LoopLiftedModel(model, model_time_loops(model)).explain(n_segments)
+
+
+__all__ = ["LiftedFunction", "LoopLiftedModel", "build", "model_time_loops", "preview", "recognise"]

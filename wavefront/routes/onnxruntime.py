@@ -28,6 +28,7 @@ import time
 
 import torch
 from torch import nn
+
 from wavefront.backends.disk_cache import cache_dir, cached_entry
 from wavefront.backends.onnx.model_key import (
     content_digest,
@@ -42,16 +43,17 @@ from wavefront.backends.onnx.session import (
     check_token_ids,
     input_embedding,
 )
-from wavefront.scheduler.capture_guard import CaptureGuard
-from wavefront.scheduler.train_mode import eval_mode
-
-from wavefront.contract.checks import check_outputs
 from wavefront.contract.segment import (
     MemoryState,
     SegmentLMOutput,
     check_input_ids,
     check_memory,
 )
+from wavefront.reoptimize import reoptimize
+from wavefront.routes.base import Optimized
+from wavefront.routes.explanation import Explanation
+from wavefront.scheduler.capture_guard import CaptureGuard
+from wavefront.stages import Stage
 
 # torch.export and torch._dynamo.reset() are process-wide: two models exporting in two threads
 # take turns (one model's threads already do, on its own lock)
@@ -74,7 +76,7 @@ def _is_plain(value) -> bool:
     return isinstance(value, (tuple, list)) and all(_is_plain(v) for v in value)
 
 
-class OnnxRuntimeModel(nn.Module):
+class OnnxRuntimeModel(Optimized):
     """A model optimized by wavefront, run by onnxruntime; the same forward and outputs as
     `optimized` (logits for language models, tensors otherwise).
 
@@ -86,17 +88,17 @@ class OnnxRuntimeModel(nn.Module):
     its first export happens once, the others wait for it.
     """
 
-    def __init__(self, optimized: nn.Module, providers=PROVIDERS, kwargs: dict | None = None, verify: bool = False, *,
-                 export, reoptimize, segments: bool):
-        """`export` (export_onnx), `reoptimize` (optimize again) and `segments` (is `optimized` a
-        segment model's OptimizedModel) come from the API, which owns routing (wavefront/api.py)."""
-        super().__init__()
-        self.verify = verify
+    route = "onnxruntime"
+    precision = torch.float32  # onnxruntime fuses and reorders float ops: float32 rounding at best
+
+    def __init__(self, optimized: Optimized, options: dict, providers=PROVIDERS, kwargs: dict | None = None,
+                 verify: bool = False):
+        """`optimized`: what the torch route made of the model (its exports are this model's graphs)."""
+        super().__init__(optimized.model, options, verify)
         ok, why = available()
         if not ok:
             raise RuntimeError(f"backend='onnxruntime' needs onnxruntime: {why}")
         self.optimized, self.providers, self.kwargs = optimized, tuple(providers), dict(kwargs or {})
-        self._export, self._reoptimize, self._is_segments = export, reoptimize, segments
         self.sessions: dict = {}
         self.last_session: Session | None = None
         self.export_time_s: float | None = None
@@ -110,12 +112,12 @@ class OnnxRuntimeModel(nn.Module):
 
     @property
     def is_segments(self) -> bool:
-        return self._is_segments
+        return self.optimized.export_kind() == "segments"
 
     @property
     def source(self) -> nn.Module:
-        """The user's model (what the torch-optimized model wraps)."""
-        return getattr(self.optimized, "model", self.optimized)
+        """The user's model."""
+        return self.model
 
     def refresh(self) -> None:
         """Forget the sessions: the next call keys the graph by the weights' content again. Needed
@@ -140,8 +142,7 @@ class OnnxRuntimeModel(nn.Module):
                     self._pinned = list(itertools.chain(self.optimized.parameters(), self.optimized.buffers()))
                     return
             if self._guard is not None and why and self.source is not self.optimized:
-                schedule = getattr(self.optimized, "schedule_kind", None)
-                self.optimized = self._reoptimize(self.source, {"backend": "torch", **({"schedule": schedule} if schedule else {})})
+                self.optimized = reoptimize(self.source, {**self.optimized.options, "backend": "torch"})
             self.sessions, self._content = {}, None
             emb = input_embedding(self.source)
             self._vocab = emb.num_embeddings if emb is not None else None
@@ -161,7 +162,7 @@ class OnnxRuntimeModel(nn.Module):
 
                 def export_to(tmp):
                     with _EXPORT_LOCK:
-                        self._export(self.optimized, example, tmp, kwargs=self.kwargs)
+                        self.optimized.export_onnx(example, tmp, kwargs=self.kwargs)
                 t0 = time.perf_counter()
                 entry = cached_entry(os.path.join(cache_dir("onnx"), key + ".onnx"), key, export_to)
                 if entry.built:
@@ -171,38 +172,44 @@ class OnnxRuntimeModel(nn.Module):
             self.last_session = session
             return session
 
-    def forward(self, *args, **kwargs):
+    def before_call(self) -> None:
         self._follow_the_model()
-        out = self._segments(*args, **kwargs) if self.is_segments else self._tensors(*args, **kwargs)
-        if self.verify:  # the first call against the user's own forward
-            self._check(out, args, kwargs)
-        return out
 
-    def _check(self, out, args, kwargs) -> None:
-        with torch.no_grad(), eval_mode(self.source.modules()):  # the graph was exported in eval mode
-            if self.is_segments:
-                input_ids, memory = (tuple(args) + (kwargs.get("memory"),))[:2]
-                bound = self.optimized.bound
-                if memory is not None and not bound.reference_takes_memory:
-                    return  # the model's own forward starts fresh only: verify the first fresh call instead
-                ref = bound.reference(input_ids, memory)
-            else:
-                ref = self.source(*args, **{**self.kwargs, **kwargs})
+    def run(self, *args, **kwargs):
+        return self._segments(*args, **kwargs) if self.is_segments else self._tensors(*args, **kwargs)
+
+    def reference(self, *args, **kwargs):
         if self.is_segments:
-            ref_memory = ref.memory.leaves() if isinstance(getattr(ref, "memory", None), MemoryState) else ()
-            out_t = [out.logits, *(out.memory.leaves() if ref_memory else ())]
-            ref_t = [ref.logits if hasattr(ref, "logits") else ref, *ref_memory]
-        else:
-            out_t, ref_t = out, ref.logits if hasattr(ref, "logits") else ref
-        check_outputs(out_t, ref_t, "onnxruntime (vs the model's own forward)", rtol=1e-4)
-        self.verify = False
+            return self.optimized.reference(*args, **kwargs)
+        return self.model(*args, **{**self.kwargs, **kwargs})
 
-    def __reduce__(self):
-        # Pickling keeps the model and the options; loading optimizes (and exports) it again.
-        options = dict(backend="onnxruntime", kwargs=self.kwargs, verify=self.verify)
-        if getattr(self.optimized, "schedule_kind", None):
-            options["schedule"] = self.optimized.schedule_kind
-        return (self._reoptimize, (self.source, options))
+    def compared(self, out, ref):
+        if self.is_segments:
+            return self.optimized.compared(out, ref)
+        return out, ref.logits if hasattr(ref, "logits") else ref
+
+    def describe_route(self) -> str:
+        return "onnxruntime"
+
+    def rewrites(self) -> list[str]:
+        return self.optimized.rewrites()
+
+    def export_kind(self) -> str:
+        return self.optimized.export_kind()
+
+    def _export(self, example_inputs: tuple, path: str, **how):
+        return self.optimized._export(example_inputs, path, **how)
+
+    def explain(self, n_segments: int | None = None) -> Explanation:
+        e = self.optimized.explain(n_segments)
+        e.backend = "onnxruntime; " + self.describe()
+        return e
+
+    def stages(self) -> list[Stage]:
+        log = self.optimized.stages()
+        if self.last_session is not None:
+            log.append(Stage("onnx export", self.last_session, self.export_time_s or 0.0, self.describe()))
+        return log
 
     def _tensors(self, *args, **kwargs):
         if kwargs:
@@ -257,4 +264,9 @@ class OnnxRuntimeModel(nn.Module):
         return self.last_session.describe()
 
 
-__all__ = ["OnnxRuntimeModel", "available"]
+def build(torch_model: Optimized, options: dict, verify: bool, kwargs: dict | None = None) -> OnnxRuntimeModel:
+    """backend="onnxruntime": the torch route's result, exported and run by onnxruntime sessions."""
+    return OnnxRuntimeModel(torch_model, options, kwargs=kwargs, verify=verify)
+
+
+__all__ = ["OnnxRuntimeModel", "available", "build"]

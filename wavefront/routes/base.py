@@ -1,0 +1,140 @@
+"""Optimized: what optimize() returns, whatever route it took, and the one verify-once path.
+
+Every result holds the user's model (`model`, the truth every check compares with), the options
+optimize() was called with (`options`: pickling optimizes the model again with them), the
+stages its route ran (`stage_log`, wavefront.stages) and a CallGate (calls share it; a verifying
+call or a new capture takes it alone). A route supplies `run` (the fast call), and where its
+reference is not simply the model's own forward, `reference` and `compared`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from wavefront.backends.onnx.module_export import export_module
+from wavefront.call_gate import CallGate
+from wavefront.contract.checks import VERIFY_RTOL, check_outputs
+from wavefront.reoptimize import reoptimize
+from wavefront.scheduler.train_mode import eval_mode
+from wavefront.stages import Stage, StageLog
+
+SKIP = object()  # reference(): this call cannot be compared (verify a later one)
+
+
+class Optimized(nn.Module):
+    """The model run by one route of optimize(); same forward signature and outputs as the model.
+
+    verify=True compares the first call with the model's own forward (in eval mode when the
+    model is training: dropout draws differ between any two runs), with the tolerance of the
+    one table (wavefront.contract.checks.VERIFY_RTOL) for the output's dtype, or for `precision`
+    when the route computes in a less precise dtype; a difference raises VerificationError.
+
+    >>> import wavefront
+    >>> from wavefront.models import MinGRU
+    >>> fast = wavefront.optimize(MinGRU(4), verify=True)
+    >>> isinstance(fast, Optimized), fast.route
+    (True, 'time loops')
+    """
+
+    route = ""  # the route's name, as explain() and stages() show it
+    precision: torch.dtype | None = None  # the least precise dtype the route computes in, if below the output's
+
+    def __init__(self, model: nn.Module, options: dict, verify: bool = False):
+        super().__init__()
+        self.model = model
+        self.options = dict(options)  # what optimize() was called with, verify aside
+        self.verify = verify
+        self._verify_requested = verify
+        object.__setattr__(self, "stage_log", StageLog())
+        object.__setattr__(self, "_gate", CallGate())
+
+    # --- what a route provides
+    def run(self, *args, **kwargs):
+        """The fast call."""
+        raise NotImplementedError
+
+    def before_call(self) -> None:
+        """Follow changes to the model before a call (a new capture, new sessions)."""
+
+    def reference(self, *args, **kwargs):
+        """The result the fast call must equal: the model's own forward (SKIP: compare a later call)."""
+        return self.model(*args, **kwargs)
+
+    def compared(self, out, ref):
+        """(the tensors of the fast result, their twins in the reference) that verify compares:
+        by default every floating tensor of each, in order."""
+        return out, ref
+
+    def explain(self, n_segments: int | None = None):
+        """What this route found and ran (wavefront.explain)."""
+        raise NotImplementedError
+
+    def stages(self) -> list[Stage]:
+        """The stages the route ran, with what the last call added (wavefront.stages)."""
+        return list(self.stage_log)
+
+    # --- the same for every route
+    def forward(self, *args, **kwargs):
+        self.before_call()
+        if self.verify:  # the verifying call may switch the model to eval mode: no other call meanwhile
+            with self._gate.exclusive():
+                out = self.run(*args, **kwargs)
+                if self.verify:
+                    self._verify_call(args, kwargs, out)
+                return out
+        with self._gate.shared():
+            return self.run(*args, **kwargs)
+
+    def _verify_call(self, args, kwargs, out) -> None:
+        modules = list(self.model.modules())
+        training = any(m.training for m in modules)
+        with torch.no_grad(), eval_mode(modules if training else ()):
+            ref = self.reference(*args, **kwargs)
+            if ref is SKIP:
+                return
+            if training:  # compare like with like: the fast call again, in eval mode too
+                out = self.run(*args, **kwargs)
+        got, want = self.compared(out, ref)
+        dtypes = [t.dtype for t in _floats(got)]
+        rtol = max((VERIFY_RTOL.get(d, 1e-4) for d in dtypes + ([self.precision] if self.precision else [])),
+                   default=None)
+        check_outputs(got, want, f"{type(self.model).__name__} under {self.describe_route()} (vs its own forward)",
+                      rtol=rtol)
+        self.verify = False  # verified on the first comparable call, as documented
+
+    def describe_route(self) -> str:
+        return f"route {self.route!r}"
+
+    def rewrites(self) -> list[str]:
+        """What the route rewrote, a line each (ONNX metadata, explain())."""
+        return []
+
+    def export_kind(self) -> str:
+        """The `wavefront.kind` an exported graph records."""
+        return self.route
+
+    def export_onnx(self, example_inputs, path: str, *, dynamic: bool = True, time_dims=None, dynamic_shapes=None,
+                    kwargs: dict | None = None, check: bool = True):
+        """This model as an ONNX graph (wavefront.export_onnx documents the arguments), exported in
+        eval mode; the model's own train/eval flags come back after."""
+        example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        with eval_mode(self.modules()):
+            return self._export(example_inputs, path, dynamic=dynamic, time_dims=time_dims,
+                                dynamic_shapes=dynamic_shapes, kwargs=dict(kwargs or {}), check=check)
+
+    def _export(self, example_inputs: tuple, path: str, **how):
+        """The module as it runs (loops lifted, kernels substituted), its time dims dynamic."""
+        return export_module(self, example_inputs, path, kind=self.export_kind(), rewrites=self.rewrites(), **how)
+
+    def __reduce__(self):
+        # Pickling (torch.save, copy.deepcopy) keeps the model and the options; loading optimizes
+        # it again: captured graphs, stacks, compiled kernels and sessions are not data.
+        return (reoptimize, (self.model, {**self.options, "verify": self.verify}))
+
+
+def _floats(tree):
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
+
+
+__all__ = ["Optimized", "SKIP"]
