@@ -1,7 +1,7 @@
 """Sequential ARMT (the model's own forward) vs wavefront's diagonal batching, CPU by default.
 
     python benchmarks/diagonal_speedup.py --preset dispatch   # L=8, d=64, d_ff=128, seg 32, M=8, S=64 (target >= 5.5x)
-    python benchmarks/diagonal_speedup.py --preset small      # L=8, d=256, d_ff=688, seg 128, M=16, S=64 (target >= 1.3x)
+    python benchmarks/diagonal_speedup.py --preset small      # L=8, d=256, d_ff=688, seg 128, M=16, S=64 (issue 13: >= 1.6x; 1.3-1.5x on 2 CPU cores)
 
 Prints one JSON line per preset: both medians from the same run, the ratio, the step-count
 bound L*S/(L+S-1), the relative error, and (with --flops) achieved GFLOP/s of both sides next to

@@ -8,20 +8,34 @@ from conftest import N_LAYERS, ids_for, tiny_armt
 from wavefront.testing import assert_close
 
 
-def test_inductor_backend_is_exact_and_compiles_once():
+def test_inductor_backend_is_exact_and_compiles_once_for_steps_and_whole_segment_programs():
+    """One cold compile (tens of seconds on CI's CPU) serves it all: step-by-step calls with a short
+    last segment at every lane width, then whole-segment calls running the one program over the
+    active lanes, at several segment counts, without recompiling."""
     torch._dynamo.reset()
     model = tiny_armt(torch.float32)
     fast = wavefront.optimize(model, backend="inductor")
     ids = ids_for(N_LAYERS + 2, batch=2, short_last=1)
     with torch.no_grad():
-        out = fast(ids)
+        out = fast(ids)  # a short last segment: the step-by-step executor
+        assert fast.executor.last_path == "step by step"
         assert_close(out.logits, model(ids).logits, 1e-4, "inductor logits")
         graphs = counters["stats"]["unique_graphs"]
         assert graphs >= 1 and fast.compile_time_s is not None and fast.compile_time_s > 0
         other = ids_for(2 * N_LAYERS + 1, batch=2, short_last=3)  # other widths, starts and lengths
         assert_close(fast(other).logits, model(other).logits, 1e-4, "inductor, other length")
         assert counters["stats"]["unique_graphs"] == graphs, "a new width or length recompiled"
-    assert "backend inductor" in str(wavefront.explain(fast))
+        for n_segments in (N_LAYERS + 2, 2 * N_LAYERS + 1, 2):
+            ids = ids_for(n_segments, batch=2)
+            # the first program call may compile the lane widths it meets; a later recompile would raise
+            with torch._dynamo.config.patch(error_on_recompile=n_segments != N_LAYERS + 2):
+                out = fast(ids)
+            assert fast.executor.last_path == "one program"
+            assert_close(out.logits, model(ids).logits, 1e-4, f"compiled cell in the program, S={n_segments}")
+    cell = fast.batched.groups[0].cell
+    assert fast.executor.program is not None and cell.compiled is not None and not cell.compile_error
+    text = str(wavefront.explain(fast))
+    assert "backend inductor" in text and "one program, its batched cell compiled" in text
     fast(ids).logits.sum().backward()  # training calls run the eager folded graph
     assert model.cell.layers[1].memory.W_mq.weight.grad is not None
 
@@ -42,20 +56,3 @@ def test_a_failing_compiled_cell_falls_back_to_eager_and_says_why():
         assert_close(fast(ids).logits, model(ids).logits, 1e-5, "after compile failure")
     assert cell.compiled is None and "unsupported by the compiler" in cell.compile_error
     assert "compile failed, running eager" in str(wavefront.explain(fast))
-
-
-def test_whole_segment_calls_run_the_compiled_cell_over_active_lanes_without_recompiling():
-    torch._dynamo.reset()
-    model = tiny_armt(torch.float32)
-    fast = wavefront.optimize(model, backend="inductor")
-    with torch.no_grad():
-        fast(ids_for(3, batch=2, short_last=1))  # step by step: the fold checks itself
-        for n_segments in (N_LAYERS + 2, 2 * N_LAYERS + 1, 2):
-            ids = ids_for(n_segments, batch=2)
-            # the first program call compiles every lane width it meets; a later recompile would raise
-            with torch._dynamo.config.patch(error_on_recompile=n_segments != N_LAYERS + 2):
-                out = fast(ids)
-            assert_close(out.logits, model(ids).logits, 1e-4, f"compiled cell in the program, S={n_segments}")
-    cell = fast.batched.groups[0].cell
-    assert fast.executor.program is not None and cell.compiled is not None and not cell.compile_error
-    assert "one program, its batched cell compiled" in str(wavefront.explain(fast))
