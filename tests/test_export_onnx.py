@@ -39,9 +39,30 @@ def test_onnxruntime_matches_torch_at_other_lengths(exported_recurrence, T):
         assert_close(out, model(x), 1e-4, f"onnxruntime vs torch at T={T}")
 
 
-def test_appended_outputs_are_refused_not_frozen(tmp_path):
+class _ReadsItsList(torch.nn.Module):
+    """Appends, then reads the list as a list (its last element): the list must hold T tensors."""
+
+    def forward(self, x):
+        h = torch.zeros_like(x[:, 0])
+        outs = []
+        for t in range(x.shape[1]):
+            h = 0.5 * h + x[:, t]
+            outs.append(h)
+        return torch.stack(outs, 1) + outs[-1][:, None]
+
+
+def test_a_list_of_outputs_the_model_reads_is_refused_not_frozen(tmp_path):
     with pytest.raises(ExportError, match="appended to the list `outs`.*write them into a tensor"):
-        export_onnx(MinGRU(4), (torch.randn(1, 9, 4),), str(tmp_path / "m.onnx"))
+        export_onnx(_ReadsItsList(), (torch.randn(1, 9, 4),), str(tmp_path / "m.onnx"))
+
+
+def test_appended_outputs_only_stacked_export_with_a_dynamic_length(tmp_path):
+    model = MinGRU(4).eval()
+    path = str(tmp_path / "m.onnx")
+    export_onnx(model, (torch.randn(1, 9, 4),), path)
+    x = torch.randn(1, 23, 4)
+    with torch.no_grad():
+        assert_close(run_onnx(path, (x,))[0], model(x), 1e-4, "MinGRU at another length")
 
 
 def test_a_loop_that_is_not_a_scan_is_refused_with_the_reason(tmp_path):
@@ -142,10 +163,9 @@ def test_hf_mamba_exports_with_a_dynamic_length(tmp_path):
     model = MambaForCausalLM(MambaConfig(vocab_size=100, hidden_size=16, state_size=8, num_hidden_layers=2,
                                          expand=2, conv_kernel=4)).eval()
     path = str(tmp_path / "mamba.onnx")
-    if not hasattr(mm, "mamba_selective_scan"):  # transformers 4.x: its inlined loop appends outputs to a list
-        with pytest.raises(ExportError, match="appended to the list `scan_outputs`"):
-            export_onnx(model, (torch.randint(0, 100, (1, 40)),), path, kwargs={"use_cache": False})
-        return
+    # transformers 5.x: the substituted selective scan; 4.x: its inlined loop, lifted, whose appended
+    # outputs are only stacked (so they come out of the scan stacked: no list whose length export fixes)
+    assert hasattr(mm, "mamba_selective_scan") or "slow_forward" in vars(mm.MambaMixer)
     proto = export_onnx(model, (torch.randint(0, 100, (1, 40)),), path, kwargs={"use_cache": False})
     assert "Scan" in {n.op_type for n in proto.graph.node}
     for T in (1, 37, 2048):

@@ -113,9 +113,11 @@ def test_the_first_route_that_applies_is_chosen_by_structure():
 
 def test_the_onnxruntime_backend_wraps_the_torch_route_and_reads_its_record():
     pytest.importorskip("onnxruntime")
-    model = LinearRecurrence(4)  # (MinGRU appends its outputs to a list: not exportable at a dynamic length yet)
+    model = LinearRecurrence(4)
     fast = wavefront.optimize(model, backend="onnxruntime", verify=True)
     assert fast.route == "onnxruntime" and fast.optimized.route == "time loops" and fast.model is model
+    keys = list(fast.state_dict())  # the user's weights once, under the torch route's module
+    assert keys == ["optimized." + k for k in fast.optimized.state_dict()] and len(keys) == len(set(keys))
     x = torch.randn(1, 6, 4)
     with torch.no_grad():
         assert (fast(x) - model(x)).abs().max().item() < 1e-5

@@ -95,6 +95,8 @@ class OnnxRuntimeModel(Optimized):
                  verify: bool = False):
         """`optimized`: what the torch route made of the model (its exports are this model's graphs)."""
         super().__init__(optimized.model, options, verify)
+        # the user's model is registered once, inside `optimized` (no second set of state_dict keys)
+        object.__setattr__(self, "model", self._modules.pop("model"))
         ok, why = available()
         if not ok:
             raise RuntimeError(f"backend='onnxruntime' needs onnxruntime: {why}")

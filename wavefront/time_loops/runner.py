@@ -35,7 +35,7 @@ from wavefront.time_loops.affine_carry import (
 )
 from wavefront.time_loops.index_hoist import HoistedReads, hoist_index_reads, read_views
 from wavefront.time_loops.matrix_state import match_matrix_step
-from wavefront.time_loops.source import LoopSite, assigned_after
+from wavefront.time_loops.source import LoopSite
 
 
 class _StepHolder(nn.Module):
@@ -58,7 +58,7 @@ def _compile_body(site: LoopSite, tensor_names: list[str], other_names: list[str
     ys = [f"__wf_y{k}" for k in range(len(site.outputs))]
     # "forward": the holder module's method, and the frame torch.fx starts recording stack traces at
     defs = [fn("forward", names([site.carries[0], *ys])),
-            fn("last", ast.Tuple([names(assigned_after(site)[:-1]), names(ys)], ast.Load()), first=None)]
+            fn("last", ast.Tuple([names([*site.carries, *site.temps]), names(ys)], ast.Load()), first=None)]
     maker = ast.FunctionDef("make", ast.arguments([], [ast.arg(a) for a in other_names], None, [], [], None, []),
                             [*defs, ast.Return(names(["forward", "last"]))], [], None, None)
     ns: dict = {}
@@ -97,6 +97,23 @@ class LoopRunner:
         values, form = values
         self._record(k, env, f"ran as a {form}")
         return values
+
+    @staticmethod
+    def stacked(y: torch.Tensor | None, container: list, dim: int = 0) -> torch.Tensor:
+        """What `torch.stack(container, dim)` after the loop gives: the lifted loop's outputs y
+        [T, ...] (iteration order) moved to `dim`, in new contiguous storage as torch.stack's; the
+        list itself when the original loop ran (y None).
+
+        >>> y = torch.arange(6.).reshape(3, 2)
+        >>> torch.equal(LoopRunner.stacked(y, [], 1), torch.stack(list(y), 1))
+        True
+        """
+        if y is None:
+            return torch.stack(container, dim)
+        if not -y.dim() <= dim < y.dim():
+            raise IndexError(f"Dimension out of range (expected to be in range of [{-y.dim()}, {y.dim() - 1}], "
+                             f"but got {dim})")
+        return y.movedim(0, dim % y.dim()).clone(memory_format=torch.contiguous_format)
 
     def _record(self, k: int, env: dict, status: str) -> None:
         self.status[k] = status
@@ -185,14 +202,18 @@ class LoopRunner:
         H = linear_scan(A.to(dtype).contiguous(), B.to(dtype).contiguous(), h0, dim=0, method=self.method)
         before_last = torch.cat([h0.unsqueeze(0), H])[-2]  # the carry entering the last iteration
         values_after, _ = plan.last(before_last, steps.last, *xs)  # what the loop leaves in its names, exactly
-        writes = []
+        writes, stacked = [], []
         if site.outputs:
             H_prev = torch.cat([h0.unsqueeze(0), H[:-1]]) if plan.reads_previous else H  # (else unused)
             Y = _over_steps(plan.ys, [H_prev, H, idx, *xs], (0, 0, 0) + (None,) * len(xs), steps)
-            writes = [_writer(o, env[o.container], y, idx) for o, y in zip(site.outputs, Y)]
+            for o, y in zip(site.outputs, Y):
+                if o.stacked:  # a list only ever stacked after the loop: its stack, without T tensors
+                    stacked.append(y)
+                else:
+                    writes.append(_writer(o, env[o.container], y, idx))
         for write in writes:  # only now change what the caller can see
             write()
-        return (*values_after, steps.last), "scan"
+        return (*values_after, steps.last, *stacked), "scan"
 
 
 def _memory_budget() -> float:
@@ -256,7 +277,10 @@ def _matrix_state_scan(plan: _Plan, site: LoopSite, env: dict, steps: "_Steps", 
     values_after, ys_last = plan.last(S, steps.last, *xs)  # the carry entering the last iteration
     Y.append(ys_last[0].unsqueeze(0))
     Y = torch.cat([y.to(ys_last[0].dtype) for y in Y])
-    _writer(site.outputs[0], env[site.outputs[0].container], Y, idx)()
+    o = site.outputs[0]
+    if o.stacked:
+        return (*values_after, steps.last, Y)
+    _writer(o, env[o.container], Y, idx)()
     return (*values_after, steps.last)
 
 

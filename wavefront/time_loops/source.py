@@ -6,6 +6,8 @@ a `for <i> in range(...)` (or `reversed(range(...))`) whose body is straight-lin
   - assignments to names: a name read before it is assigned in the body is the carry,
     the others are temporaries;
   - output writes `out[:, i] = value` (only `:` besides the index) or `outs.append(value)`.
+A list that is only ever stacked after the loop (`outs = []` before it, `torch.stack(outs, d)`
+after, no other mention: deferred_stacks) is never filled: the stack takes the scan's outputs.
 The rewritten function asks a runner for the loop's result first and runs the original loop,
 unchanged, when the runner declines (returns None): a loop that cannot be proved affine, an
 empty range, an unexpected value. Why we parse source by hand: no library lifts a Python loop
@@ -19,6 +21,8 @@ import textwrap
 import types
 from dataclasses import dataclass, field
 
+import torch
+
 RUNNER = "__wavefront_loop__"
 
 
@@ -30,6 +34,8 @@ class LoopOutput:
     kind: str
     container: str
     position: int = 0
+    stacked: str = ""  # appends only: the name the runner binds to the stacked outputs, when the list is
+    # only ever stacked after the loop (deferred_stacks); the list itself then stays empty
 
 
 @dataclass
@@ -204,11 +210,78 @@ def find_time_loops(fn) -> list[LoopSite]:
     return sites
 
 
-class _ReplaceLoops(ast.NodeTransformer):
-    """Turns liftable loop k into: r = runner(k, locals(), range bounds, reversed?); run the loop if r is None."""
+STACK = "stacked"  # the runner's method that stands in for `torch.stack(outs, dim)` after a lifted loop
 
-    def __init__(self, liftable_lines: dict[int, int]):
+
+def _is_torch_stack(node: ast.AST, container: str) -> bool:
+    """`torch.stack(<container>)`, `torch.stack(<container>, d)` or `torch.stack(<container>, dim=d)`."""
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "stack"
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch" and len(node.args) in (1, 2)
+            and isinstance(node.args[0], ast.Name) and node.args[0].id == container
+            and all(k.arg == "dim" for k in node.keywords) and len(node.args) + len(node.keywords) <= 2)
+
+
+def _blocks(fdef: ast.FunctionDef):
+    """Every statement list in the function (bodies, else and finally clauses, handlers)."""
+    for node in ast.walk(fdef):
+        for name in ("body", "orelse", "finalbody"):
+            block = getattr(node, name, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                yield block
+
+
+def deferred_stacks(fdef: ast.FunctionDef, loop: ast.For, site: LoopSite) -> dict[int, list[ast.Call]]:
+    """Per append output (its number in site.outputs) whose list is only ever stacked after the loop:
+    the `torch.stack(outs, ...)` calls that can take the scan's stacked outputs directly.
+
+    Proved from the source: in the statement list holding the loop, `outs = []` comes before it and
+    every other mention of `outs` in the function is the loop's append or a `torch.stack(outs, ...)`
+    in a later statement of that list. Then the list is never looked at, and the T tensors need not
+    be made (nor stacked again).
+    """
+    block = next((b for b in _blocks(fdef) if any(stmt is loop for stmt in b)), None)
+    if block is None:
+        return {}
+    at = next(i for i, stmt in enumerate(block) if stmt is loop)
+    out = {}
+    for j, o in enumerate(site.outputs):
+        if o.kind != "append":
+            continue
+        c = o.container
+        inits = [i for i, stmt in enumerate(block[:at]) if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
+                 and isinstance(stmt.targets[0], ast.Name) and stmt.targets[0].id == c
+                 and isinstance(stmt.value, ast.List) and not stmt.value.elts]
+        if not inits:
+            continue
+        init = block[inits[-1]]
+        stacks = [n for stmt in block[at + 1:] for n in ast.walk(stmt) if _is_torch_stack(n, c)]
+        allowed = {id(init.targets[0])} | {id(n.args[0]) for n in stacks}
+        allowed |= {id(n.func.value) for n in ast.walk(loop) if isinstance(n, ast.Call)
+                    and isinstance(n.func, ast.Attribute) and n.func.attr == "append"
+                    and isinstance(n.func.value, ast.Name) and n.func.value.id == c}
+        others = [n for n in ast.walk(fdef) if isinstance(n, ast.Name) and n.id == c and id(n) not in allowed]
+        if stacks and not others:
+            out[j] = stacks
+    return out
+
+
+class _ReplaceLoops(ast.NodeTransformer):
+    """Turns liftable loop k into: r = runner(k, locals(), range bounds, reversed?); run the loop if r is None.
+    A list only ever stacked after the loop gets the stacked scan outputs through runner.stacked()."""
+
+    def __init__(self, liftable_lines: dict[int, int], sites: list[LoopSite]):
         self.liftable_lines = liftable_lines  # line in the source file -> site number
+        self.sites = sites
+        self.stack_calls: dict[int, str] = {}  # id of a torch.stack call -> the name holding its stacked outputs
+
+    def visit_Call(self, node: ast.Call):
+        self.generic_visit(node)
+        name = self.stack_calls.get(id(node))
+        if name is None:
+            return node
+        dim = node.args[1] if len(node.args) == 2 else (node.keywords[0].value if node.keywords else ast.Constant(0))
+        method = ast.Attribute(ast.Name(RUNNER, ast.Load()), STACK, ast.Load())
+        return ast.copy_location(ast.Call(method, [ast.Name(name, ast.Load()), node.args[0], dim], []), node)
 
     def visit_For(self, node: ast.For):
         self.generic_visit(node)
@@ -221,15 +294,19 @@ class _ReplaceLoops(ast.NodeTransformer):
         bounds = ast.Tuple(list(rng.args), ast.Load())
         call = ast.Call(ast.Name(RUNNER, ast.Load()), [ast.Constant(k), ast.Call(ast.Name("locals", ast.Load()), [], []),
                                                        bounds, ast.Constant(rev)], [])
-        names = self.names[k]
+        names = assigned_after(self.sites[k])
         unpack = ast.Assign([ast.Tuple([ast.Name(n, ast.Store()) for n in names], ast.Store())], ast.Name(r, ast.Load()))
         test = ast.Compare(ast.Name(r, ast.Load()), [ast.Is()], [ast.Constant(None)])
-        return [ast.Assign([ast.Name(r, ast.Store())], call), ast.If(test, [node], [unpack])]
+        # a stacked-outputs name is None when the original loop ran (then the list is stacked as written)
+        unset = [ast.Assign([ast.Name(o.stacked, ast.Store())], ast.Constant(None)) for o in self.sites[k].outputs
+                 if o.stacked]
+        return [*unset, ast.Assign([ast.Name(r, ast.Store())], call), ast.If(test, [node], [unpack])]
 
 
 def assigned_after(site: LoopSite) -> list[str]:
-    """The names a lifted loop's runner returns, in order: carry, temporaries, loop index."""
-    return [*site.carries, *site.temps, site.index]
+    """The names a lifted loop's runner returns, in order: carry, temporaries, loop index, then the
+    stacked outputs of lists only ever stacked after the loop."""
+    return [*site.carries, *site.temps, site.index, *(o.stacked for o in site.outputs if o.stacked)]
 
 
 def rewrite_function(fn, sites: list[LoopSite], runner) -> types.FunctionType:
@@ -238,8 +315,13 @@ def rewrite_function(fn, sites: list[LoopSite], runner) -> types.FunctionType:
     fdef = _function_ast(fn)
     fdef.decorator_list = []
     lines = {s.lineno: k for k, s in enumerate(sites) if s.liftable}
-    tr = _ReplaceLoops(lines)
-    tr.names = {k: assigned_after(s) for k, s in enumerate(sites)}
+    tr = _ReplaceLoops(lines, sites)
+    if fn.__globals__.get("torch") is torch:  # `torch.stack` is torch's own: stacks may be deferred
+        loops = {n.lineno: n for n in ast.walk(fdef) if isinstance(n, ast.For)}
+        for k in lines.values():
+            for j, calls in deferred_stacks(fdef, loops[sites[k].lineno], sites[k]).items():
+                sites[k].outputs[j].stacked = f"__wf_s{k}_{j}"
+                tr.stack_calls.update({id(c): sites[k].outputs[j].stacked for c in calls})
     fdef = tr.visit(fdef)
     freevars = fn.__code__.co_freevars
     factory = ast.FunctionDef("__wf_factory", ast.arguments([], [ast.arg(RUNNER), *[ast.arg(v) for v in freevars]], None, [], [], None, []),
@@ -260,4 +342,5 @@ def uses_private_names(fn) -> bool:
     return any(n.startswith("__") and not n.endswith("__") for n in fn.__code__.co_names)
 
 
-__all__ = ["LoopOutput", "LoopSite", "find_time_loops", "rewrite_function", "assigned_after", "uses_private_names"]
+__all__ = ["LoopOutput", "LoopSite", "STACK", "assigned_after", "deferred_stacks", "find_time_loops", "rewrite_function",
+           "uses_private_names"]
