@@ -11,7 +11,6 @@ compile of a small layer takes tens of seconds on a CPU.
 from __future__ import annotations
 
 import torch
-
 from wavefront.backends.aot_cell import AotFoldedCell
 
 

@@ -39,23 +39,6 @@ def test_onnxruntime_matches_torch_at_other_lengths(exported_recurrence, T):
         assert_close(out, model(x), 1e-4, f"onnxruntime vs torch at T={T}")
 
 
-class _ReadsItsList(torch.nn.Module):
-    """Appends, then reads the list as a list (its last element): the list must hold T tensors."""
-
-    def forward(self, x):
-        h = torch.zeros_like(x[:, 0])
-        outs = []
-        for t in range(x.shape[1]):
-            h = 0.5 * h + x[:, t]
-            outs.append(h)
-        return torch.stack(outs, 1) + outs[-1][:, None]
-
-
-def test_a_list_of_outputs_the_model_reads_is_refused_not_frozen(tmp_path):
-    with pytest.raises(ExportError, match="appended to the list `outs`.*write them into a tensor"):
-        export_onnx(_ReadsItsList(), (torch.randn(1, 9, 4),), str(tmp_path / "m.onnx"))
-
-
 def test_appended_outputs_only_stacked_export_with_a_dynamic_length(tmp_path):
     model = MinGRU(4).eval()
     path = str(tmp_path / "m.onnx")

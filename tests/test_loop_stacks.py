@@ -138,3 +138,10 @@ def test_an_appending_loop_exports_with_a_dynamic_length(tmp_path):
         x = torch.randn(2, T, 4, dtype=F64)
         with torch.no_grad():
             assert_close(run_onnx(path, (x,))[0], model(x), 1e-9, f"onnxruntime, T={T}")
+
+
+def test_a_list_the_model_reads_is_refused_at_export_not_frozen(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from wavefront.export import ExportError
+    with pytest.raises(ExportError, match="appended to the list `hs`.*write them into a tensor"):
+        wavefront.export_onnx(KeepsTheList(), (torch.randn(1, 9, 4),), os.fspath(tmp_path / "k.onnx"))
