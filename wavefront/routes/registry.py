@@ -75,11 +75,19 @@ def choose_route(model: nn.Module) -> tuple[Route | None, list[str]]:
     return None, reasons
 
 
+def _absent(route: Route, model: nn.Module) -> str:
+    """What a route looked for and did not find in `model`."""
+    if route.name == "segment recurrence":
+        return (f"no segment adapter recognises {type(model).__name__} (tried: {', '.join(adapter_names())}; build it "
+                "from wavefront.models or register_adapter() one)")
+    if route.name == "time loops":
+        return "no method of its modules holds a Python time loop"
+    return f"no {route.name} adapter matches it"
+
+
 def _nothing_applies(model: nn.Module, reasons: list[str]) -> str:
-    name = type(model).__name__
-    return "; ".join([*reasons, f"no segment adapter recognises {name} (tried: {', '.join(adapter_names())}; build "
-                      "it from wavefront.models or register_adapter() one), no method of its modules holds a Python "
-                      "time loop, and no kernel adapter matches it"])
+    recognised = {r.split(":", 1)[0] for r in reasons}
+    return "; ".join([*reasons, *(_absent(r, model) for r in ROUTES if r.name not in recognised)])
 
 
 def build(model: nn.Module, schedule: str, backend: str, verify: bool, kwargs: dict | None) -> Optimized:
