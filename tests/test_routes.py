@@ -124,3 +124,22 @@ def test_the_onnxruntime_backend_wraps_the_torch_route_and_reads_its_record():
     assert not fast.verify
     assert [s.name for s in wavefront.stages(fast)][-1] == "onnx export"
     assert "onnxruntime" in str(wavefront.explain(fast))
+
+
+def test_a_class_typed_into_a_repl_runs_unchanged_and_says_its_source_is_missing():
+    src = (
+        "class Typed(nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        h = torch.zeros_like(x[:, 0])\n"
+        "        for t in range(x.shape[1]):\n"
+        "            h = 0.5 * h + x[:, t]\n"
+        "        return h\n")
+    ns = {"nn": nn, "torch": torch}
+    exec(compile(src, "<stdin>", "exec"), ns)  # as `python - < model.py` or a REPL defines it: no source to read
+    model = ns["Typed"]()
+    with pytest.warns(UserWarning, match=r"the source of Typed.forward \(defined in <stdin>\) is not available"):
+        fast = wavefront.optimize(model)
+    assert isinstance(fast, wavefront.UnchangedModel)
+    assert "define it in a file" in str(wavefront.explain(fast)) and "define it in a file" in str(wavefront.explain(model))
+    x = torch.randn(2, 5, 3)
+    assert torch.equal(fast(x), model(x))

@@ -20,6 +20,7 @@ from wavefront.time_loops.runner import LoopRunner
 from wavefront.time_loops.source import (
     LoopSite,
     find_time_loops,
+    has_source,
     rewrite_function,
     uses_private_names,
 )
@@ -79,10 +80,8 @@ def _lift(owner: type, name: str, fn) -> LiftedFunction | None:
     return lifted
 
 
-def model_time_loops(model: nn.Module) -> list[tuple[nn.Module, LiftedFunction]]:
-    """(module, lifted function) for every method, of every module in `model`, that holds a
-    `for ... in range(...)` loop (lifted or not)."""
-    found = []
+def _methods(model: nn.Module):
+    """(module, class, name, function) for every method of every module in `model`, torch's own aside."""
     for m in model.modules():
         seen = set()
         for cls in type(m).__mro__:
@@ -92,10 +91,29 @@ def model_time_loops(model: nn.Module) -> list[tuple[nn.Module, LiftedFunction]]
                 if name in seen or name.startswith("__") or not callable(fn) or not hasattr(fn, "__code__"):
                     continue
                 seen.add(name)
-                lifted = _lift(cls, name, fn)
-                if lifted is not None:
-                    found.append((m, lifted))
+                yield m, cls, name, fn
+
+
+def model_time_loops(model: nn.Module) -> list[tuple[nn.Module, LiftedFunction]]:
+    """(module, lifted function) for every method, of every module in `model`, that holds a
+    `for ... in range(...)` loop (lifted or not)."""
+    found = []
+    for m, cls, name, fn in _methods(model):
+        lifted = _lift(cls, name, fn)
+        if lifted is not None:
+            found.append((m, lifted))
     return found
+
+
+def methods_without_source(model: nn.Module) -> list[str]:
+    """The methods that call range() but whose source cannot be read (a class typed into a REPL or
+    piped on stdin), where they were defined: their loops cannot be found.
+
+    >>> methods_without_source(nn.Linear(2, 2))
+    []
+    """
+    return sorted({f"{fn.__qualname__} (defined in {fn.__code__.co_filename})" for _, _, _, fn in _methods(model)
+                   if "range" in fn.__code__.co_names and not has_source(fn)})
 
 
 class LoopLiftedModel(Optimized):
@@ -160,8 +178,15 @@ class LoopLiftedModel(Optimized):
 
 
 def recognise(model: nn.Module) -> str | None:
-    """'' when a method of a module in `model` holds a time loop (lifted or not), None otherwise."""
-    return "" if model_time_loops(model) else None
+    """'' when a method of a module in `model` holds a time loop (lifted or not); why not when
+    methods that may hold one have no readable source; None otherwise."""
+    if model_time_loops(model):
+        return ""
+    unreadable = methods_without_source(model)
+    if unreadable:
+        return (f"the source of {', '.join(unreadable)} is not available, so its loops cannot be read (a class typed "
+                "into a REPL or piped on stdin): define it in a file to have its time loops run as scans")
+    return None
 
 
 def build(model: nn.Module, options: dict, verify: bool, log) -> LoopLiftedModel:

@@ -185,6 +185,15 @@ def _function_ast(fn) -> ast.FunctionDef | None:
     return fdef
 
 
+def has_source(fn) -> bool:
+    """Can `fn`'s definition be read (and so its loops found)?
+
+    >>> has_source(has_source)
+    True
+    """
+    return _function_ast(fn) is not None
+
+
 def find_time_loops(fn) -> list[LoopSite]:
     """Every `for ... in range(...)` loop in `fn`'s source, each with what a runner needs or why
     it cannot be lifted.
@@ -342,5 +351,6 @@ def uses_private_names(fn) -> bool:
     return any(n.startswith("__") and not n.endswith("__") for n in fn.__code__.co_names)
 
 
-__all__ = ["LoopOutput", "LoopSite", "STACK", "assigned_after", "deferred_stacks", "find_time_loops", "rewrite_function",
+__all__ = ["LoopOutput", "LoopSite", "STACK", "assigned_after", "deferred_stacks", "find_time_loops", "has_source",
+           "rewrite_function",
            "uses_private_names"]
