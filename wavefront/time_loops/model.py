@@ -8,9 +8,11 @@ loops ran as scans and why the others did not.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -20,6 +22,7 @@ from wavefront.time_loops.runner import LoopRunner
 from wavefront.time_loops.source import (
     LoopSite,
     find_time_loops,
+    function_ast,
     has_source,
     rewrite_function,
     uses_private_names,
@@ -28,9 +31,10 @@ from wavefront.time_loops.source import (
 
 @dataclass
 class LiftedFunction:
-    """One function (a module method) with its loops and the rewritten version, if any loop can run as a scan."""
+    """One function (a module method, or a module-level function a method calls) with its loops and
+    the rewritten version, if any loop can run as a scan."""
 
-    owner: type
+    owner: type | str  # the class of a method, the module name of a function
     name: str
     sites: list[LoopSite]
     runner: LoopRunner | None
@@ -94,14 +98,75 @@ def _methods(model: nn.Module):
                 yield m, cls, name, fn
 
 
-def model_time_loops(model: nn.Module) -> list[tuple[nn.Module, LiftedFunction]]:
+@dataclass(frozen=True)
+class FunctionSlot:
+    """Where a method finds a module-level function it calls: `namespace[name]` (the caller's
+    globals). The lifted version is put there for the duration of a call."""
+
+    namespace: dict = field(compare=False, hash=False)
+    name: str
+    original: object = field(compare=False, hash=False)
+    key: int = 0  # id(namespace): slots compare by (namespace, name)
+
+
+def _called_functions(fn, depth: int = 2):
+    """(namespace, name, function) for the module-level Python functions `fn` calls by name, and
+    those they call, `depth` levels down (torch's own aside)."""
+    out, todo, seen = [], [(fn, depth)], {fn}
+    while todo:
+        f, d = todo.pop()
+        fdef = function_ast(f)
+        if fdef is None or d == 0:
+            continue
+        for node in ast.walk(fdef):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+                continue
+            callee = f.__globals__.get(node.func.id)
+            if not isinstance(callee, types.FunctionType) or callee in seen or \
+                    (callee.__module__ or "").startswith("torch"):
+                continue
+            seen.add(callee)
+            out.append((f.__globals__, node.func.id, callee))
+            todo.append((callee, d - 1))
+    return out
+
+
+def _reached_from_forward(cls: type) -> set[str]:
+    """The names of `forward` and of the methods it calls as `self.<name>(...)`, two levels down."""
+    names, todo = {"forward"}, ["forward"]
+    for _ in range(2):
+        nxt = []
+        for name in todo:
+            fdef = function_ast(getattr(cls, name, None)) if callable(getattr(cls, name, None)) else None
+            for node in ast.walk(fdef) if fdef is not None else ():
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                        isinstance(node.func.value, ast.Name) and node.func.value.id == "self" and \
+                        node.func.attr not in names and callable(getattr(cls, node.func.attr, None)):
+                    names.add(node.func.attr)
+                    nxt.append(node.func.attr)
+        todo = nxt
+    return names
+
+
+def model_time_loops(model: nn.Module) -> list[tuple[nn.Module | FunctionSlot, LiftedFunction]]:
     """(module, lifted function) for every method, of every module in `model`, that holds a
-    `for ... in range(...)` loop (lifted or not)."""
-    found = []
+    `for ... in range(...)` loop (lifted or not), and (FunctionSlot, lifted function) for every
+    module-level function those methods call (directly or through another) that holds one."""
+    found, slots, reach = [], set(), {}
     for m, cls, name, fn in _methods(model):
         lifted = _lift(cls, name, fn)
         if lifted is not None:
             found.append((m, lifted))
+        if type(m) not in reach:
+            reach[type(m)] = _reached_from_forward(type(m))
+        if name not in reach[type(m)]:
+            continue  # functions only from what a call runs (not weight tying, init, ...)
+        for namespace, fname, callee in _called_functions(fn):
+            slot = FunctionSlot(namespace, fname, callee, id(namespace))
+            lifted = _lift(callee.__module__, fname, callee) if slot not in slots else None
+            if lifted is not None:
+                slots.add(slot)
+                found.append((slot, lifted))
     return found
 
 
@@ -128,16 +193,27 @@ class LoopLiftedModel(Optimized):
 
     @contextlib.contextmanager
     def _lifted(self):
-        installed = []
+        """Methods go on the instances, functions into the namespace their callers read them from;
+        both come back afterwards, also on error. (A function swapped in its module's namespace is
+        seen by every caller meanwhile: it computes the same, falling back to its own loop.)"""
+        installed, swapped = [], []
         try:
             for m, lf in self.loops:
-                if lf.function is not None and lf.name not in m.__dict__:
+                if lf.function is None:
+                    continue
+                if isinstance(m, FunctionSlot):
+                    if m.namespace.get(m.name) is m.original:
+                        m.namespace[m.name] = lf.function
+                        swapped.append(m)
+                elif lf.name not in m.__dict__:
                     m.__dict__[lf.name] = lf.function.__get__(m)
                     installed.append((m, lf.name))
             yield
         finally:
             for m, name in installed:
                 del m.__dict__[name]
+            for slot in swapped:
+                slot.namespace[slot.name] = slot.original
 
     def run(self, *args, **kwargs):
         with self._lifted():
@@ -159,7 +235,7 @@ class LoopLiftedModel(Optimized):
     @property
     def lifted_any(self) -> bool:
         """Does (or will) any loop run as a scan?"""
-        return any(scan for m, lf in self.loops for _, _, scan in lf.verdicts(m))
+        return any(scan for m, lf in self.loops for _, _, scan in lf.verdicts(_instance(m)))
 
     def report(self) -> list[str]:
         """One line per loop; a method whose instances fared differently gets a line per
@@ -167,7 +243,7 @@ class LoopLiftedModel(Optimized):
         names = {id(m): name or type(m).__name__ for name, m in self.model.named_modules()}
         per_method: dict[int, list] = {}
         for m, lf in self.loops:
-            per_method.setdefault(id(lf), []).append((m, lf.report(m)))
+            per_method.setdefault(id(lf), []).append((m, lf.report(_instance(m))))
         lines = []
         for reports in per_method.values():
             if all(r == reports[0][1] for _, r in reports):
@@ -175,6 +251,10 @@ class LoopLiftedModel(Optimized):
             else:
                 lines.extend(f"{line} [in {names.get(id(m), type(m).__name__)}]" for m, r in reports for line in r)
         return lines
+
+
+def _instance(target) -> nn.Module | None:
+    return target if isinstance(target, nn.Module) else None
 
 
 def recognise(model: nn.Module) -> str | None:

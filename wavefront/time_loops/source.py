@@ -171,7 +171,7 @@ def _analyse_loop(loop: ast.For, qualname: str, filename: str, fn_locals: set[st
     return site
 
 
-def _function_ast(fn) -> ast.FunctionDef | None:
+def function_ast(fn) -> ast.FunctionDef | None:
     """`fn`'s definition, with line numbers of its source file (so that code compiled from it
     reports, and traces record, the user's own lines)."""
     try:
@@ -191,7 +191,7 @@ def has_source(fn) -> bool:
     >>> has_source(has_source)
     True
     """
-    return _function_ast(fn) is not None
+    return function_ast(fn) is not None
 
 
 def find_time_loops(fn) -> list[LoopSite]:
@@ -208,7 +208,7 @@ def find_time_loops(fn) -> list[LoopSite]:
     """
     if "range" not in getattr(getattr(fn, "__code__", None), "co_names", ()):
         return []
-    fdef = _function_ast(fn)
+    fdef = function_ast(fn)
     if fdef is None:
         return []
     fn_locals = _local_names(fdef)
@@ -321,7 +321,7 @@ def assigned_after(site: LoopSite) -> list[str]:
 def rewrite_function(fn, sites: list[LoopSite], runner) -> types.FunctionType:
     """`fn` with each liftable site k replaced by a call runner(k, locals(), bounds, reversed) and the
     original loop as the fallback. Same globals, defaults and closure as `fn`."""
-    fdef = _function_ast(fn)
+    fdef = function_ast(fn)
     fdef.decorator_list = []
     lines = {s.lineno: k for k, s in enumerate(sites) if s.liftable}
     tr = _ReplaceLoops(lines, sites)
@@ -351,6 +351,6 @@ def uses_private_names(fn) -> bool:
     return any(n.startswith("__") and not n.endswith("__") for n in fn.__code__.co_names)
 
 
-__all__ = ["LoopOutput", "LoopSite", "STACK", "assigned_after", "deferred_stacks", "find_time_loops", "has_source",
+__all__ = ["LoopOutput", "LoopSite", "STACK", "assigned_after", "deferred_stacks", "find_time_loops", "function_ast", "has_source",
            "rewrite_function",
            "uses_private_names"]
