@@ -266,3 +266,24 @@ def test_python_number_coefficients_keep_the_carry_dtype(dtype):
     assert_close(h, h_ref, 1e-12 if dtype == torch.float64 else 1e-5, "EMA")
     assert torch.equal(n, n_ref)
     assert all("ran as a" in line for line in fast.report()), fast.report()
+
+
+class WritesInItsDtype(nn.Module):
+    """Reads its output's dtype while writing it (as transformers' RWKV loop does): metadata, not
+    a value an earlier iteration wrote."""
+
+    def forward(self, a, b):
+        h = torch.zeros_like(a[:, 0])
+        out = torch.zeros(a.shape, dtype=torch.float32)
+        for t in range(a.shape[1]):
+            h = a[:, t] * h + b[:, t]
+            out[:, t] = h.to(out.dtype) * out.shape[0]
+        return out
+
+
+def test_reading_the_outputs_dtype_or_shape_is_not_reading_the_output():
+    model = WritesInItsDtype()
+    a, b = torch.rand(2, 9, 3, dtype=F64), torch.randn(2, 9, 3, dtype=F64)
+    fast = wavefront.optimize(model)
+    assert_close(fast(a, b), model(a, b), 1e-6, "written in the output's dtype")
+    assert "ran as a scan" in str(wavefront.explain(fast))

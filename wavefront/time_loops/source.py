@@ -65,6 +65,16 @@ def _names(node: ast.AST, ctx) -> list[str]:
     return [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ctx)]
 
 
+_METADATA = frozenset({"dtype", "device", "shape", "ndim", "layout", "is_cuda", "size", "dim"})
+
+
+def _value_reads(node: ast.AST) -> set[str]:
+    """The names whose values `node` reads: `out.dtype`, `out.shape`, `out.size(1)` read only what
+    every iteration sees alike, not what an earlier one wrote."""
+    meta = {id(n.value) for n in ast.walk(node) if isinstance(n, ast.Attribute) and n.attr in _METADATA}
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and id(n) not in meta}
+
+
 def _local_names(fn_def: ast.FunctionDef) -> set[str]:
     a = fn_def.args
     args = [*a.posonlyargs, *a.args, *a.kwonlyargs, *([a.vararg] if a.vararg else []), *([a.kwarg] if a.kwarg else [])]
@@ -156,7 +166,7 @@ def _analyse_loop(loop: ast.For, qualname: str, filename: str, fn_locals: set[st
                     return site
                 if name not in stored:
                     stored.append(name)
-    own = sorted(containers & set(all_reads))
+    own = sorted(containers & set().union(*(_value_reads(stmt) for stmt in body)))
     if own:  # a value written in an earlier iteration is read back: a hidden carry
         site.reason = f"the body reads its own output `{own[0]}`"
         return site
