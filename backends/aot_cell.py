@@ -98,6 +98,7 @@ class ShapeGuard:
                                    "constants) that the package would freeze")
         if len(user) != len(inputs):
             raise AotNotApplicable(f"the exported program takes {len(user)} inputs, the call has {len(inputs)}")
+        self._memo: dict = {}  # (dtype, shape) per input -> admitted?
         self.checks = []  # (dtype, rank, [(dim, static int or symbol name)])
         for node, x in zip(user, inputs):
             dims = []
@@ -125,6 +126,7 @@ class ShapeGuard:
     def from_json(cls, text: str) -> "ShapeGuard":
         data = json.loads(text)
         guard = cls.__new__(cls)
+        guard._memo = {}
         guard.checks = [(getattr(torch, dtype), rank, [tuple(d) for d in dims]) for dtype, rank, dims in data["checks"]]
         guard.ranges = {k: tuple(v) for k, v in data["ranges"].items()}
         return guard
@@ -133,12 +135,11 @@ class ShapeGuard:
         # The same few shapes come back every step (lanes 2..L, then the drain): remember the
         # verdicts (keyed by every input's dtype and shape, so nothing is assumed).
         key = tuple((x.dtype, x.shape) for x in inputs)
-        memo = self.__dict__.setdefault("_memo", {})
-        verdict = memo.get(key)
+        verdict = self._memo.get(key)
         if verdict is None:
             verdict = self._admits(inputs)
-            if len(memo) < 256:
-                memo[key] = verdict
+            if len(self._memo) < 256:
+                self._memo[key] = verdict
         return verdict
 
     def _admits(self, inputs) -> bool:

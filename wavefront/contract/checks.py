@@ -39,9 +39,10 @@ class VerificationError(AssertionError):
     """optimize(..., verify=True): the optimized call differs from the sequential reference."""
 
 
-def check_outputs(out, ref, what: str, rtol: float | None = None) -> None:
+def check_outputs(out, ref, what: str, rtol: float | None = None, at_least: torch.dtype | None = None) -> None:
     """Raise VerificationError if any floating tensor in `out` differs from its twin in `ref`
-    by more than `rtol` (default: its dtype's tolerance; relative error, see rel_err).
+    by more than `rtol` (default: its dtype's tolerance, or `at_least`'s when that is looser: a
+    computation done in a less precise dtype; relative error, see rel_err).
 
     >>> check_outputs((torch.ones(2),), (torch.ones(2),), "a copy")
     """
@@ -50,7 +51,8 @@ def check_outputs(out, ref, what: str, rtol: float | None = None) -> None:
     if len(got) != len(want):
         raise VerificationError(f"{what}: {len(got)} output tensors, the reference has {len(want)}")
     for k, (a, b) in enumerate(zip(got, want)):
-        err, tol = rel_err(a, b), rtol if rtol is not None else VERIFY_RTOL.get(a.dtype, 1e-4)
+        tol = rtol if rtol is not None else max(VERIFY_RTOL.get(d, 1e-4) for d in (a.dtype, at_least or a.dtype))
+        err = rel_err(a, b)
         if err > tol:
             raise VerificationError(f"{what} differs from the reference: max relative error {err:.3e} > {tol:.1e} "
                                     f"(output tensor {k} of shape {tuple(a.shape)})")

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from wavefront.backends.onnx.module_export import export_module
 from wavefront.call_gate import CallGate
-from wavefront.contract.checks import VERIFY_RTOL, check_outputs
+from wavefront.contract.checks import check_outputs
 from wavefront.reoptimize import reoptimize
 from wavefront.scheduler.train_mode import eval_mode
 from wavefront.stages import Stage, StageLog
@@ -96,11 +95,8 @@ class Optimized(nn.Module):
             if training:  # compare like with like: the fast call again, in eval mode too
                 out = self.run(*args, **kwargs)
         got, want = self.compared(out, ref)
-        dtypes = [t.dtype for t in _floats(got)]
-        rtol = max((VERIFY_RTOL.get(d, 1e-4) for d in dtypes + ([self.precision] if self.precision else [])),
-                   default=None)
         check_outputs(got, want, f"{type(self.model).__name__} under {self.describe_route()} (vs its own forward)",
-                      rtol=rtol)
+                      at_least=self.precision)
         self.verify = False  # verified on the first comparable call, as documented
 
     def describe_route(self) -> str:
@@ -131,10 +127,6 @@ class Optimized(nn.Module):
         # Pickling (torch.save, copy.deepcopy) keeps the model and the options; loading optimizes
         # it again: captured graphs, stacks, compiled kernels and sessions are not data.
         return (reoptimize, (self.model, {**self.options, "verify": self.verify}))
-
-
-def _floats(tree):
-    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
 
 
 __all__ = ["Optimized", "SKIP"]

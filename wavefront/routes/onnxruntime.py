@@ -27,7 +27,6 @@ import threading
 import time
 
 import torch
-from torch import nn
 
 from wavefront.backends.disk_cache import cache_dir, cached_entry
 from wavefront.backends.onnx.model_key import (
@@ -116,11 +115,6 @@ class OnnxRuntimeModel(Optimized):
     def is_segments(self) -> bool:
         return self.optimized.export_kind() == "segments"
 
-    @property
-    def source(self) -> nn.Module:
-        """The user's model."""
-        return self.model
-
     def refresh(self) -> None:
         """Forget the sessions: the next call keys the graph by the weights' content again. Needed
         only after writes that bypass version counters (`p.data.copy_(...)`)."""
@@ -138,27 +132,27 @@ class OnnxRuntimeModel(Optimized):
             if seen == self._seen and not why:
                 return
             if self._guard is not None and not why and self._content is not None:
-                content = content_digest(self.source)  # storage moved (p.data = ..., restacked), values maybe not
+                content = content_digest(self.model)  # storage moved (p.data = ..., restacked), values maybe not
                 if content == self._content:
                     self._seen = seen
                     self._pinned = list(itertools.chain(self.optimized.parameters(), self.optimized.buffers()))
                     return
-            if self._guard is not None and why and self.source is not self.optimized:
-                self.optimized = reoptimize(self.source, {**self.optimized.options, "backend": "torch"})
+            if self._guard is not None and why:
+                self.optimized = reoptimize(self.model, {**self.optimized.options, "backend": "torch"})
             self.sessions, self._content = {}, None
-            emb = input_embedding(self.source)
+            emb = input_embedding(self.model)
             self._vocab = emb.num_embeddings if emb is not None else None
             self._seen = parameter_fingerprint(self.optimized)
             self._pinned = list(itertools.chain(self.optimized.parameters(), self.optimized.buffers()))
             bound = getattr(self.optimized, "bound", None)
-            self._guard = CaptureGuard(self.source, volatile=getattr(bound, "volatile", frozenset()))
+            self._guard = CaptureGuard(self.model, volatile=getattr(bound, "volatile", frozenset()))
 
     def _session(self, example: tuple, shape_key) -> Session:
         with self._lock:
             session = self.sessions.get(shape_key)
             if session is None:
                 if self._content is None:
-                    self._content = content_digest(self.source)
+                    self._content = content_digest(self.model)
                 key = content_key(self._content, type(self.optimized).__qualname__,
                            getattr(self.optimized, "schedule_kind", None), shape_key, sorted(self.kwargs.items()))
 
@@ -226,7 +220,7 @@ class OnnxRuntimeModel(Optimized):
                 raise TypeError(f"argument {i} is a {type(a).__name__}: backend='onnxruntime' takes tensors and plain "
                                 "values (numbers, strings, None, tuples of them); run this call with backend='torch'")
         if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point() \
-                and callable(getattr(self.source, "get_input_embeddings", None)):
+                and callable(getattr(self.model, "get_input_embeddings", None)):
             check_token_ids(args[0], self._vocab)  # a language model's input_ids
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         outs = self._session(args, ("loops", tuple(signature))).run(*tensors)

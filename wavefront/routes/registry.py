@@ -34,7 +34,8 @@ class Route:
     explain() says before anything is built.
 
     recognise(model) -> None (not this route's kind of model), "" (applies) or the reason it
-    cannot; build(model, options, verify, log) -> Optimized; preview(model, n_segments) -> Explanation.
+    cannot; build(model, options, verify, log) -> Optimized; preview(model, n_segments) -> Explanation;
+    looks_for(model): what it found missing in a model it does not recognise.
     """
 
     name: str
@@ -42,16 +43,24 @@ class Route:
     recognise: Callable[[nn.Module], str | None]
     build: Callable
     preview: Callable[[nn.Module, int | None], Explanation]
+    looks_for: Callable[[nn.Module], str]
 
 
 def _build_segments(model, options, verify, log):
     return segments.OptimizedModel(model, options["schedule"], options["backend"], verify)
 
 
+def _no_segment_adapter(model: nn.Module) -> str:
+    return (f"no segment adapter recognises {type(model).__name__} (tried: {', '.join(adapter_names())}; build it from "
+            "wavefront.models or register_adapter() one)")
+
+
 ROUTES = (
-    Route("kernel substitution", ("torch", "onnxruntime"), kernels.recognise, kernels.build, kernels.preview),
-    Route("segment recurrence", BACKENDS, segments.recognise, _build_segments, segments.preview),
-    Route("time loops", ("torch", "onnxruntime"), time_loops.recognise, time_loops.build, time_loops.preview),
+    Route("kernel substitution", ("torch", "onnxruntime"), kernels.recognise, kernels.build, kernels.preview,
+          lambda model: "no kernel substitution adapter matches it"),
+    Route("segment recurrence", BACKENDS, segments.recognise, _build_segments, segments.preview, _no_segment_adapter),
+    Route("time loops", ("torch", "onnxruntime"), time_loops.recognise, time_loops.build, time_loops.preview,
+          lambda model: "no method of its modules holds a Python time loop"),
 )
 
 
@@ -63,31 +72,23 @@ def check_options(schedule: str, backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}: choose one of {list(BACKENDS)}")
 
 
-def choose_route(model: nn.Module) -> tuple[Route | None, list[str]]:
-    """(the first route that applies to `model` or None, why each route that recognised it could not)."""
-    reasons = []
+def choose_route(model: nn.Module) -> tuple[Route | None, list[tuple[Route, str]]]:
+    """(the first route that applies to `model` or None, (route, why not) for each route that
+    recognised it but could not apply)."""
+    refused = []
     for route in ROUTES:
         why = route.recognise(model)
         if why == "":
-            return route, reasons
+            return route, refused
         if why is not None:
-            reasons.append(f"{route.name}: {why}")
-    return None, reasons
+            refused.append((route, why))
+    return None, refused
 
 
-def _absent(route: Route, model: nn.Module) -> str:
-    """What a route looked for and did not find in `model`."""
-    if route.name == "segment recurrence":
-        return (f"no segment adapter recognises {type(model).__name__} (tried: {', '.join(adapter_names())}; build it "
-                "from wavefront.models or register_adapter() one)")
-    if route.name == "time loops":
-        return "no method of its modules holds a Python time loop"
-    return f"no {route.name} adapter matches it"
-
-
-def _nothing_applies(model: nn.Module, reasons: list[str]) -> str:
-    recognised = {r.split(":", 1)[0] for r in reasons}
-    return "; ".join([*reasons, *(_absent(r, model) for r in ROUTES if r.name not in recognised)])
+def _nothing_applies(model: nn.Module, refused: list[tuple[Route, str]]) -> str:
+    """Per route, why it did not apply: its own reason if it recognised the model, else what it looked for."""
+    why = dict((route.name, f"{route.name}: {reason}") for route, reason in refused)
+    return "; ".join(why.get(route.name) or route.looks_for(model) for route in ROUTES)
 
 
 def build(model: nn.Module, schedule: str, backend: str, verify: bool, kwargs: dict | None) -> Optimized:
@@ -122,9 +123,7 @@ def build(model: nn.Module, schedule: str, backend: str, verify: bool, kwargs: d
 def preview(model: nn.Module, n_segments: int | None) -> Explanation:
     """explain() of a model not optimized: what the route that applies would find, or why none does."""
     route, reasons = choose_route(model)
-    if route is None:
-        if reasons and kernels.recognise(model):  # a kernel seam recognised but unusable: its own account
-            return kernels.preview(model, n_segments)
+    if route is None:  # the account optimize() would give the UnchangedModel
         return unchanged(type(model).__name__, _nothing_applies(model, reasons))
     return route.preview(model, n_segments)
 

@@ -12,7 +12,7 @@ import ast
 import contextlib
 import types
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -98,36 +98,45 @@ def _methods(model: nn.Module):
                 yield m, cls, name, fn
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class FunctionSlot:
     """Where a method finds a module-level function it calls: `namespace[name]` (the caller's
-    globals). The lifted version is put there for the duration of a call."""
+    globals), holding `original`. The lifted version is put there for the duration of a call."""
 
-    namespace: dict = field(compare=False, hash=False)
+    namespace: dict
     name: str
-    original: object = field(compare=False, hash=False)
-    key: int = 0  # id(namespace): slots compare by (namespace, name)
+    original: object
+
+
+_CALLS: dict = {}  # code object -> (names it calls, methods it calls on self): what its source says, read once
+
+
+def _calls(fn) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names `fn` calls as `name(...)` and as `self.name(...)`, read from its source (none without one)."""
+    code = getattr(fn, "__code__", None)
+    if code not in _CALLS:
+        fdef = function_ast(fn) if code is not None else None
+        calls = [n for n in ast.walk(fdef) if isinstance(n, ast.Call)] if fdef is not None else []
+        by_name = tuple(dict.fromkeys(c.func.id for c in calls if isinstance(c.func, ast.Name)))
+        on_self = tuple(dict.fromkeys(c.func.attr for c in calls if isinstance(c.func, ast.Attribute)
+                                      and isinstance(c.func.value, ast.Name) and c.func.value.id == "self"))
+        _CALLS[code] = (by_name, on_self)
+    return _CALLS[code]
 
 
 def _called_functions(fn, depth: int = 2):
     """(namespace, name, function) for the module-level Python functions `fn` calls by name, and
-    those they call, `depth` levels down (torch's own aside)."""
+    those they call, `depth` levels down (torch's own aside), looked up in the namespaces now."""
     out, todo, seen = [], [(fn, depth)], {fn}
     while todo:
         f, d = todo.pop()
-        fdef = function_ast(f)
-        if fdef is None or d == 0:
-            continue
-        for node in ast.walk(fdef):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
-                continue
-            callee = f.__globals__.get(node.func.id)
-            if not isinstance(callee, types.FunctionType) or callee in seen or \
-                    (callee.__module__ or "").startswith("torch"):
-                continue
-            seen.add(callee)
-            out.append((f.__globals__, node.func.id, callee))
-            todo.append((callee, d - 1))
+        for name in _calls(f)[0] if d else ():
+            callee = f.__globals__.get(name)
+            if isinstance(callee, types.FunctionType) and callee not in seen and \
+                    not (callee.__module__ or "").startswith("torch"):
+                seen.add(callee)
+                out.append((f.__globals__, name, callee))
+                todo.append((callee, d - 1))
     return out
 
 
@@ -135,16 +144,9 @@ def _reached_from_forward(cls: type) -> set[str]:
     """The names of `forward` and of the methods it calls as `self.<name>(...)`, two levels down."""
     names, todo = {"forward"}, ["forward"]
     for _ in range(2):
-        nxt = []
-        for name in todo:
-            fdef = function_ast(getattr(cls, name, None)) if callable(getattr(cls, name, None)) else None
-            for node in ast.walk(fdef) if fdef is not None else ():
-                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                        isinstance(node.func.value, ast.Name) and node.func.value.id == "self" and \
-                        node.func.attr not in names and callable(getattr(cls, node.func.attr, None)):
-                    names.add(node.func.attr)
-                    nxt.append(node.func.attr)
-        todo = nxt
+        todo = [m for name in todo for m in _calls(getattr(cls, name, None))[1]
+                if m not in names and callable(getattr(cls, m, None))]
+        names.update(todo)
     return names
 
 
@@ -162,11 +164,10 @@ def model_time_loops(model: nn.Module) -> list[tuple[nn.Module | FunctionSlot, L
         if name not in reach[type(m)]:
             continue  # functions only from what a call runs (not weight tying, init, ...)
         for namespace, fname, callee in _called_functions(fn):
-            slot = FunctionSlot(namespace, fname, callee, id(namespace))
-            lifted = _lift(callee.__module__, fname, callee) if slot not in slots else None
+            lifted = _lift(callee.__module__, fname, callee) if (id(namespace), fname) not in slots else None
             if lifted is not None:
-                slots.add(slot)
-                found.append((slot, lifted))
+                slots.add((id(namespace), fname))
+                found.append((FunctionSlot(namespace, fname, callee), lifted))
     return found
 
 
@@ -177,8 +178,8 @@ def methods_without_source(model: nn.Module) -> list[str]:
     >>> methods_without_source(nn.Linear(2, 2))
     []
     """
-    return sorted({f"{fn.__qualname__} (defined in {fn.__code__.co_filename})" for _, _, _, fn in _methods(model)
-                   if "range" in fn.__code__.co_names and not has_source(fn)})
+    functions = {fn for _, _, _, fn in _methods(model) if "range" in fn.__code__.co_names}  # each read once
+    return sorted(f"{fn.__qualname__} (defined in {fn.__code__.co_filename})" for fn in functions if not has_source(fn))
 
 
 class LoopLiftedModel(Optimized):
