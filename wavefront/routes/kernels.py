@@ -1,148 +1,140 @@
-"""Adapters for Hugging Face models whose time loop wavefront can replace by a native scan.
+"""The kernel route: models whose code calls transformers' kernel seam run with wavefront.kernels
+in place of the seam's PyTorch fallbacks.
 
-Mamba (transformers 5.x): every MambaMixer calls the module-level `mamba_selective_scan`
-(a Python loop over time on CPU). The loop is affine in its state (h = exp(dt A) h + dt B u),
-so it runs as wavefront's selective-scan kernel instead: the optimized model swaps that one
-function for the duration of each of its calls (restored afterwards, also on error), with the
-model's own forward, outputs and weights. transformers 4.x inlines the loop in the mixer's
-slow_forward; that layout is refused with a clear message. Calls are not thread-safe: two
-threads running the same transformers module at once would both see the swap.
+Every seam function the model's own classes call (wavefront.routes.kernel_seam finds them by the
+decorator in the modeling file's source) and for which wavefront has a kernel of that API is
+swapped, in its module's namespace, for the duration of each call of the optimized model
+(restored afterwards, also on error). The model's own forward runs, with its weights, outputs and
+caches; the first call can be verified against it unswapped. Arguments reach the kernel as the
+seam passes them to the package it stands for (keyword arguments the kernel does not take are
+dropped, as transformers drops them). A seam a package already serves, or one wavefront has no
+kernel for, keeps running what it runs. The route applies when at least one substituted kernel
+carries a recurrence. Calls are not thread-safe: two threads running the same modeling module
+at once would both see the swap.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
+import functools
+import inspect
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import wavefront.backends.scans.selective.native as native_selective
-from wavefront.backends.scans.selective.chunked import selective_scan_torch
+from wavefront.kernels import KERNELS, RECURRENT, how
 from wavefront.routes.base import Optimized
 from wavefront.routes.explanation import NO_SEGMENTS, Explanation
+from wavefront.routes.kernel_seam import Seam, find_seams
 
 
-def _mamba_module():
-    try:
-        return importlib.import_module("transformers.models.mamba.modeling_mamba")
-    except ImportError:
-        return None
+def _seam_call(kernel):
+    """The kernel called the way transformers' seam calls a package's function."""
+    params = tuple(inspect.signature(kernel).parameters)
+
+    @functools.wraps(kernel)
+    def call(*args, **kwargs):
+        return kernel(*args, **{k: v for k, v in kwargs.items() if k in params})
+    return call
 
 
-def _native_mamba_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, **unused):
-    """transformers' mamba_selective_scan signature, computed by the native kernel (float32)."""
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(dt.dtype)[..., None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-
-    def f32(t):
-        return t.float().contiguous() if t is not None else None
-
-    # the native kernel is a ctypes call: an export traces the torch form
-    scan = selective_scan_torch if torch.compiler.is_exporting() else native_selective.selective_scan
-    y, h = scan(f32(hidden_states), f32(dt), f32(A), f32(B), f32(C), f32(D), f32(z))
-    y = y.to(hidden_states.dtype)
-    return (y, h) if return_last_state else y
+_CALLS = {api: _seam_call(fn) for api, fn in KERNELS.items()}
 
 
-class MambaScanAdapter:
-    """Recognises Hugging Face Mamba models (MambaForCausalLM / MambaModel)."""
-
-    name = "hf-mamba"
-
-    def matches(self, model) -> bool:
-        return type(model).__name__ in ("MambaForCausalLM", "MambaModel") and \
-            type(model).__module__.startswith("transformers.models.mamba")
-
-    def check(self, model) -> str:
-        """'' if supported, else why not."""
-        mm = _mamba_module()
-        if mm is None or not hasattr(mm, "mamba_selective_scan"):
-            import transformers
-            return (f"transformers {transformers.__version__} inlines Mamba's scan loop in MambaMixer.slow_forward; "
-                    "wavefront replaces the module-level mamba_selective_scan of transformers 5.x")
-        if any(p.device.type != "cpu" for p in model.parameters()):
-            return "the native selective scan runs on the CPU (move the model there, or use the CUDA kernels)"
-        if native_selective.library() is None:
-            return f"the native selective scan could not be built: {native_selective.KERNEL.error}"
-        return ""
-
-    def patches(self):
-        return [(_mamba_module(), "mamba_selective_scan", _native_mamba_scan)]
-
-    def describe(self, model) -> str:
-        n = sum(1 for m in model.modules() if type(m).__name__ == "MambaMixer")
-        return (f"{type(model).__name__} (adapter {self.name}): {n} Mamba mixers; selective scan "
-                "h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t is affine in its state: runs as the native selective scan")
-
-
-SCAN_ADAPTERS = [MambaScanAdapter()]
-
-
-def scan_adapter_for(model):
-    return next((a for a in SCAN_ADAPTERS if a.matches(model)), None)
+def substitutable(seams: list[Seam]) -> list[Seam]:
+    """The seams wavefront fills: a kernel of that API exists and no package serves it."""
+    return [s for s in seams if s.api in KERNELS and s.served_by is None]
 
 
 @contextlib.contextmanager
-def swapped(patches):
-    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+def swapped(seams: list[Seam]):
+    """Each seam's global replaced by wavefront's kernel while the block runs; a global the user
+    replaced since optimize() is left alone."""
+    done = []
     try:
-        for mod, name, fn in patches:
-            setattr(mod, name, fn)
+        for s in seams:
+            if getattr(s.namespace, s.name, None) is s.original:
+                setattr(s.namespace, s.name, _CALLS[s.api])
+                done.append(s)
         yield
     finally:
-        for mod, name, fn in saved:
-            setattr(mod, name, fn)
+        for s in done:
+            setattr(s.namespace, s.name, s.original)
+
+
+def _why_not(seams: list[Seam]) -> str:
+    kept = [f"{s.name} ({s.api})" for s in seams]
+    served = sorted({s.served_by for s in seams if s.served_by})
+    if served:
+        return f"its recurrent kernels are served by {', '.join(served)} already ({', '.join(kept)})"
+    return (f"the kernel-seam functions it calls are not recurrences wavefront scans ({', '.join(kept)}: "
+            "short convolutions or fused blocks whose PyTorch fallback runs the model's own path)")
+
+
+def describe(model: nn.Module, seams: list[Seam]) -> str:
+    """What the route found: the seams per calling class, and what runs each."""
+    filled = substitutable(seams)
+    counts = {}
+    for m in model.modules():
+        counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    callers = dict.fromkeys(c for s in seams for c in s.callers)
+    lines = [f"{type(model).__name__}: calls transformers' kernel seam from "
+             + ", ".join(f"{c} (x{counts.get(c, 0)})" for c in callers)]
+    for s in seams:
+        if s in filled:
+            lines.append(f"  {s.name} [{s.api}]: runs as wavefront.kernels.{s.api} ({how(s.api)})")
+        else:
+            lines.append(f"  {s.name} [{s.api}]: kept ("
+                         + (f"served by {s.served_by})" if s.served_by else "no wavefront kernel of that API)"))
+    return "\n".join(lines)
 
 
 class KernelSubstitutedModel(Optimized):
-    """A model whose time-loop functions run as wavefront's kernels; same forward signature and outputs."""
+    """A model whose kernel-seam functions run as wavefront's kernels; same forward signature and outputs."""
 
     route = "kernel substitution"
-    precision = torch.float32  # the native selective scan computes in float32
+    precision = torch.float32  # transformers' fallbacks compute in float32 even for float64 models
 
-    def __init__(self, model: nn.Module, adapter, options: dict, verify: bool = False):
+    def __init__(self, model: nn.Module, seams: list[Seam], options: dict, verify: bool = False):
         super().__init__(model, options, verify)
-        self.adapter = adapter
+        object.__setattr__(self, "seams", seams)  # module namespaces and functions: not submodules, not state
 
     def run(self, *args, **kwargs):
-        with swapped(self.adapter.patches()):
+        with swapped(substitutable(self.seams)):
             return self.model(*args, **kwargs)
 
     def describe_route(self) -> str:
-        return f"the {self.adapter.name} kernel substitution"
+        return "wavefront's kernels at transformers' kernel seam"
 
     def rewrites(self) -> list[str]:
-        return [self.adapter.describe(self.model)]
+        return [describe(self.model, self.seams)]
 
     def export_kind(self) -> str:
-        return self.adapter.name
+        return "kernel seam"
 
     def explain(self, n_segments: int | None = None) -> Explanation:
         return preview(self.model, n_segments)
 
 
 def recognise(model: nn.Module) -> str | None:
-    """'' when an adapter substitutes kernels in `model`, the reason when one recognises it but
-    cannot, None when none recognises it."""
-    adapter = scan_adapter_for(model)
-    return None if adapter is None else adapter.check(model)
+    """'' when wavefront fills a recurrent kernel of `model`'s seam, the reason when the model
+    calls the seam but nothing recurrent can be filled, None when it does not call the seam."""
+    seams = find_seams(model)
+    if not seams:
+        return None
+    return "" if any(s.api in RECURRENT for s in substitutable(seams)) else _why_not(seams)
 
 
 def build(model: nn.Module, options: dict, verify: bool, log) -> KernelSubstitutedModel:
-    adapter = scan_adapter_for(model)
-    return log.run("kernel substitution", lambda: KernelSubstitutedModel(model, adapter, options, verify),
-                   lambda m: adapter.describe(model))
+    seams = find_seams(model)
+    return log.run("kernel substitution", lambda: KernelSubstitutedModel(model, seams, options, verify),
+                   lambda m: describe(model, seams))
 
 
 def preview(model: nn.Module, n_segments: int | None = None) -> Explanation:
-    adapter = scan_adapter_for(model)
-    why = adapter.check(model)
-    return Explanation(type(model).__name__, adapter.name, adapter.describe(model), NO_SEGMENTS,
-                       f"unchanged ({why})" if why else "native scan", 0, None)
+    seams = find_seams(model)
+    why = recognise(model)
+    return Explanation(type(model).__name__, "kernel seam", describe(model, seams), NO_SEGMENTS,
+                       f"unchanged ({why})" if why else "kernels substituted", 0, None)
 
 
-__all__ = ["KernelSubstitutedModel", "build", "preview", "recognise", "scan_adapter_for"]
+__all__ = ["KernelSubstitutedModel", "build", "describe", "preview", "recognise", "substitutable", "swapped"]

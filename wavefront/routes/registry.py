@@ -57,7 +57,7 @@ def _no_segment_adapter(model: nn.Module) -> str:
 
 ROUTES = (
     Route("kernel substitution", ("torch", "onnxruntime"), kernels.recognise, kernels.build, kernels.preview,
-          lambda model: "no kernel substitution adapter matches it"),
+          lambda model: "it calls no function of transformers' kernel seam"),
     Route("segment recurrence", BACKENDS, segments.recognise, _build_segments, segments.preview, _no_segment_adapter),
     Route("time loops", ("torch", "onnxruntime"), time_loops.recognise, time_loops.build, time_loops.preview,
           lambda model: "no method of its modules holds a Python time loop"),
