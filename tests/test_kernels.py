@@ -177,3 +177,61 @@ def test_half_precision_accumulates_in_float32_and_returns_the_input_dtype():
     ref = mamba_chunk_scan_combined(x.bfloat16().float(), dt.bfloat16().float(), A, B.bfloat16().float(),
                                     C.bfloat16().float(), 16)
     assert_close(y.float(), ref, 1e-2, "bfloat16 vs float32 on the same inputs")  # bfloat16 rounding of y itself
+
+
+def _delta_inputs(per_channel, dtype=torch.float32, B=2, T=45, H=2, HV=4, K=8, V=4, seed=7):
+    torch.manual_seed(seed)
+    q, k = torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, K, dtype=dtype)
+    v = torch.randn(B, T, HV, V, dtype=dtype)
+    g = F.logsigmoid(torch.randn(B, T, HV, *((K,) if per_channel else ()), dtype=dtype))
+    beta, S0 = torch.rand(B, T, HV, dtype=dtype), torch.randn(B, HV, K, V, dtype=dtype)
+    return q, k, v, g, beta, S0
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fla_delta_rules_equal_the_step_loop_in_float64(per_channel):
+    from wavefront.backends.scans.delta.naive import delta_rule_reference
+
+    from wavefront.kernels import (
+        chunk_gated_delta_rule,
+        chunk_kda,
+        fused_recurrent_gated_delta_rule,
+        fused_recurrent_kda,
+    )
+    from wavefront.kernels.fla import l2norm
+    q, k, v, g, beta, S0 = (t.requires_grad_() for t in _delta_inputs(per_channel, f64))
+    chunked, step = (chunk_kda, fused_recurrent_kda) if per_channel else \
+        (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule)
+    o, S = chunked(q, k, v, g, beta, initial_state=S0, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    heads = lambda t: t.repeat_interleave(2, dim=2).transpose(1, 2)  # noqa: E731  each q/k head serves 2 value heads
+    ro, rS = delta_rule_reference(l2norm(heads(q)) * 8 ** -0.5, l2norm(heads(k)), v.transpose(1, 2),
+                                  beta.transpose(1, 2), g.transpose(1, 2), S0)
+    assert_close(o, ro.transpose(1, 2), 1e-12, "o")
+    assert_close(S, rS, 1e-12, "final state")
+    inputs = (q, k, v, g, beta, S0)
+    for gr, rg, name in zip(_grads(o, inputs), _grads(ro.transpose(1, 2), inputs), "q k v g beta S0".split()):
+        assert_close(gr, rg, 1e-10, f"grad {name}")
+    o1, S1 = step(q[:, :1], k[:, :1], v[:, :1], g[:, :1], beta[:, :1], initial_state=S0, output_final_state=True,
+                  use_qk_l2norm_in_kernel=True)
+    assert_close(o1, ro.transpose(1, 2)[:, :1], 1e-12, "decode step")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        chunked(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 45]))
+
+
+def test_fla_delta_rules_match_transformers_pytorch_fallbacks_in_float32():
+    qn = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    kl = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
+    from wavefront.kernels import (
+        chunk_gated_delta_rule,
+        chunk_kda,
+        fused_recurrent_gated_delta_rule,
+        fused_recurrent_kda,
+    )
+    pairs = [(False, chunk_gated_delta_rule, qn.torch_chunk_gated_delta_rule),
+             (False, fused_recurrent_gated_delta_rule, qn.torch_recurrent_gated_delta_rule),
+             (True, chunk_kda, kl.chunk_kimi_delta_attention), (True, fused_recurrent_kda, kl.recurrent_kimi_delta_attention)]
+    for per_channel, ours, theirs in pairs:
+        q, k, v, g, beta, S0 = _delta_inputs(per_channel, H=4)  # the KDA fallbacks take as many q/k as value heads
+        kw = dict(g=g, beta=beta, initial_state=S0, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        for got, want, name in zip(ours(q, k, v, **kw), theirs.__wrapped__(q, k, v, **kw), ("o", "state")):
+            assert_close(got, want, 2e-6, f"{ours.__name__} {name}")

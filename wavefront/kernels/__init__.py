@@ -19,6 +19,12 @@ across calls, so a model with only those has nothing to scan).
 from __future__ import annotations
 
 from wavefront.kernels.conv import causal_conv1d_fn, causal_conv1d_update
+from wavefront.kernels.fla import (
+    chunk_gated_delta_rule,
+    chunk_kda,
+    fused_recurrent_gated_delta_rule,
+    fused_recurrent_kda,
+)
 from wavefront.kernels.mamba import (
     mamba_chunk_scan_combined,
     selective_scan_fn,
@@ -31,6 +37,10 @@ KERNELS = {
     "selective_scan_fn": selective_scan_fn,
     "selective_state_update": selective_state_update,
     "mamba_chunk_scan_combined": mamba_chunk_scan_combined,
+    "chunk_gated_delta_rule": chunk_gated_delta_rule,
+    "fused_recurrent_gated_delta_rule": fused_recurrent_gated_delta_rule,
+    "chunk_kda": chunk_kda,
+    "fused_recurrent_kda": fused_recurrent_kda,
 }
 
 HOW = {
@@ -39,6 +49,10 @@ HOW = {
     "selective_scan_fn": "the native selective scan on the CPU, its torch form elsewhere",
     "selective_state_update": "one step in torch",
     "mamba_chunk_scan_combined": "the chunked matrix scan (scalar decay per head)",
+    "chunk_gated_delta_rule": "the chunked delta-rule scan (WY form, scalar gate)",
+    "fused_recurrent_gated_delta_rule": "the chunked delta-rule scan (WY form, scalar gate)",
+    "chunk_kda": "the chunked delta-rule scan (WY form, a gate per key channel)",
+    "fused_recurrent_kda": "the chunked delta-rule scan (WY form, a gate per key channel)",
 }
 
 
@@ -56,6 +70,6 @@ def how(api: str) -> str:
     return HOW[api]
 
 
-RECURRENT = frozenset({"selective_scan_fn", "selective_state_update", "mamba_chunk_scan_combined"})
+RECURRENT = frozenset(set(KERNELS) - {"causal_conv1d_fn", "causal_conv1d_update"})
 
 __all__ = ["HOW", "KERNELS", "RECURRENT", "how", *KERNELS]

@@ -161,8 +161,8 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt
         y = y + x.to(ct) * (D.to(ct)[:, None] if D.dim() == 1 else D.to(ct))
     if z is not None:
         y = y * F.silu(z.to(ct))
-    y = y.to(x.dtype)
-    return (y, S.transpose(-1, -2)) if return_final_states else y
+    y = y.to(x.dtype).contiguous()  # mamba_ssm's outputs are contiguous: callers view() them
+    return (y, S.transpose(-1, -2).contiguous()) if return_final_states else y
 
 
 __all__ = ["mamba_chunk_scan_combined", "selective_scan_fn", "selective_state_update"]
