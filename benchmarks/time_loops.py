@@ -1,7 +1,8 @@
 """Python time loops lifted into scans (optimize() on modules with `for t in range(T)` loops).
 
 Both sides in the same run, median of --repeats after warm-up, CPU fp32:
-  - mingru: a user's minGRU module (outputs appended to a list), B x d = 1 x 256, T in --T;
+  - mingru: a user's minGRU module (outputs appended to a list, then stacked), B x d = 1 x 256,
+    T in --T, and the issue-14 case B x T x d = 4 x 4096 x 64 (`time_loop_append_stack`);
     `first_call_s` is optimize() plus the first call at that T (analysis and tracing included:
     the capture cost must not grow with T);
   - gla: a user's gated linear attention loop (matrix state 4 heads x 64 x 64), run as the
@@ -32,10 +33,10 @@ from wavefront.models import MinGRU  # noqa: E402
 from wavefront.testing import rel_err  # noqa: E402
 
 
-def bench_mingru(T: int, repeats: int, d: int = 256):
+def bench_mingru(T: int, repeats: int, d: int = 256, B: int = 1, name: str = "time_loop_mingru"):
     torch.manual_seed(0)
     model = MinGRU(d)
-    x = torch.randn(1, T, d)
+    x = torch.randn(B, T, d)
     with torch.inference_mode():
         t0 = time.perf_counter()
         fast = wavefront.optimize(model)
@@ -43,7 +44,7 @@ def bench_mingru(T: int, repeats: int, d: int = 256):
         first = time.perf_counter() - t0
         ref64 = model.double()(x.double())
         model.float()
-        compare("time_loop_mingru", lambda: model(x), lambda: fast(x), config={"B": 1, "d": d, "T": T},
+        compare(name, lambda: model(x), lambda: fast(x), config={"B": B, "d": d, "T": T},
                 dtype=torch.float32, error=rel_err(out, ref64), repeats=repeats, baseline_label="loop",
                 candidate_label="wavefront", extra={"first_call_s": first})
 
@@ -109,7 +110,9 @@ def main(argv=None):
     ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-hf", action="store_true", help="only the user module (no transformers models)")
+    ap.add_argument("--append-stack-T", type=int, default=4096, help="T of the 4 x T x 64 append/stack loop")
     args = ap.parse_args(argv)
+    bench_mingru(args.append_stack_T, args.repeats, d=64, B=4, name="time_loop_append_stack")
     for T in args.T:
         bench_mingru(T, args.repeats)
         bench_gla(T, args.repeats)

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("executor_overhead.py", ["--quick", "--repeats", "1"], ["forward_s", "executor_s", "overhead"]),
     ("diagonal_speedup.py", ["--preset", "tiny", "--repeats", "1", "--flops"],
      ["sequential_s", "diagonal_s", "step_bound", "gflops_diagonal", "gflops_matmul_2048"]),
-    ("time_loops.py", ["--T", "64", "--repeats", "1"], ["wavefront_s"]),
+    ("time_loops.py", ["--T", "64", "--append-stack-T", "64", "--repeats", "1"], ["wavefront_s"]),
     ("scan_device.py", ["--device", "cpu", "--T", "40", "--batch", "1", "--channels", "8", "--heads", "2", "--d", "4",
                         "--repeats", "1"], ["seconds", "gbps", "form"]),
     ("onnxruntime_speed.py", ["--preset", "tiny", "--channels", "4", "--T", "64", "--repeats", "1"],

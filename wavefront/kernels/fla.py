@@ -43,7 +43,9 @@ def _delta(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlen
     q = q * (K ** -0.5 if scale is None else scale)
     heads_first = lambda x: x.to(ct).transpose(1, 2)  # noqa: E731  [B, HV, T, ...]
     S0 = None if initial_state is None else initial_state.to(ct)
-    o, S = chunked_delta_rule(heads_first(q), heads_first(k), heads_first(v), heads_first(beta), heads_first(g), S0)
+    solve = "matmul" if torch.compiler.is_exporting() else "triangular"  # ONNX has no triangular solve
+    o, S = chunked_delta_rule(heads_first(q), heads_first(k), heads_first(v), heads_first(beta), heads_first(g), S0,
+                              solve=solve)
     return o.transpose(1, 2).to(out_dtype).contiguous(), (S if output_final_state else None)
 
 
