@@ -92,7 +92,7 @@ def chunked_delta_rule(q, k, v, beta, g=None, S0=None, chunk: int | None = None,
     C = chunk or min(16 if per_dim else 64, T)
     if C < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    n = -(-T // C)
+    n = (T + C - 1) // C  # not -(-T // C): ONNX divides truncating toward zero
     pad = n * C - T
     q, k, v, beta = (x.to(ct) for x in (q, k, v, beta))
     g = torch.zeros(*lead, T, dtype=ct, device=q.device) if g is None else g.to(ct)

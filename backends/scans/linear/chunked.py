@@ -38,7 +38,7 @@ def chunked_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | Non
     if reverse:
         x, y = x.flip(0), y.flip(0)
     T = x.shape[0]
-    n_chunks = -(-T // chunk)
+    n_chunks = (T + chunk - 1) // chunk  # not -(-T // C): ONNX divides truncating toward zero
     pad = n_chunks * chunk - T
     if pad:  # identity steps (a = 1, b = 0) after the end change nothing before it
         x = torch.cat([x, torch.ones((pad, *x.shape[1:]), dtype=ct, device=x.device)])

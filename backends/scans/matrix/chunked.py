@@ -18,6 +18,24 @@ from wavefront.backends.scans.linear.dispatch import linear_scan
 ALL_STATES_AT_ONCE = 1 << 22  # elements of chunk states (n x state) held at once; above: chunk by chunk
 
 
+def cumulative_product(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """torch.cumprod, or under torch.export the same products by doubling (log2 n multiplies of
+    shifted copies): ONNX has no cumulative product, and a log-space cumsum would break on
+    zeros and negative factors.
+
+    >>> cumulative_product(torch.tensor([2.0, 0.0, 3.0]), 0)
+    tensor([2., 0., 0.])
+    """
+    if not torch.compiler.is_exporting():
+        return torch.cumprod(x, dim=dim)
+    n, shift = x.shape[dim], 1
+    while shift < n:
+        ones = torch.ones_like(x.narrow(dim, 0, shift))
+        x = x * torch.cat([ones, x.narrow(dim, 0, n - shift)], dim)
+        shift *= 2
+    return x
+
+
 def _per_dim_decay_terms(qc, kc, ac):
     """Per-key-dim decay (GLA): with K_i[j] = D[i, j] * k_j (a [C, dk] block per step i, built
     row after row: K_i = a_i * K_{i-1}, then row i = k_i), scores[i, j] = q_i . K_i[j] and the
@@ -31,7 +49,7 @@ def _per_dim_decay_terms(qc, kc, ac):
         K = K.mul_(ac[..., i:i + 1, :]) if in_place else K * ac[..., i:i + 1, :]
         K[..., i, :] = kc[..., i, :]
         rows.append(K @ qc[..., i, :, None])  # [..., n, C, 1]: q_i . K_i[j] for every j
-    return torch.cat(rows, -1).transpose(-1, -2), K, torch.cumprod(ac, dim=-2)
+    return torch.cat(rows, -1).transpose(-1, -2), K, cumulative_product(ac, -2)
 
 
 def chunked_matrix_scan(q, k, v, decay=None, S0=None, chunk: int | None = None):
@@ -57,7 +75,7 @@ def chunked_matrix_scan(q, k, v, decay=None, S0=None, chunk: int | None = None):
     out_dtype = q.dtype
     ct = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
     C = chunk or (16 if per_dim else 64)  # per-dim decay makes D [C, C, dk]: a smaller chunk
-    n = -(-T // C)
+    n = (T + C - 1) // C  # not -(-T // C): ONNX divides truncating toward zero
     pad = n * C - T
     q, k, v = (x.to(ct) for x in (q, k, v))
     a = (torch.ones(*lead, T, dtype=ct, device=q.device) if decay is None else decay.to(ct))
@@ -76,7 +94,7 @@ def chunked_matrix_scan(q, k, v, decay=None, S0=None, chunk: int | None = None):
     else:
         # D[i, j] = prod_{j < l <= i} a_l: cumulative product down i of a_i below the diagonal, 1 elsewhere
         tri = torch.tril(torch.ones(C, C, dtype=torch.bool, device=q.device), -1)
-        D = torch.cumprod(torch.where(tri, ac.unsqueeze(-1), torch.ones((), dtype=ct, device=q.device)), dim=-2)
+        D = cumulative_product(torch.where(tri, ac.unsqueeze(-1), torch.ones((), dtype=ct, device=q.device)), -2)
         D = D * torch.tril(torch.ones(C, C, dtype=torch.bool, device=q.device))
         P = D[..., :, 0] * ac[..., :1]  # prod_{l <= i} a_l
         scores = (qc @ kc.transpose(-1, -2)) * D
