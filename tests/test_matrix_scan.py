@@ -83,3 +83,30 @@ def test_bad_shapes_are_refused_with_the_shapes():
         chunked_matrix_scan(q, k[..., :2], v, a)
     with pytest.raises(ValueError, match="decay must be"):
         chunked_matrix_scan(q, k, v, a[..., :5])
+
+
+@pytest.mark.parametrize("decay", ["additive", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_the_native_kernel_equals_the_reference_and_serves_inference_only(decay, dtype):
+    import wavefront.backends.scans.matrix.native as native
+    from wavefront.backends.scans.matrix.dispatch import matrix_scan
+    if native.library() is None:
+        pytest.skip(f"no C compiler here: {native.KERNEL.error}")
+    q, k, v, a = _inputs(decay, (2, 3), 45, 5, 4, dtype=dtype)
+    S0 = torch.randn(2, 3, 5, 4, dtype=dtype)
+    for s0 in (None, S0):
+        o, S = native.native_matrix_scan(q, k, v, a, s0)
+        ro, rS = matrix_scan_reference(q, k, v, a, s0)
+        assert_close(o, ro, 1e-12 if dtype == F64 else 1e-6, "o")
+        assert_close(S, rS, 1e-12 if dtype == F64 else 1e-6, "last state")
+    calls = []
+    real = native.native_matrix_scan
+    native.native_matrix_scan = lambda *args: calls.append(1) or real(*args)
+    try:
+        matrix_scan(q, k, v, a, S0)  # no gradient needed: the native kernel
+        matrix_scan(q.requires_grad_(), k, v, a, S0)[0].sum().backward()  # gradients: the chunked form
+    finally:
+        native.native_matrix_scan = real
+    assert calls == [1] and q.grad is not None
+    with pytest.raises(ValueError, match="forward only"):
+        matrix_scan(q, k, v, a, S0, method="native")
