@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 
 import torch
-
 import wavefront.backends.scans.linear.native as native_scan
 from wavefront.backends.disk_cache import KernelLibrary
 
