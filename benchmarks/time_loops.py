@@ -5,6 +5,8 @@ Both sides in the same run, median of --repeats after warm-up, CPU fp32:
     T in --T, and the issue-14 case B x T x d = 4 x 4096 x 64 (`time_loop_append_stack`);
     `first_call_s` is optimize() plus the first call at that T (analysis and tracing included:
     the capture cost must not grow with T);
+  - deltanet: a user's gated DeltaNet loop (4 heads x 32, T = half the append/stack T), run as
+    the chunked delta-rule scan; `grad_error` is the input gradient's error against the loop's;
   - gla: a user's gated linear attention loop (matrix state 4 heads x 64 x 64), run as the
     chunked matrix-state scan; `generic_scan_s` is the generic lifting (all T states held);
   - rg_lru: RecurrentGemma's RG-LRU `_rnn_scan` method alone (loop vs lifted), and the whole
@@ -28,9 +30,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from harness import compare, time_fn  # noqa: E402
 
 import wavefront  # noqa: E402
-from wavefront.time_loops.model import model_time_loops  # noqa: E402
 from wavefront.models import MinGRU  # noqa: E402
 from wavefront.testing import rel_err  # noqa: E402
+from wavefront.time_loops.model import model_time_loops  # noqa: E402
 
 
 def bench_mingru(T: int, repeats: int, d: int = 256, B: int = 1, name: str = "time_loop_mingru"):
@@ -105,6 +107,23 @@ def bench_gla(T: int, repeats: int, decay: str = "scalar"):
                 baseline_label="loop", candidate_label="wavefront", extra=extra)
 
 
+def bench_deltanet(T: int, repeats: int, gated: bool = True):
+    """A user's DeltaNet loop (4 heads x 32), run as the chunked delta-rule scan: forward timed,
+    the error of outputs and of the input gradient against the loop's, in float32."""
+    from wavefront.models import DeltaNet
+    torch.manual_seed(0)
+    model = DeltaNet(128, 4, 32, gated=gated)
+    x = torch.randn(1, T, 128, requires_grad=True)
+    fast = wavefront.optimize(model)
+    out, ref = fast(x), model(x)
+    (g_fast,) = torch.autograd.grad(out.pow(2).sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.pow(2).sum(), x)
+    with torch.inference_mode():
+        compare("time_loop_deltanet", lambda: model(x), lambda: fast(x), config={"B": 1, "heads": 4, "d_head": 32,
+                "T": T, "gated": gated}, dtype=torch.float32, error=rel_err(out, ref), repeats=repeats,
+                baseline_label="loop", candidate_label="wavefront", extra={"grad_error": rel_err(g_fast, g_ref)})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -113,6 +132,7 @@ def main(argv=None):
     ap.add_argument("--append-stack-T", type=int, default=4096, help="T of the 4 x T x 64 append/stack loop")
     args = ap.parse_args(argv)
     bench_mingru(args.append_stack_T, args.repeats, d=64, B=4, name="time_loop_append_stack")
+    bench_deltanet(args.append_stack_T // 2, args.repeats)
     for T in args.T:
         bench_mingru(T, args.repeats)
         bench_gla(T, args.repeats)

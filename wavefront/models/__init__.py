@@ -4,8 +4,14 @@ from wavefront.contract.segment import MemoryState, SegmentLMOutput, SegmentRecu
 from .armt import ARMT, ARMTCell, ARMTConfig, ARMTLayer
 from .associative_memory import AssociativeMemory, dpfp
 from .hf import HFARMT, wrap_armt
-from .loop_models import ElmanRNN, GatedLinearAttention, LinearRecurrence, MinGRU
+from .loop_models import (
+           DeltaNet,
+           ElmanRNN,
+           GatedLinearAttention,
+           LinearRecurrence,
+           MinGRU,
+)
 from .rmt import RMT, RMTConfig
 
-__all__ = ["ARMT", "ARMTCell", "ARMTConfig", "ARMTLayer", "AssociativeMemory", "dpfp", "HFARMT", "wrap_armt", "ElmanRNN", "GatedLinearAttention", "LinearRecurrence", "MinGRU",
+__all__ = ["ARMT", "ARMTCell", "ARMTConfig", "ARMTLayer", "AssociativeMemory", "dpfp", "HFARMT", "wrap_armt", "DeltaNet", "ElmanRNN", "GatedLinearAttention", "LinearRecurrence", "MinGRU",
            "RMT", "RMTConfig", "MemoryState", "SegmentLMOutput", "SegmentRecurrentLM"]

@@ -108,3 +108,39 @@ class GatedLinearAttention(nn.Module):
                 S = g[:, t] * S + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
                 out[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
         return self.o(out.reshape(B, T, H * D))
+
+
+class DeltaNet(nn.Module):
+    """DeltaNet (Yang et al. 2024) written as a loop: per head, S <- a_t S (gated: a_t = sigmoid(...),
+    one gate per head and step; else a_t = 1), then S <- S + beta_t k_t (v_t - S^T k_t)^T and o_t = S^T q_t,
+    with l2-normalised keys and beta_t = sigmoid(...). The update is affine in S (S times the
+    data matrix I - beta k k^T), not elementwise.
+
+    >>> DeltaNet(8, 2, 4)(torch.randn(2, 5, 8)).shape
+    torch.Size([2, 5, 8])
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_head: int, gated: bool = False):
+        super().__init__()
+        self.n_heads, self.d_head, self.gated = n_heads, d_head, gated
+        self.q, self.k, self.v = (nn.Linear(d_model, n_heads * d_head, bias=False) for _ in range(3))
+        self.b = nn.Linear(d_model, n_heads)
+        self.g = nn.Linear(d_model, n_heads)
+        self.o = nn.Linear(n_heads * d_head, d_model, bias=False)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.d_head
+        q, k, v = (f(x).view(B, T, H, D).transpose(1, 2) for f in (self.q, self.k, self.v))  # [B, H, T, D]
+        k = torch.nn.functional.normalize(k, dim=-1)
+        beta = torch.sigmoid(self.b(x)).transpose(1, 2)  # [B, H, T]
+        a = torch.sigmoid(self.g(x)).transpose(1, 2) if self.gated else torch.ones_like(beta)
+        S = x.new_zeros(B, H, D, D)
+        out = x.new_empty(B, H, T, D)
+        for t in range(T):
+            S = a[:, :, t, None, None] * S
+            kt = k[:, :, t]
+            err = v[:, :, t] - torch.einsum("bhkv,bhk->bhv", S, kt)
+            S = S + beta[:, :, t, None, None] * kt.unsqueeze(-1) * err.unsqueeze(-2)
+            out[:, :, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, :, t])
+        return self.o(out.transpose(1, 2).reshape(B, T, H * D))

@@ -45,6 +45,7 @@ class AffineStep:
     a: fx.GraphModule | None
     b: fx.GraphModule | None
     traced: fx.GraphModule
+    ab: fx.GraphModule | None = None  # (a, b) from one graph, sharing what both compute; None if either is None
 
 
 def _where(node: fx.Node) -> str:
@@ -171,20 +172,21 @@ def analyse_step(step: nn.Module | object) -> AffineStep:
     if not dep(new):
         raise NotAffine("the new carry does not depend on the carry (no recurrence)")
 
-    def graph_of(value):
-        if value is None:
+    def graph_of(*values):
+        if any(v is None for v in values):
             return None
         h = fx.Graph()
         m = {}
         for node in ag.nodes:
             m[node] = h.node_copy(node, lambda a: m[a])
-        h.output(m[value] if isinstance(value, fx.Node) else value)
+        outs = [m[v] if isinstance(v, fx.Node) else v for v in values]
+        h.output(outs[0] if len(outs) == 1 else tuple(outs))
         gm = fx.GraphModule(traced, h)
         gm.graph.eliminate_dead_code()  # needs the owning module to judge call_module purity
         gm.recompile()
         return gm
 
-    return AffineStep(graph_of(alpha[new]), graph_of(beta[new]), traced)
+    return AffineStep(graph_of(alpha[new]), graph_of(beta[new]), traced, graph_of(alpha[new], beta[new]))
 
 
 def scalar_constant(gm) -> int | float | complex | None:

@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.func import vmap
 
 from wavefront.backends.onnx.graphs import LoopExportError
+from wavefront.backends.scans.delta.chunked import chunked_delta_rule
 from wavefront.backends.scans.linear.dispatch import linear_scan
 from wavefront.backends.scans.matrix.dispatch import matrix_scan
 from wavefront.time_loops.affine_carry import (
@@ -33,6 +34,7 @@ from wavefront.time_loops.affine_carry import (
     constant_coefficients,
     scalar_constant,
 )
+from wavefront.time_loops.delta_state import match_delta_step
 from wavefront.time_loops.index_hoist import HoistedReads, hoist_index_reads, read_views
 from wavefront.time_loops.matrix_state import match_matrix_step
 from wavefront.time_loops.source import LoopSite
@@ -141,6 +143,9 @@ class LoopRunner:
             return f"left as a loop: {e.reason}"
         except _Decline:
             return "decided at the first call (the body reads values that are not tensors)"
+        if isinstance(plan, _DeltaPlan):
+            return ("affine in its carry through the data matrix I - beta k k^T (a delta-rule update read out by "
+                    "S^T q): runs as the chunked delta-rule scan")
         if plan.matrix is not None:
             return "affine in its carry, an outer-product update read out by S^T q: runs as a chunked matrix-state scan"
         return "affine in its carry: runs as a scan"
@@ -151,14 +156,23 @@ class LoopRunner:
         never on the tensors' values (nor on the length)."""
         step, last = _compile_body(site, tensors, others, self.globals)(*other_values)
         traced = _trace(step, [(n, v) for n, v in zip(others, other_values) if isinstance(v, nn.Module)])
-        affine = analyse_step(traced)
+        try:
+            affine = analyse_step(traced)
+        except NotAffine:
+            delta = match_delta_step(traced)  # affine through a data matrix: the delta rule's own form
+            if delta is None:
+                raise
+            hoist = lambda g: hoist_index_reads(g, site.index) if isinstance(g, fx.GraphModule) else g  # noqa: E731
+            return _DeltaPlan(last, hoist(delta.a) if delta.a is not None else None, hoist(delta.k), hoist(delta.v),
+                              hoist(delta.q), [hoist(b) for b in delta.beta])
         ys = _outputs_graph(traced) if site.outputs else None
         hoist = [hoist_index_reads(g, site.index) if g is not None else None for g in (affine.a, affine.b, ys)]
         reads_previous = ys is not None and len(next(iter(ys.graph.nodes)).users) > 0
         matrix = match_matrix_step(affine.b, ys)
         if matrix is not None:
             matrix = tuple(hoist_index_reads(g, site.index) for g in (matrix.k, matrix.v, matrix.q))
-        return _Plan(last, affine, *hoist, reads_previous, matrix)
+        ab = hoist_index_reads(affine.ab, site.index) if affine.ab is not None else None
+        return _Plan(last, affine, *hoist, reads_previous, matrix, ab)
 
     def _run(self, site: LoopSite, env: dict, steps: _Steps):
         if steps.rng is not None and len(steps.rng) == 0:
@@ -184,6 +198,8 @@ class LoopRunner:
             raise plan
         idx = steps.index_tensor(h0.device)
         xs = [env[n] for n in tensors]
+        if isinstance(plan, _DeltaPlan):
+            return _delta_state_scan(plan, site, env, steps, h0, idx, xs), "chunked delta-rule scan"
         if plan.matrix is not None and steps.rng is not None and h0.dim() >= 2:
             routed = _matrix_state_scan(plan, site, env, steps, h0, idx, xs)
             if routed is not None:
@@ -193,8 +209,12 @@ class LoopRunner:
             raise _Decline(f"running it as a scan would hold {need / 2**30:.1f} GiB of per-step coefficients and "
                            f"states (over WAVEFRONT_SCAN_MEMORY_GB={_memory_budget() / 2**30:g})")
         ca, cb = (scalar_constant(g.gm) if g is not None else None for g in (plan.a, plan.b))
-        A, B = (_over_steps(g, [idx, *xs], (0,) + (None,) * len(xs), steps) if c is None else None
-                for g, c in ((plan.a, ca), (plan.b, cb)))
+        in_dims = (0,) + (None,) * len(xs)
+        if ca is None and cb is None and plan.ab is not None:  # one pass: what a and b share is computed once
+            A, B = _over_steps(plan.ab, [idx, *xs], in_dims, steps)
+        else:
+            A, B = (_over_steps(g, [idx, *xs], in_dims, steps) if c is None else None
+                    for g, c in ((plan.a, ca), (plan.b, cb)))
         A, B = constant_coefficients(A, B, ca, cb, h0, steps.n)
         A, B = broadcast_coefficients(A, B, h0, steps.n)
         dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), h0.dtype)
@@ -238,6 +258,83 @@ class _Plan:
     ys: HoistedReads | None  # ys(previous carry, new carry, i, *tensors); None: no outputs
     reads_previous: bool  # do the ys read the previous carry (else only the new one)?
     matrix: tuple | None = None  # (k, v, q) HoistedReads of a matrix-state loop (wavefront/time_loops/matrix_state.py)
+    ab: HoistedReads | None = None  # a and b from one graph (both non-constant)
+
+
+@dataclass
+class _DeltaPlan:
+    last: object  # as _Plan.last
+    a: HoistedReads | None  # the decay (None: 1)
+    k: HoistedReads
+    v: HoistedReads
+    q: HoistedReads
+    beta: list  # HoistedReads or numbers, multiplied
+
+
+def _per_head(x: torch.Tensor, n: int, lead: tuple, state_dims: int, what: str) -> torch.Tensor:
+    """A per-step factor [n, ...] that broadcasts to the state as one value per head (trailing
+    state dims of size 1), as [lead..., n]."""
+    shape = (1,) * (len(lead) + state_dims - (x.dim() - 1)) + tuple(x.shape[1:])
+    if len(shape) != len(lead) + state_dims or any(d != 1 for d in shape[len(lead):]):
+        raise _Decline(f"its {what} of shape {tuple(x.shape[1:])} is not one value per head of a "
+                       f"{state_dims}-dim state")
+    return x.reshape(n, *shape[:len(lead)]).movedim(0, -1).expand(*lead, n)
+
+
+def _delta_state_scan(plan: _DeltaPlan, site: LoopSite, env: dict, steps: "_Steps", h0, idx, xs):
+    """S = a S; S = S + beta k (v - S^T k)^T with the output S^T q, as the chunked delta-rule scan
+    over all but the last step, then the last step in plain Python for the values the loop
+    leaves (like _matrix_state_scan)."""
+    if steps.rng is None:
+        raise _Decline("a delta-rule loop does not export with a dynamic length yet")
+    if h0.dim() < 2:
+        raise _Decline("the delta-rule state must be a matrix [..., dk, dv]")
+    n, in_dims = steps.n, (0,) + (None,) * len(xs)
+    lead, (dk, dv) = tuple(h0.shape[:-2]), tuple(h0.shape[-2:])
+    K, V, Q = (_over_steps(g, [idx, *xs], in_dims, steps) for g in (plan.k, plan.v, plan.q))
+    beta = torch.ones((), dtype=h0.dtype, device=h0.device)
+    for b in plan.beta:
+        beta = beta * (_over_steps(b, [idx, *xs], in_dims, steps) if isinstance(b, HoistedReads) else b)
+    beta = _per_head(beta.expand(n, *beta.shape[1:]) if beta.dim() else beta.expand(n), n, lead, 2, "beta")
+    g = None
+    if plan.a is not None:
+        A = _over_steps(plan.a, [idx, *xs], in_dims, steps)
+        if not A.is_floating_point() or bool((A <= 0).any()):
+            raise _Decline("its decay is not positive everywhere (the delta-rule scan takes its logarithm)")
+        shape = (1,) * (h0.dim() - (A.dim() - 1)) + tuple(A.shape[1:])
+        if len(shape) == h0.dim() and shape[-1] == 1 and shape[-2] == dk and dk > 1:  # a gate per key dim (KDA)
+            g = torch.log(A.reshape(n, *shape[:-1]).movedim(0, -2).expand(*lead, n, dk))
+        else:
+            g = torch.log(_per_head(A, n, lead, 2, "decay"))
+    dtype = h0.dtype
+    for t in (K, V, Q, beta, g):
+        dtype = torch.promote_types(dtype, t.dtype) if t is not None else dtype
+    if not dtype.is_floating_point:
+        raise _Decline("the delta-rule scan is real-valued")
+    try:
+        K, Q = (x.to(dtype).movedim(0, -2).expand(*lead, n, dk) for x in (K, Q))
+        V = V.to(dtype).movedim(0, -2).expand(*lead, n, dv)
+    except RuntimeError as e:
+        raise _Decline(f"its key, value or query does not broadcast to the state {tuple(h0.shape)}") from e
+    S, O = h0.to(dtype), None
+    if n > 1:
+        g = None if g is None else (g[..., :-1, :] if g.dim() == h0.dim() else g[..., :-1]).to(dtype)
+        O, S = chunked_delta_rule(Q[..., :-1, :], K[..., :-1, :], V[..., :-1, :], beta[..., :-1].to(dtype), g, S)
+    return _last_step_and_writes(plan, site, env, steps, idx, xs, S, O)
+
+
+def _last_step_and_writes(plan, site: LoopSite, env: dict, steps: "_Steps", idx, xs, S, O):
+    """After a state scan over all but the last step (outputs O [..., n - 1, dv] or None, the
+    state S entering the last step): the last step in plain Python for the values the loop
+    leaves, then every step's output written (or handed over stacked)."""
+    values_after, ys_last = plan.last(S, steps.last, *xs)
+    Y = torch.cat([y.to(ys_last[0].dtype) for y in ([] if O is None else [O.movedim(-2, 0)])
+                   + [ys_last[0].unsqueeze(0)]])
+    o = site.outputs[0]
+    if o.stacked:
+        return (*values_after, steps.last, Y)
+    _writer(o, env[o.container], Y, idx)()
+    return (*values_after, steps.last)
 
 
 def _matrix_state_scan(plan: _Plan, site: LoopSite, env: dict, steps: "_Steps", h0, idx, xs):
@@ -268,20 +365,11 @@ def _matrix_state_scan(plan: _Plan, site: LoopSite, env: dict, steps: "_Steps", 
                 A.to(dtype).movedim(0, -1).expand(*lead, n)
     except RuntimeError:
         return None
-    S = h0.to(dtype)
-    Y = []
+    S, O = h0.to(dtype), None
     if n > 1:
         decay = None if A is None else (A[..., :-1, :] if A.dim() == h0.dim() else A[..., :-1])
         O, S = matrix_scan(Q[..., :-1, :], K[..., :-1, :], V[..., :-1, :], decay, S)
-        Y.append(O.movedim(-2, 0))
-    values_after, ys_last = plan.last(S, steps.last, *xs)  # the carry entering the last iteration
-    Y.append(ys_last[0].unsqueeze(0))
-    Y = torch.cat([y.to(ys_last[0].dtype) for y in Y])
-    o = site.outputs[0]
-    if o.stacked:
-        return (*values_after, steps.last, Y)
-    _writer(o, env[o.container], Y, idx)()
-    return (*values_after, steps.last)
+    return _last_step_and_writes(plan, site, env, steps, idx, xs, S, O)
 
 
 def _outputs_graph(traced: fx.GraphModule) -> fx.GraphModule:
