@@ -48,11 +48,11 @@ HOW = {
     "causal_conv1d_update": "a grouped conv1d over the rolled state",
     "selective_scan_fn": "the native selective scan on the CPU, its torch form elsewhere",
     "selective_state_update": "one step in torch",
-    "mamba_chunk_scan_combined": "the chunked matrix scan (scalar decay per head)",
-    "chunk_gated_delta_rule": "the chunked delta-rule scan (WY form, scalar gate)",
-    "fused_recurrent_gated_delta_rule": "the chunked delta-rule scan (WY form, scalar gate)",
-    "chunk_kda": "the chunked delta-rule scan (WY form, a gate per key channel)",
-    "fused_recurrent_kda": "the chunked delta-rule scan (WY form, a gate per key channel)",
+    "mamba_chunk_scan_combined": "the matrix scan (native on the CPU for inference, else chunked), scalar decay per head",
+    "chunk_gated_delta_rule": "the delta-rule scan (native on the CPU for inference, else the chunked WY form), scalar gate",
+    "fused_recurrent_gated_delta_rule": "the delta-rule scan (native on the CPU for inference, else the chunked WY form), scalar gate",
+    "chunk_kda": "the delta-rule scan (native on the CPU for inference, else the chunked WY form), a gate per key channel",
+    "fused_recurrent_kda": "the delta-rule scan (native on the CPU for inference, else the chunked WY form), a gate per key channel",
 }
 
 

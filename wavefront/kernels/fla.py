@@ -1,6 +1,7 @@
 """flash-linear-attention's delta-rule functions (chunk_gated_delta_rule,
 fused_recurrent_gated_delta_rule, chunk_kda, fused_recurrent_kda) on wavefront's chunked delta-rule
-scan (WY / UT form: matmuls inside chunks, one state carried across chunks), any device, autograd.
+scan: the native CPU kernel when no gradient is needed, else the chunked WY / UT form (matmuls
+inside chunks, one state carried across chunks; any device, autograd).
 
 Per batch row and value head, with S [K, V]:
   S <- exp(g_t) S (gated DeltaNet: g [B, T, HV]; KDA: g [B, T, HV, K], one gate per key channel),
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from wavefront.backends.scans.delta.chunked import chunked_delta_rule
+from wavefront.backends.scans.delta.dispatch import delta_rule
 from wavefront.kernels.mamba import compute_dtype
 
 
@@ -43,9 +44,7 @@ def _delta(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlen
     q = q * (K ** -0.5 if scale is None else scale)
     heads_first = lambda x: x.to(ct).transpose(1, 2)  # noqa: E731  [B, HV, T, ...]
     S0 = None if initial_state is None else initial_state.to(ct)
-    solve = "matmul" if torch.compiler.is_exporting() else "triangular"  # ONNX has no triangular solve
-    o, S = chunked_delta_rule(heads_first(q), heads_first(k), heads_first(v), heads_first(beta), heads_first(g), S0,
-                              solve=solve)
+    o, S = delta_rule(heads_first(q), heads_first(k), heads_first(v), heads_first(beta), heads_first(g), S0)
     return o.transpose(1, 2).to(out_dtype).contiguous(), (S if output_final_state else None)
 
 

@@ -56,7 +56,8 @@ class LiftedFunction:
 
     def report(self, module: nn.Module | None = None) -> list[str]:
         """One line per loop: lifted or not, and why."""
-        return [f"{s.where()}: loop over `{s.index}`" + (f", carry `{s.carries[0]}`" if s.liftable else "")
+        return [f"{s.where()}: loop over `{s.index}`" + (f", carr{'y' if len(s.carries) == 1 else 'ies'} " + ", ".join(f"`{c}`" for c in s.carries)
+                                                                 if s.liftable else "")
                 + f": {status}" for s, status, _ in self.verdicts(module)]
 
 

@@ -23,8 +23,9 @@ from torch import fx, nn
 from torch.func import vmap
 
 from wavefront.backends.onnx.graphs import LoopExportError
-from wavefront.backends.scans.delta.chunked import chunked_delta_rule
+from wavefront.backends.scans.delta.dispatch import delta_rule
 from wavefront.backends.scans.linear.dispatch import linear_scan
+from wavefront.backends.scans.logspace.chunked import chunked_wkv
 from wavefront.backends.scans.matrix.dispatch import matrix_scan
 from wavefront.time_loops.affine_carry import (
     AffineStep,
@@ -36,7 +37,12 @@ from wavefront.time_loops.affine_carry import (
 )
 from wavefront.time_loops.delta_state import match_delta_step
 from wavefront.time_loops.index_hoist import HoistedReads, hoist_index_reads, read_views
-from wavefront.time_loops.matrix_state import match_matrix_step
+from wavefront.time_loops.logspace_state import (
+    LogSpaceStep,
+    evaluate,
+    match_logspace_step,
+)
+from wavefront.time_loops.matrix_state import _ancestors, _subgraph, match_matrix_step
 from wavefront.time_loops.source import LoopSite
 
 
@@ -59,7 +65,7 @@ def _compile_body(site: LoopSite, tensor_names: list[str], other_names: list[str
 
     ys = [f"__wf_y{k}" for k in range(len(site.outputs))]
     # "forward": the holder module's method, and the frame torch.fx starts recording stack traces at
-    defs = [fn("forward", names([site.carries[0], *ys])),
+    defs = [fn("forward", names([*site.carries, *ys])),
             fn("last", ast.Tuple([names([*site.carries, *site.temps]), names(ys)], ast.Load()), first=None)]
     maker = ast.FunctionDef("make", ast.arguments([], [ast.arg(a) for a in other_names], None, [], [], None, []),
                             [*defs, ast.Return(names(["forward", "last"]))], [], None, None)
@@ -143,9 +149,12 @@ class LoopRunner:
             return f"left as a loop: {e.reason}"
         except _Decline:
             return "decided at the first call (the body reads values that are not tensors)"
+        if isinstance(plan, _LogSpacePlan):
+            return ("three carries that are a running-max stabilised (num, den, max): affine in the values they stand "
+                    "for (num e^max, den e^max): runs as the stabilised log-space scan")
         if isinstance(plan, _DeltaPlan):
             return ("affine in its carry through the data matrix I - beta k k^T (a delta-rule update read out by "
-                    "S^T q): runs as the chunked delta-rule scan")
+                    "S^T q): runs as the delta-rule scan")
         if plan.matrix is not None:
             return "affine in its carry, an outer-product update read out by S^T q: runs as a chunked matrix-state scan"
         return "affine in its carry: runs as a scan"
@@ -156,6 +165,12 @@ class LoopRunner:
         never on the tensors' values (nor on the length)."""
         step, last = _compile_body(site, tensors, others, self.globals)(*other_values)
         traced = _trace(step, [(n, v) for n, v in zip(others, other_values) if isinstance(v, nn.Module)])
+        if len(site.carries) > 1:  # three carries: a running-max stabilised pair, or nothing this runner runs
+            logspace = match_logspace_step(traced, len(site.carries))
+            if logspace is None:
+                raise NotAffine(f"{len(site.carries)} carries ({', '.join(site.carries)}) that are not a running-max "
+                                "stabilised pair (num, den, max) read out as a ratio: one carry is supported")
+            return _LogSpacePlan(last, logspace, traced)
         try:
             affine = analyse_step(traced)
         except NotAffine:
@@ -180,9 +195,11 @@ class LoopRunner:
         missing = [n for n in site.free + site.carries if n not in env]
         if missing:
             raise _Decline(f"{', '.join(missing)} not bound before the loop")
+        for c in site.carries:
+            h0 = env[c]
+            if not isinstance(h0, torch.Tensor) or not (h0.is_floating_point() or h0.is_complex()):
+                raise _Decline(f"the carry `{c}` does not start as a float tensor")
         h0 = env[site.carries[0]]
-        if not isinstance(h0, torch.Tensor) or not (h0.is_floating_point() or h0.is_complex()):
-            raise _Decline(f"the carry `{site.carries[0]}` does not start as a float tensor")
         tensors = [n for n in site.free if isinstance(env[n], torch.Tensor)]
         others = [n for n in site.free if n not in tensors]
         key = (id(site), tuple(tensors), tuple(others), tuple(_value_key(env[n]) for n in others))
@@ -198,8 +215,10 @@ class LoopRunner:
             raise plan
         idx = steps.index_tensor(h0.device)
         xs = [env[n] for n in tensors]
+        if isinstance(plan, _LogSpacePlan):
+            return _logspace_scan(plan, site, env, steps, idx, tensors, xs), "stabilised log-space scan"
         if isinstance(plan, _DeltaPlan):
-            return _delta_state_scan(plan, site, env, steps, h0, idx, xs), "chunked delta-rule scan"
+            return _delta_state_scan(plan, site, env, steps, h0, idx, xs), "delta-rule scan"
         if plan.matrix is not None and steps.rng is not None and h0.dim() >= 2:
             routed = _matrix_state_scan(plan, site, env, steps, h0, idx, xs)
             if routed is not None:
@@ -262,6 +281,61 @@ class _Plan:
 
 
 @dataclass
+class _LogSpacePlan:
+    last: object  # as _Plan.last
+    step: LogSpaceStep
+    traced: fx.GraphModule  # the step the symbols' nodes belong to
+
+
+def _logspace_scan(plan: _LogSpacePlan, site: LoopSite, env: dict, steps: "_Steps", idx, tensors: list, xs):
+    """The stabilised triple loop as the chunked WKV scan over all but the last step, then the
+    last step in plain Python (like _matrix_state_scan)."""
+    if steps.rng is None:
+        raise _Decline("a stabilised log-space loop does not export with a dynamic length yet")
+    lw_, lk_, x_, lu_ = (plan.step.lw, plan.step.lk, plan.step.x, plan.step.lu)
+    placeholders = [n for n in plan.traced.graph.nodes if n.op == "placeholder"]
+    n_carries, index_node = len(site.carries), placeholders[len(site.carries)]
+    by_node = dict(zip(placeholders[n_carries + 1:], xs))
+    per_step, values = set(), {}
+    for sym, node in plan.step.reads.items():
+        if node is index_node or (index_node in _ancestors(node)):
+            per_step.add(sym)
+            g = hoist_index_reads(_subgraph(plan.traced, node, drop=n_carries), site.index)
+            values[sym] = _over_steps(g, [idx, *xs], (0,) + (None,) * len(xs), steps)
+        elif node.op == "placeholder":
+            values[sym] = by_node[node]
+        elif node.op == "get_attr":
+            values[sym] = plan.traced.get_parameter(node.target) if "." in node.target else getattr(plan.traced, node.target)
+        else:
+            values[sym] = _subgraph(plan.traced, node, drop=n_carries)(idx[0], *xs)
+    if (lw_.free_symbols | lu_.free_symbols) & per_step:
+        raise _Decline("its decay or bonus changes from step to step (the WKV scan takes them per channel)")
+    state = [env[site.carries[k]] for k in (plan.step.num, plan.step.den, plan.step.max)]
+    lead, ch = tuple(state[0].shape[:-1]), state[0].shape[-1]
+    n = steps.n
+    try:
+        rate = (-torch.as_tensor(evaluate(lw_, values))).expand(ch)
+        bonus = torch.as_tensor(evaluate(lu_, values)).expand(ch)
+        K, V = (torch.as_tensor(evaluate(e, values)).expand(n, *lead, ch).movedim(0, -2) for e in (lk_, x_))
+    except RuntimeError as e:
+        raise _Decline(f"its parts do not broadcast to the carries {tuple(state[0].shape)}") from e
+    O = None
+    if n > 1:
+        O, (num, den, mx) = chunked_wkv(None, bonus, K[..., :-1, :], V[..., :-1, :], tuple(state), decay_rate=rate)
+        state = [num.to(state[0].dtype), den.to(state[1].dtype), mx.to(state[2].dtype)]
+    carries = [None] * 3
+    for k, role in enumerate((plan.step.num, plan.step.den, plan.step.max)):
+        carries[role] = state[k]
+    values_after, ys_last = plan.last(*carries, steps.last, *xs)
+    Y = torch.cat(([] if O is None else [O.movedim(-2, 0).to(ys_last[0].dtype)]) + [ys_last[0].unsqueeze(0)])
+    o = site.outputs[0]
+    if o.stacked:
+        return (*values_after, steps.last, Y)
+    _writer(o, env[o.container], Y, idx)()
+    return (*values_after, steps.last)
+
+
+@dataclass
 class _DeltaPlan:
     last: object  # as _Plan.last
     a: HoistedReads | None  # the decay (None: 1)
@@ -282,7 +356,7 @@ def _per_head(x: torch.Tensor, n: int, lead: tuple, state_dims: int, what: str) 
 
 
 def _delta_state_scan(plan: _DeltaPlan, site: LoopSite, env: dict, steps: "_Steps", h0, idx, xs):
-    """S = a S; S = S + beta k (v - S^T k)^T with the output S^T q, as the chunked delta-rule scan
+    """S = a S; S = S + beta k (v - S^T k)^T with the output S^T q, as the delta-rule scan
     over all but the last step, then the last step in plain Python for the values the loop
     leaves (like _matrix_state_scan)."""
     if steps.rng is None:
@@ -319,7 +393,7 @@ def _delta_state_scan(plan: _DeltaPlan, site: LoopSite, env: dict, steps: "_Step
     S, O = h0.to(dtype), None
     if n > 1:
         g = None if g is None else (g[..., :-1, :] if g.dim() == h0.dim() else g[..., :-1]).to(dtype)
-        O, S = chunked_delta_rule(Q[..., :-1, :], K[..., :-1, :], V[..., :-1, :], beta[..., :-1].to(dtype), g, S)
+        O, S = delta_rule(Q[..., :-1, :], K[..., :-1, :], V[..., :-1, :], beta[..., :-1].to(dtype), g, S)
     return _last_step_and_writes(plan, site, env, steps, idx, xs, S, O)
 
 

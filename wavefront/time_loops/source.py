@@ -176,8 +176,9 @@ def _analyse_loop(loop: ast.For, qualname: str, filename: str, fn_locals: set[st
     site.body = body
     if not site.carries:
         site.reason = "no value is carried from one iteration to the next"
-    elif len(site.carries) > 1:
-        site.reason = f"{len(site.carries)} carries ({', '.join(site.carries)}): one carry is supported"
+    elif len(site.carries) > 1 and not (len(site.carries) == 3 and len(site.outputs) == 1):
+        site.reason = f"{len(site.carries)} carries ({', '.join(site.carries)}): one carry is supported" + \
+            (", or three with one output (a running-max stabilised triple)" if len(site.carries) == 3 else "")
     return site
 
 

@@ -74,7 +74,7 @@ def _pad_steps(x: torch.Tensor, pad: int, fill: float, dim: int) -> torch.Tensor
     return torch.cat([x, torch.full(shape, fill, dtype=x.dtype, device=x.device)], dim)
 
 
-def chunked_wkv(w, u, k, v, state=None, chunk: int | None = None):
+def chunked_wkv(w, u, k, v, state=None, chunk: int | None = None, *, decay_rate=None):
     """(out, (num, den, max)) of RWKV-4's WKV; the same contract and state triple as
     wavefront.backends.scans.logspace.naive.wkv_reference (and transformers' rwkv_linear_attention_cpu).
 
@@ -104,6 +104,8 @@ def chunked_wkv(w, u, k, v, state=None, chunk: int | None = None):
     if k.dim() < 2 or v.shape != k.shape:
         raise ValueError(f"k and v must be [..., T, ch] alike, got {tuple(k.shape)} and {tuple(v.shape)}")
     *lead, T, ch = k.shape
+    if w is None:  # the decay given as its rate e^w (log decay -decay_rate per step), without a log/exp round trip
+        w = decay_rate
     if w.shape[-1:] != (ch,) or u.shape[-1:] != (ch,) or w.dim() != 1 or u.dim() != 1:
         raise ValueError(f"w and u must be [ch] = [{ch}], got {tuple(w.shape)} and {tuple(u.shape)}")
     if state is not None and any(s.shape != (*lead, ch) for s in state):
@@ -118,7 +120,7 @@ def chunked_wkv(w, u, k, v, state=None, chunk: int | None = None):
     C = chunk or 4
     n = (T + C - 1) // C  # not -(-T // C): ONNX divides truncating toward zero
     pad = n * C - T
-    ew = torch.exp(w.to(ct))  # the decay per step is e^{-ew}
+    ew = torch.exp(w.to(ct)) if decay_rate is None else decay_rate.to(ct)  # the decay per step is e^{-ew}
     u = u.to(ct)
     kc = _pad_steps(k.to(ct), pad, 0.0, -2).reshape(*lead, n, C, ch)  # padded steps only follow the end
     vc = _pad_steps(v.to(ct), pad, 0.0, -2).reshape(*lead, n, C, ch)
