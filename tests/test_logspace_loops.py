@@ -101,3 +101,30 @@ def test_transformers_rwkv_runs_its_wkv_as_the_log_space_scan():
         assert_close(s, r, 1e-5, f"state {i}")
     assert "rwkv_linear_attention_cpu" in str(wavefront.explain(fast))
     assert "ran as a stabilised log-space scan" in str(wavefront.explain(fast))
+
+
+def signed_weights(key, value):
+    """A 'stabilised' pair whose denominator adds a value that may be negative: no log space."""
+    a, b, p = torch.zeros_like(key[:, 0]), torch.zeros_like(key[:, 0]), torch.full_like(key[:, 0], -1e38)
+    out = torch.zeros_like(key)
+    for t in range(key.shape[1]):
+        q = torch.maximum(p, key[:, t])
+        e1, e2 = torch.exp(p - q), torch.exp(key[:, t] - q)
+        out[:, t] = (e1 * a + e2 * value[:, t]) / (e1 * b + e2)
+        a = e1 * a + e2 * value[:, t] * value[:, t]
+        b = e1 * b + e2 * value[:, t]
+        p = q
+    return out
+
+
+class Signed(torch.nn.Module):
+    def forward(self, k, v):
+        return signed_weights(k, v)
+
+
+def test_weights_that_may_be_negative_are_not_taken_to_log_space():
+    k, v = torch.randn(2, 9, 3, dtype=F64), torch.randn(2, 9, 3, dtype=F64)
+    model = Signed()
+    fast = wavefront.optimize(model)
+    assert torch.equal(fast(k, v), model(k, v))
+    assert "left as a loop" in str(wavefront.explain(fast))

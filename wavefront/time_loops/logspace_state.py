@@ -158,6 +158,7 @@ def match_logspace_step(traced: fx.GraphModule, n_carries: int) -> LogSpaceStep 
 
 
 def _match(new, y, c, mi):
+    """(num, den, lw, lk, x, lu) when carry `mi` is the max of a stabilised pair, else None."""
     others = [k for k in range(3) if k != mi]
     m = c[mi]
     N, D = sympy.Symbol("N", real=True), sympy.Symbol("D", real=True)
@@ -188,6 +189,8 @@ def _match(new, y, c, mi):
                 continue
             lu = sympy.expand_log(sympy.simplify(sympy.log(sympy.simplify(rd / cd))), force=True) - lk
             lu = sympy.simplify(lu)
+            if any(e.atoms(sympy.log) or e.has(sympy.I) for e in (lw, lk, lu)):
+                return None  # a weight that is not an exponential (it could be negative): no log space
             got = (ni, di, lw, lk, x, lu)
             if found is None:
                 found = got

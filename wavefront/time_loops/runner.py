@@ -317,8 +317,8 @@ def _logspace_scan(plan: _LogSpacePlan, site: LoopSite, env: dict, steps: "_Step
         rate = (-torch.as_tensor(evaluate(lw_, values))).expand(ch)
         bonus = torch.as_tensor(evaluate(lu_, values)).expand(ch)
         K, V = (torch.as_tensor(evaluate(e, values)).expand(n, *lead, ch).movedim(0, -2) for e in (lk_, x_))
-    except RuntimeError as e:
-        raise _Decline(f"its parts do not broadcast to the carries {tuple(state[0].shape)}") from e
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise _Decline(f"its parts do not broadcast to the carries {tuple(state[0].shape)} ({e})") from e
     O = None
     if n > 1:
         O, (num, den, mx) = chunked_wkv(None, bonus, K[..., :-1, :], V[..., :-1, :], tuple(state), decay_rate=rate)
