@@ -167,3 +167,22 @@ def test_export_leaves_the_models_train_eval_modes_as_they_were(tmp_path):
     modes = [m.training for m in model.modules()]
     wavefront.export_onnx(wavefront.optimize(model), (ids_for(4),), str(tmp_path / "m.onnx"))
     assert [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.hf
+def test_hf_mamba2_exports_through_the_kernel_seam_with_a_dynamic_length(tmp_path):
+    """Mamba-2's SSD, filled with wavefront's mamba_chunk_scan_combined: the chunked matrix scan
+    exports (its cumulative products by doubling, its chunk count without a negative floor division)."""
+    pytest.importorskip("onnxruntime")
+    m2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
+    if not hasattr(m2, "mamba2_chunk_scan"):
+        pytest.skip("transformers 4.x has no kernel seam")
+    from wavefront import hf_families
+    model = hf_families.build("mamba2", num_hidden_layers=1)
+    path = str(tmp_path / "mamba2.onnx")
+    export_onnx(model, (hf_families.example_ids("mamba2", 1, 70),), path, kwargs={"use_cache": False})
+    for T in (1, 64, 200):
+        ids = hf_families.example_ids("mamba2", 1, T, seed=T)
+        (logits,) = run_onnx(path, (ids,))
+        with torch.no_grad():
+            assert_close(logits, model(ids, use_cache=False).logits, 1e-4, f"Mamba-2 logits at T={T}")
