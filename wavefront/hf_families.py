@@ -145,7 +145,8 @@ FAMILIES: OrderedDict[str, Family] = OrderedDict(
              "expert_layer_period": 2, "expert_layer_offset": 1,  # MoE MLP in layer 1
              "num_experts": 4, "num_experts_per_tok": 2, **_EAGER_EXPERTS,
              "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2,
-             "use_mambapy": False, "use_associative_scan": False},
+             "use_mambapy": False, "use_associative_scan": False,
+             "use_mamba_kernels": False},  # transformers 4.x refuses to build without mamba_ssm otherwise
             recurrent="selective scan (Mamba-1), a Python loop over time, in layers 0 and 2; attention in layer 1",
         ),
         Family(
