@@ -73,3 +73,67 @@ def test_a_readout_of_the_undecayed_state_is_not_taken_for_the_delta_rule():
         fast = wavefront.optimize(model)
     assert torch.equal(fast(k, v, a), model(k, v, a))
     assert "left as a loop" in str(wavefront.explain(fast))
+
+
+class BetaPlacement(torch.nn.Module):
+    """beta on the key, on the error, or on both and the update: the same delta rule."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.where = where
+
+    def forward(self, k, v, q, beta):
+        S = k.new_zeros(k.shape[0], k.shape[1], k.shape[3], v.shape[3])
+        out = k.new_empty(k.shape[0], k.shape[1], k.shape[2], v.shape[3])
+        for t in range(k.shape[2]):
+            kt, bt = k[:, :, t], beta[:, :, t]
+            err = v[:, :, t] - torch.einsum("bhkv,bhk->bhv", S, kt)
+            if_key = (kt * bt[..., None]).unsqueeze(-1) * err.unsqueeze(-2)
+            S = S + (if_key if self.where == "key" else kt.unsqueeze(-1) * (err * bt[..., None]).unsqueeze(-2)
+                     if self.where == "value" else bt[..., None, None] * if_key)
+            out[:, :, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, :, t])
+        return out
+
+
+@pytest.mark.parametrize("where", ["key", "value", "both"])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_beta_anywhere_in_the_update_is_the_same_delta_rule(where, heads):
+    torch.manual_seed(heads)
+    B, T, dk, dv = 2, 11, 4, 3
+    k = torch.nn.functional.normalize(torch.randn(B, heads, T, dk, dtype=F64), dim=-1)
+    v, q, beta = torch.randn(B, heads, T, dv, dtype=F64), torch.randn(B, heads, T, dk, dtype=F64), \
+        torch.rand(B, heads, T, dtype=F64)
+    model = BetaPlacement(where)
+    fast = wavefront.optimize(model)
+    assert_close(fast(k, v, q, beta), model(k, v, q, beta), 1e-12, "outputs")
+    assert "ran as a delta-rule scan" in str(wavefront.explain(fast))
+
+
+class NotQuiteDelta(torch.nn.Module):
+    """torch.sub(v, S^T k, alpha=2) and a float16 readout: not the delta rule, left as loops."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+
+    def forward(self, k, v):
+        S = k.new_zeros(k.shape[0], k.shape[2], v.shape[2])
+        out = k.new_empty(k.shape[0], k.shape[1], v.shape[2])
+        for t in range(k.shape[1]):
+            kt = k[:, t]
+            if self.variant == "alpha":
+                err = torch.sub(v[:, t], torch.einsum("bkv,bk->bv", S, kt), alpha=2.0)
+            else:
+                err = v[:, t] - (S * kt.unsqueeze(-1)).sum(-2, dtype=torch.float16)
+            S = S + kt.unsqueeze(-1) * err.unsqueeze(-2)
+            out[:, t] = torch.einsum("bkv,bk->bv", S, kt)
+        return out
+
+
+@pytest.mark.parametrize("variant", ["alpha", "dtype"])
+def test_a_subtraction_with_alpha_or_a_rounding_readout_is_not_taken_for_the_delta_rule(variant):
+    k, v = torch.randn(2, 7, 3, dtype=F64), torch.randn(2, 7, 2, dtype=F64)
+    model = NotQuiteDelta(variant)
+    with pytest.warns(UserWarning):
+        fast = wavefront.optimize(model)
+    assert torch.equal(fast(k, v), model(k, v))

@@ -66,3 +66,37 @@ def test_a_native_kernel_that_cannot_be_built_gives_way_to_its_torch_form(monkey
     else:  # 4.x: the inlined loop is lifted into a first-order scan, which needs no selective kernel
         from wavefront.time_loops.model import LoopLiftedModel
         assert isinstance(wavefront.optimize(model), LoopLiftedModel)
+
+
+def test_a_users_wrapper_around_the_seam_function_is_kept():
+    """functools.wraps gives the wrapper __wrapped__, but it is not transformers' seam: not replaced."""
+    import functools
+    if not hasattr(mm, "mamba_selective_scan"):
+        pytest.skip("transformers 4.x has no kernel seam")
+    model = tiny_mamba()
+    original = mm.mamba_selective_scan
+
+    @functools.wraps(original)
+    def halved(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return (out[0] * 0.5, out[1]) if isinstance(out, tuple) else out * 0.5
+    ids = torch.randint(0, 100, (1, 20))
+    mm.mamba_selective_scan = halved
+    try:
+        fast = wavefront.optimize(model)
+        with torch.no_grad():
+            assert_close(fast(ids).logits, model(ids).logits, 1e-5, "logits with the user's wrapper")
+        assert "mamba_selective_scan [selective_scan_fn]: runs as" not in str(wavefront.explain(fast))
+    finally:
+        mm.mamba_selective_scan = original
+
+
+def test_an_activation_the_kernel_does_not_run_keeps_the_models_own_convolution():
+    from wavefront import hf_families
+    if not hasattr(mm, "mamba_selective_scan"):
+        pytest.skip("transformers 4.x has no kernel seam")
+    model = hf_families.build("mamba", hidden_act="gelu")
+    ids = hf_families.example_ids("mamba", 1, 30)
+    fast = wavefront.optimize(model, verify=True)
+    with torch.no_grad():
+        assert_close(fast(ids).logits, model(ids).logits, 1e-5, "logits")

@@ -235,3 +235,31 @@ def test_fla_delta_rules_match_transformers_pytorch_fallbacks_in_float32():
         kw = dict(g=g, beta=beta, initial_state=S0, output_final_state=True, use_qk_l2norm_in_kernel=True)
         for got, want, name in zip(ours(q, k, v, **kw), theirs.__wrapped__(q, k, v, **kw), ("o", "state")):
             assert_close(got, want, 2e-6, f"{ours.__name__} {name}")
+
+
+def test_the_chunk_scan_clamps_dt_to_its_limit_like_mamba_ssm():
+    """dt_limit defaults to (0, inf): a negative dt (no softplus) counts as 0, as in mamba_ssm."""
+    torch.manual_seed(8)
+    x, dt = torch.randn(1, 9, 2, 3, dtype=f64), torch.randn(1, 9, 2, dtype=f64)
+    A, B, C = -torch.rand(2, dtype=f64), torch.randn(1, 9, 1, 4, dtype=f64), torch.randn(1, 9, 1, 4, dtype=f64)
+    y = mamba_chunk_scan_combined(x, dt, A, B, C, 4)
+    ry, _ = ssd_loop(x, dt.clamp(min=0), A, B, C, torch.zeros(2, dtype=f64), torch.zeros(1, 2, 3, 4, dtype=f64))
+    assert_close(y, ry, 1e-12, "y")
+
+
+def test_inputs_a_kernel_does_not_run_raise_unsupported_before_touching_the_state():
+    from wavefront.kernels.unsupported import Unsupported
+    x, w, state = torch.randn(1, 2, 3), torch.randn(2, 4), torch.randn(1, 2, 3)
+    before = state.clone()
+    with pytest.raises(Unsupported, match="activation"):
+        causal_conv1d_update(x, state, w, activation="gelu")
+    assert torch.equal(state, before)
+
+
+def test_the_native_matrix_scan_refuses_shapes_off_the_contract():
+    from wavefront.backends.scans.matrix.dispatch import matrix_scan
+    q, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 2)
+    with pytest.raises(ValueError, match="alike"):
+        matrix_scan(q, torch.randn(1, 3, 5, 4), v)  # read out of bounds by the kernel, were it called
+    with pytest.raises(ValueError, match="S0 must broadcast"):
+        matrix_scan(q, q, v, None, torch.randn(2, 3, 4, 3))

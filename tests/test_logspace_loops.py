@@ -128,3 +128,80 @@ def test_weights_that_may_be_negative_are_not_taken_to_log_space():
     fast = wavefront.optimize(model)
     assert torch.equal(fast(k, v), model(k, v))
     assert "left as a loop" in str(wavefront.explain(fast))
+
+
+def shared_keys(a0, key, value, u, w):
+    """Keys and values shared by the batch rows ([T, C]) while the states are per row ([B, C])."""
+    a, b, p = a0.clone(), torch.ones_like(a0), torch.zeros_like(a0)
+    out = torch.zeros(key.shape[0], *a0.shape, dtype=a0.dtype)
+    for t in range(key.shape[0]):
+        kt, vt = key[t], value[t]
+        q = torch.maximum(p, u + kt)
+        e1, e2 = torch.exp(p - q), torch.exp(u + kt - q)
+        out[t] = (e1 * a + e2 * vt) / (e1 * b + e2)
+        q2 = torch.maximum(p + w, kt)
+        e1, e2 = torch.exp(p + w - q2), torch.exp(kt - q2)
+        a = e1 * a + e2 * vt
+        b = e1 * b + e2
+        p = q2
+    return out, (a, b, p)
+
+
+def rounded_carry(key, value, u, w):
+    """The same pair, but its numerator rounded to bfloat16 every step: not the same function."""
+    a, b, p = torch.zeros_like(key[:, 0]), torch.zeros_like(key[:, 0]), torch.full_like(key[:, 0], -1e38)
+    out = torch.zeros_like(key)
+    for t in range(key.shape[1]):
+        kt, vt = key[:, t], value[:, t]
+        q = torch.maximum(p, u + kt)
+        e1, e2 = torch.exp(p - q), torch.exp(u + kt - q)
+        out[:, t] = (e1 * a + e2 * vt) / (e1 * b + e2)
+        q2 = torch.maximum(p + w, kt)
+        e1, e2 = torch.exp(p + w - q2), torch.exp(kt - q2)
+        a = (e1 * a + e2 * vt).to(torch.bfloat16).to(key.dtype)
+        b = e1 * b + e2
+        p = q2
+    return out
+
+
+class SharedKeys(torch.nn.Module):
+    def forward(self, *args):
+        return shared_keys(*args)
+
+
+class RoundedCarry(torch.nn.Module):
+    def forward(self, *args):
+        return rounded_carry(*args)
+
+
+@pytest.mark.parametrize("B,T", [(4, 4), (3, 5)])
+def test_per_step_reads_with_fewer_dims_than_the_carries_line_up_with_steps_not_rows(B, T):
+    torch.manual_seed(B * T)
+    C = 3
+    a0, key, value = torch.randn(B, C, dtype=F64), torch.randn(T, C, dtype=F64), torch.randn(T, C, dtype=F64)
+    u, w = torch.randn(C, dtype=F64), -torch.rand(C, dtype=F64)
+    model = SharedKeys()
+    fast = wavefront.optimize(model)
+    (ref, ref_state), (out, state) = model(a0, key, value, u, w), fast(a0, key, value, u, w)
+    assert_close(out, ref, 1e-12, "outputs")
+    for s, r in zip(state, ref_state):
+        assert_close(s, r, 1e-12, "state")
+    assert "ran as a stabilised log-space scan" in str(wavefront.explain(fast))
+
+
+def test_a_carry_rounded_inside_the_step_is_not_proved_away():
+    torch.manual_seed(0)
+    key, value = torch.randn(2, 12, 3, dtype=F64), torch.randn(2, 12, 3, dtype=F64)
+    u, w = torch.randn(3, dtype=F64), -torch.rand(3, dtype=F64)
+    model = RoundedCarry()
+    fast = wavefront.optimize(model)
+    assert torch.equal(fast(key, value, u, w), model(key, value, u, w))
+    assert "left as a loop" in str(wavefront.explain(fast))
+
+
+def test_a_fixed_length_export_of_a_loop_left_as_it_is_unrolls_it(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = Signed()
+    k, v = torch.randn(2, 6, 3), torch.randn(2, 6, 3)
+    fast = wavefront.optimize(model)
+    fast.export_onnx((k, v), str(tmp_path / "m.onnx"), dynamic=False)  # used to raise: "export at a fixed length"

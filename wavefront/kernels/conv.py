@@ -9,16 +9,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from wavefront.kernels.unsupported import Unsupported
+
 ACTIVATIONS = (None, "silu", "swish")
 
 
 def _activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS} (causal-conv1d's), got {activation!r}")
     return x if activation is None else F.silu(x)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> None:
+    """Before anything is computed or written (the decode step rolls its state in place)."""
+    if activation not in ACTIVATIONS:
+        raise Unsupported(f"activation must be one of {ACTIVATIONS} (causal-conv1d's), got {activation!r}")
     if weight.dim() != 2 or x.dim() not in (2, 3) or x.shape[1] != weight.shape[0]:
         raise ValueError(f"causal conv1d takes x [batch, dim, seqlen] (or [batch, dim] for an update) and weight "
                          f"[dim, width]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
@@ -35,9 +38,9 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
     >>> causal_conv1d_fn(x, torch.tensor([[1.0, 1.0]]))
     tensor([[[0., 1., 3., 5.]]])
     """
-    _check(x, weight)
+    _check(x, weight, activation)
     if seq_idx is not None:
-        raise ValueError("seq_idx (packed sequences) is not supported by wavefront's causal_conv1d_fn: "
+        raise Unsupported("seq_idx (packed sequences) is not supported by wavefront's causal_conv1d_fn: "
                          "run each sequence as its own batch row")
     width = weight.shape[1]
     dtype = x.dtype
@@ -67,9 +70,9 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     >>> [causal_conv1d_update(torch.tensor([[v]]), state, torch.tensor([[1.0, 1.0]])).item() for v in (1.0, 2.0)]
     [1.0, 3.0]
     """
-    _check(x, weight)
+    _check(x, weight, activation)
     if cache_seqlens is not None or conv_state_indices is not None:
-        raise ValueError("cache_seqlens / conv_state_indices (a circular or indexed cache) are not supported by "
+        raise Unsupported("cache_seqlens / conv_state_indices (a circular or indexed cache) are not supported by "
                          "wavefront's causal_conv1d_update: pass each row's state in order")
     single = x.dim() == 2
     xs = x.unsqueeze(-1) if single else x

@@ -17,6 +17,7 @@ import torch
 
 from wavefront.backends.scans.delta.dispatch import delta_rule
 from wavefront.kernels.mamba import compute_dtype
+from wavefront.kernels.unsupported import Unsupported
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -27,7 +28,7 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def _delta(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel,
            per_channel: bool, name: str):
     if cu_seqlens is not None:
-        raise ValueError(f"cu_seqlens (packed sequences) is not supported by wavefront's {name}: run each sequence "
+        raise Unsupported(f"cu_seqlens (packed sequences) is not supported by wavefront's {name}: run each sequence "
                          "as its own batch row")
     B, T, H, K = q.shape
     HV = v.shape[2]

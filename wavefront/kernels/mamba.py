@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from wavefront.backends.scans.matrix.dispatch import matrix_scan
 from wavefront.backends.scans.selective.dispatch import selective_scan
+from wavefront.kernels.unsupported import Unsupported
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -24,12 +25,14 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _dt(dt, dt_bias, softplus, limit=(0.0, math.inf)):
+def _dt(dt, dt_bias, softplus, limit=None):
+    """dt + bias, softplus'd if asked, clamped to `limit` when given (mamba_chunk_scan_combined
+    clamps always, to (0, inf) by default: a negative dt becomes 0; selective_scan_fn never)."""
     if dt_bias is not None:
         dt = dt + dt_bias
     if softplus:
         dt = F.softplus(dt)
-    if tuple(limit) != (0.0, math.inf):
+    if limit is not None:
         dt = dt.clamp(min=limit[0], max=limit[1])
     return dt
 
@@ -48,9 +51,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     torch.Size([1, 2, 3])
     """
     if A.is_complex():
-        raise ValueError("wavefront's selective_scan_fn takes a real A (every Mamba model in transformers uses one)")
+        raise Unsupported("wavefront's selective_scan_fn takes a real A (every Mamba model in transformers uses one)")
     if B.dim() < 3 or C.dim() < 3:
-        raise ValueError("wavefront's selective_scan_fn takes input-dependent B and C ([batch, N, L] or "
+        raise Unsupported("wavefront's selective_scan_fn takes input-dependent B and C ([batch, N, L] or "
                          f"[batch, groups, N, L]), got B {tuple(B.shape)}, C {tuple(C.shape)}")
     ct = compute_dtype(u, delta, A, B, C, D, z)
     dt = _dt(delta.to(ct), None if delta_bias is None else delta_bias.to(ct)[..., None], delta_softplus)
@@ -89,7 +92,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     (torch.Size([1, 2]), 1.0)
     """
     if state_batch_indices is not None:
-        raise ValueError("state_batch_indices (an indexed state cache) is not supported by wavefront's "
+        raise Unsupported("state_batch_indices (an indexed state cache) is not supported by wavefront's "
                          "selective_state_update: pass the states of the batch rows in order")
     mamba1 = state.dim() == 3
     st, x_, dt_, z_ = (_heads(t, mamba1) for t in (state, x, dt, z))
@@ -138,7 +141,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt
     torch.Size([1, 5, 2, 3])
     """
     if return_varlen_states:
-        raise ValueError("return_varlen_states is not supported by wavefront's mamba_chunk_scan_combined: "
+        raise Unsupported("return_varlen_states is not supported by wavefront's mamba_chunk_scan_combined: "
                          "run each sequence as its own batch row to get its final state")
     batch, length, heads, _ = x.shape
     if cu_seqlens is not None and seq_idx is None:

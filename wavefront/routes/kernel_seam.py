@@ -5,8 +5,8 @@ transformers 5.x decorates each such function with
 `@use_kernel_func_from_hub_with_fallback("<api name>", "<package>")`: the call runs the package's
 kernel when it is installed, else the function's own PyTorch body. The seam is read from the
 modeling file's source (the decorator and its API name) and checked against the live global (the
-decorator's wrapper, which keeps the body as __wrapped__), so a function the user replaced is not
-taken for a seam. Only globals that the methods of the model's own module classes call are kept.
+decorator's wrapper, which closes over the body and keeps it as __wrapped__), so a function the
+user replaced or wrapped is not taken for a seam. Only globals that the methods of the model's own module classes call are kept.
 transformers 4.x binds these names to the packages' functions or to None and picks the PyTorch
 path by device inside the mixers: there is no seam to fill (the time-loop route lifts those loops).
 """
@@ -83,6 +83,18 @@ def served_by(fn: Callable, package: str) -> str | None:
     return None
 
 
+def _is_seam_wrapper(fn, name: str, namespace: types.ModuleType) -> bool:
+    """Is the global transformers' own wrapper of the function the source declares (its closure
+    holds that function as `torch_function`, kept as __wrapped__)? A user's wrapper around it, or a
+    replacement, is not."""
+    try:
+        body = inspect.getclosurevars(fn).nonlocals.get("torch_function")
+    except (TypeError, ValueError):
+        return False
+    return (body is not None and getattr(fn, "__wrapped__", None) is body and getattr(body, "__name__", "") == name
+            and getattr(body, "__module__", "") == namespace.__name__)
+
+
 def _code_names(cls: type) -> set[str]:
     """The global names the functions defined on a class (and their nested functions) read."""
     names: set[str] = set()
@@ -114,7 +126,7 @@ def find_seams(model: nn.Module) -> list[Seam]:
         for name, (api, package) in declared.items():
             fn = getattr(namespace, name, None)
             callers = tuple(c for c, used in names.items() if name in used)
-            if callers and callable(fn) and hasattr(fn, "__wrapped__"):
+            if callers and _is_seam_wrapper(fn, name, namespace):
                 seams.append(Seam(namespace, name, api, fn, callers, served_by(fn, package)))
     return seams
 

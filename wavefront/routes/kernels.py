@@ -8,9 +8,11 @@ swapped, in its module's namespace, for the duration of each call of the optimiz
 caches; the first call can be verified against it unswapped. Arguments reach the kernel as the
 seam passes them to the package it stands for (keyword arguments the kernel does not take are
 dropped, as transformers drops them). A seam a package already serves, or one wavefront has no
-kernel for, keeps running what it runs. The route applies when at least one substituted kernel
-carries a recurrence. Calls are not thread-safe: two threads running the same modeling module
-at once would both see the swap.
+kernel for, keeps running what it runs; an input a kernel does not run (an activation other than
+silu, packed sequences) runs the model's own function. The route applies when at least one
+substituted kernel carries a recurrence. The swap is of module globals: while an optimized model
+runs, any other model of the same modeling module running in another thread sees wavefront's
+kernels too (the same results, to rounding).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from wavefront.kernels import KERNELS, RECURRENT, how
+from wavefront.kernels.unsupported import Unsupported
 from wavefront.routes.base import Optimized
 from wavefront.routes.explanation import NO_SEGMENTS, Explanation
 from wavefront.routes.kernel_seam import Seam, find_seams
@@ -45,6 +48,20 @@ def substitutable(seams: list[Seam]) -> list[Seam]:
     return [s for s in seams if s.api in KERNELS and s.served_by is None]
 
 
+def _filled(seam: Seam):
+    """The seam's function while swapped: wavefront's kernel, or the model's own function for an
+    input the kernel does not run (it raises Unsupported before computing or writing anything)."""
+    kernel = _CALLS[seam.api]
+
+    @functools.wraps(seam.original)
+    def call(*args, **kwargs):
+        try:
+            return kernel(*args, **kwargs)
+        except Unsupported:
+            return seam.original(*args, **kwargs)
+    return call
+
+
 @contextlib.contextmanager
 def swapped(seams: list[Seam]):
     """Each seam's global replaced by wavefront's kernel while the block runs; a global the user
@@ -53,7 +70,7 @@ def swapped(seams: list[Seam]):
     try:
         for s in seams:
             if getattr(s.namespace, s.name, None) is s.original:
-                setattr(s.namespace, s.name, _CALLS[s.api])
+                setattr(s.namespace, s.name, _filled(s))
                 done.append(s)
         yield
     finally:

@@ -41,7 +41,8 @@ ADD = (operator.add, torch.add)
 @dataclass
 class DeltaStep:
     """The parts of a delta-rule step as graphs of (index, *tensors): the decay a (None: 1), the
-    key k, the value v, the query q, and the factors whose product is beta (graphs or numbers)."""
+    key k, the value v, the query q, and the factors whose product is beta: (graph or number, the
+    side it multiplies: "state", "key" or "value")."""
 
     a: fx.GraphModule | None
     k: fx.GraphModule
@@ -101,20 +102,23 @@ def match_delta_step(traced: fx.GraphModule) -> DeltaStep | None:
         k_outer, e_outer, rest = parts
         k_factors, e_factors = _factors(k_outer), _factors(e_outer)
         for d in e_factors:
-            if not (_is(d, SUB, "sub") and len(d.args) == 2):
+            if not (_is(d, SUB, "sub") and len(d.args) == 2 and not d.kwargs):  # sub(x, y, alpha=2) is not x - y
                 continue
             v, r = d.args
             k = _readout(r, S1)
             if k is None or not any(k is f for f in k_factors):
                 continue
-            beta = rest + [f for f in k_factors if f is not k] + [f for f in e_factors if f is not d]
+            # beta's factors, each with the side it multiplies: the update (a state-shaped value), the
+            # key before its unsqueeze(-1) (shaped like k) or the error before its unsqueeze(-2) (like v)
+            beta = [(f, "state") for f in rest] + [(f, "key") for f in k_factors if f is not k] + \
+                [(f, "value") for f in e_factors if f is not d]
             q = _readout(y, new)
-            if q is None or not all(_carry_free(x, S) and _carry_free(x, new) for x in (k, v, q, *beta)) \
+            if q is None or not all(_carry_free(x, S) and _carry_free(x, new) for x in (k, v, q, *(f for f, _ in beta))) \
                     or not isinstance(v, fx.Node) or (a is not None and not isinstance(a, fx.Node)):
                 return None
             graph = lambda n: _subgraph(traced, n, drop=1) if isinstance(n, fx.Node) else n  # noqa: E731
             return DeltaStep(graph(a) if a is not None else None, graph(k), graph(v), graph(q),
-                             [graph(f) for f in beta])
+                             [(graph(f), side) for f, side in beta])
     return None
 
 

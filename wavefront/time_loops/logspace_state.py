@@ -32,7 +32,8 @@ _EXP = {torch.exp}
 _MAX = {torch.maximum, torch.max}
 _METHODS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
             "neg": operator.neg, "exp": torch.exp, "maximum": torch.maximum}
-_CONVERSIONS = {"to", "type", "float", "double", "contiguous", "clone"}
+_CONVERSIONS = {"to", "type", "float", "double", "half", "bfloat16", "contiguous", "clone"}
+_LAYOUT = {"contiguous", "clone"}  # the same values: identity wherever they are
 
 
 @dataclass
@@ -61,6 +62,8 @@ def _symbolic(traced: fx.GraphModule, n_carries: int):
     values) is a real symbol of its own, recorded in `reads` with its node."""
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     carries = placeholders[:n_carries]
+    outputs = next(n for n in traced.graph.nodes if n.op == "output").args[0]
+    output_value = outputs[-1] if isinstance(outputs, (tuple, list)) and len(outputs) > n_carries else None
     env = {n: sympy.Symbol(f"c{k}", real=True) for k, n in enumerate(carries)}
     reads: dict = {}
     depends = set(carries)
@@ -87,8 +90,14 @@ def _symbolic(traced: fx.GraphModule, n_carries: int):
         try:
             if n.op in ("placeholder", "get_attr"):
                 env[n] = leaf(n)
-            elif n.op == "call_method" and n.target in _CONVERSIONS:
+            elif n.op == "call_method" and n.target in _LAYOUT:
                 env[n] = value(args[0])
+            elif n.op == "call_method" and n.target in _CONVERSIONS and n not in depends:
+                env[n] = leaf(n)  # a converted read: evaluated with its conversion, an opaque value here
+            elif n.op == "call_method" and n.target in _CONVERSIONS and n is output_value:
+                env[n] = value(args[0])  # the written value's last cast: the write into the output casts alike
+            elif n.op == "call_method" and n.target in _CONVERSIONS:
+                raise _NotLogSpace(f"a dtype conversion (`{n.target}`) of a value the carries reach (it may round)")
             elif fn in _ADD | _SUB | _MUL | _DIV and len(args) == 2 and not n.kwargs:
                 a, b = value(args[0]), value(args[1])
                 env[n] = a + b if fn in _ADD else a - b if fn in _SUB else a * b if fn in _MUL else a / b

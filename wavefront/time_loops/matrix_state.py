@@ -98,7 +98,7 @@ def _readout(node, state: fx.Node):
     if found:
         return found[1] if found[0] is state else None
     if _is(node, (torch.sum,), "sum") and _arg(node, 1, "dim") in (-2, (-2,), [-2]) \
-            and not _arg(node, 2, "keepdim", False):
+            and not _arg(node, 2, "keepdim", False) and node.kwargs.get("dtype") is None:  # a dtype= rounds
         inner = node.args[0]
         if _is(inner, MUL, "mul"):
             x, y = inner.args[0], inner.args[1]

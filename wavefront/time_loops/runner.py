@@ -13,6 +13,7 @@ has changed nothing.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import types
 import weakref
@@ -91,13 +92,14 @@ class LoopRunner:
 
     def __call__(self, k: int, env: dict, bounds: tuple, reverse: bool):
         site = self.sites[k]
-        exporting = torch.compiler.is_exporting()
+        # symbolic: under torch.export with a dynamic length (a fixed one leaves the bounds ints)
+        symbolic = torch.compiler.is_exporting() and not all(isinstance(b, int) for b in bounds)
         try:
-            values = self._run(site, env, _Steps(bounds, reverse, exporting))
+            values = self._run(site, env, _Steps(bounds, reverse, symbolic))
         except (NotAffine, _Decline) as e:
             reason = e.reason if isinstance(e, NotAffine) else str(e)
             self._record(k, env, f"left as a loop: {reason}")
-            if exporting:
+            if symbolic:  # at a fixed length the loop is unrolled, as the user's code would be
                 raise LoopExportError(f"{site.where()}: the loop over `{site.index}` cannot be exported with a dynamic "
                                       f"length: {reason}. As a Python loop it would be unrolled to the example's "
                                       "length; rewrite it (see explain()) or export at a fixed length") from e
@@ -179,7 +181,7 @@ class LoopRunner:
                 raise
             hoist = lambda g: hoist_index_reads(g, site.index) if isinstance(g, fx.GraphModule) else g  # noqa: E731
             return _DeltaPlan(last, hoist(delta.a) if delta.a is not None else None, hoist(delta.k), hoist(delta.v),
-                              hoist(delta.q), [hoist(b) for b in delta.beta])
+                              hoist(delta.q), [(hoist(b), side) for b, side in delta.beta])
         ys = _outputs_graph(traced) if site.outputs else None
         hoist = [hoist_index_reads(g, site.index) if g is not None else None for g in (affine.a, affine.b, ys)]
         reads_previous = ys is not None and len(next(iter(ys.graph.nodes)).users) > 0
@@ -296,33 +298,43 @@ def _logspace_scan(plan: _LogSpacePlan, site: LoopSite, env: dict, steps: "_Step
     placeholders = [n for n in plan.traced.graph.nodes if n.op == "placeholder"]
     n_carries, index_node = len(site.carries), placeholders[len(site.carries)]
     by_node = dict(zip(placeholders[n_carries + 1:], xs))
+    try:  # the carries as the loop will hold them after its first step (a scalar initial max broadcasts)
+        state = list(torch.broadcast_tensors(*(env[site.carries[k]] for k in (plan.step.num, plan.step.den,
+                                                                              plan.step.max))))
+    except RuntimeError as e:
+        raise _Decline(f"its carries do not broadcast together ({e})") from e
+    if state[0].dim() < 1:
+        raise _Decline("its carries are scalars (the WKV scan runs per channel)")
+    lead, ch, n = tuple(state[0].shape[:-1]), state[0].shape[-1], steps.n
     per_step, values = set(), {}
     for sym, node in plan.step.reads.items():
         if node is index_node or (index_node in _ancestors(node)):
             per_step.add(sym)
             g = hoist_index_reads(_subgraph(plan.traced, node, drop=n_carries), site.index)
-            values[sym] = _over_steps(g, [idx, *xs], (0,) + (None,) * len(xs), steps)
+            v = _over_steps(g, [idx, *xs], (0,) + (None,) * len(xs), steps)
+            if v.dim() - 1 > state[0].dim():
+                raise _Decline(f"a per-step value of shape {tuple(v.shape[1:])} is larger than the carries")
+            # [n, ...] with its own dims right-aligned to the carries', the step axis in front of them all
+            values[sym] = v.reshape(n, *([1] * (state[0].dim() - (v.dim() - 1))), *v.shape[1:])
         elif node.op == "placeholder":
             values[sym] = by_node[node]
         elif node.op == "get_attr":
-            values[sym] = plan.traced.get_parameter(node.target) if "." in node.target else getattr(plan.traced, node.target)
+            values[sym] = functools.reduce(getattr, node.target.split("."), plan.traced)
         else:
             values[sym] = _subgraph(plan.traced, node, drop=n_carries)(idx[0], *xs)
     if (lw_.free_symbols | lu_.free_symbols) & per_step:
         raise _Decline("its decay or bonus changes from step to step (the WKV scan takes them per channel)")
-    state = [env[site.carries[k]] for k in (plan.step.num, plan.step.den, plan.step.max)]
-    lead, ch = tuple(state[0].shape[:-1]), state[0].shape[-1]
-    n = steps.n
     try:
         rate = (-torch.as_tensor(evaluate(lw_, values))).expand(ch)
         bonus = torch.as_tensor(evaluate(lu_, values)).expand(ch)
         K, V = (torch.as_tensor(evaluate(e, values)).expand(n, *lead, ch).movedim(0, -2) for e in (lk_, x_))
+        O = None
+        if n > 1:
+            O, (num, den, mx) = chunked_wkv(None, bonus, K[..., :-1, :], V[..., :-1, :], tuple(state),
+                                            decay_rate=rate)
+            state = [num.to(state[0].dtype), den.to(state[1].dtype), mx.to(state[2].dtype)]
     except (RuntimeError, ValueError, TypeError) as e:
         raise _Decline(f"its parts do not broadcast to the carries {tuple(state[0].shape)} ({e})") from e
-    O = None
-    if n > 1:
-        O, (num, den, mx) = chunked_wkv(None, bonus, K[..., :-1, :], V[..., :-1, :], tuple(state), decay_rate=rate)
-        state = [num.to(state[0].dtype), den.to(state[1].dtype), mx.to(state[2].dtype)]
     carries = [None] * 3
     for k, role in enumerate((plan.step.num, plan.step.den, plan.step.max)):
         carries[role] = state[k]
@@ -366,10 +378,19 @@ def _delta_state_scan(plan: _DeltaPlan, site: LoopSite, env: dict, steps: "_Step
     n, in_dims = steps.n, (0,) + (None,) * len(xs)
     lead, (dk, dv) = tuple(h0.shape[:-2]), tuple(h0.shape[-2:])
     K, V, Q = (_over_steps(g, [idx, *xs], in_dims, steps) for g in (plan.k, plan.v, plan.q))
-    beta = torch.ones((), dtype=h0.dtype, device=h0.device)
-    for b in plan.beta:
-        beta = beta * (_over_steps(b, [idx, *xs], in_dims, steps) if isinstance(b, HoistedReads) else b)
-    beta = _per_head(beta.expand(n, *beta.shape[1:]) if beta.dim() else beta.expand(n), n, lead, 2, "beta")
+    beta = torch.ones(n, dtype=h0.dtype, device=h0.device)
+    try:
+        for b, side in plan.beta:
+            if not isinstance(b, HoistedReads):
+                beta = beta * b
+                continue
+            f = _over_steps(b, [idx, *xs], in_dims, steps)
+            f = f.unsqueeze(-1) if side == "key" else f.unsqueeze(-2) if side == "value" else f  # as it multiplies
+            beta = beta.reshape(n, *([1] * (f.dim() - beta.dim())), *beta.shape[1:]) * f \
+                if f.dim() >= beta.dim() else beta * f.reshape(n, *([1] * (beta.dim() - f.dim())), *f.shape[1:])
+    except RuntimeError as e:
+        raise _Decline(f"its beta factors do not broadcast together ({e})") from e
+    beta = _per_head(beta, n, lead, 2, "beta")
     g = None
     if plan.a is not None:
         A = _over_steps(plan.a, [idx, *xs], in_dims, steps)

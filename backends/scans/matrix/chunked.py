@@ -18,6 +18,25 @@ from wavefront.backends.scans.linear.dispatch import linear_scan
 ALL_STATES_AT_ONCE = 1 << 22  # elements of chunk states (n x state) held at once; above: chunk by chunk
 
 
+def check_shapes(q, k, v, decay=None, S0=None) -> None:
+    """One error for any shape off the matrix-scan contract (every form indexes by q's sizes).
+
+    >>> check_shapes(torch.ones(1, 3, 2), torch.ones(1, 3, 2), torch.ones(1, 4, 2))
+    Traceback (most recent call last):
+    ...
+    ValueError: q, k must be [..., T, dk] and v [..., T, dv] alike, got (1, 3, 2), (1, 3, 2), (1, 4, 2)
+    """
+    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(f"q, k must be [..., T, dk] and v [..., T, dv] alike, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    per_dim = decay is not None and decay.dim() == q.dim()
+    if decay is not None and decay.shape != (q.shape if per_dim else q.shape[:-1]):
+        raise ValueError(f"decay must be [..., T] or [..., T, dk] like q {tuple(q.shape)}, got {tuple(decay.shape)}")
+    state = (*q.shape[:-2], q.shape[-1], v.shape[-1])
+    if S0 is not None and (S0.dim() > len(state) or any(a not in (1, b) for a, b in zip(S0.shape[::-1], state[::-1]))):
+        raise ValueError(f"S0 must broadcast to [..., dk, dv] = {list(state)}, got {tuple(S0.shape)}")
+
+
 def cumulative_product(x: torch.Tensor, dim: int) -> torch.Tensor:
     """torch.cumprod, or under torch.export the same products by doubling (log2 n multiplies of
     shifted copies): ONNX has no cumulative product, and a log-space cumsum would break on
@@ -64,14 +83,10 @@ def chunked_matrix_scan(q, k, v, decay=None, S0=None, chunk: int | None = None):
     >>> bool(torch.allclose(o, ro, atol=1e-5) and torch.allclose(S, rS, atol=1e-5))
     True
     """
+    check_shapes(q, k, v, decay, S0)
     *lead, T, dk = q.shape
     dv = v.shape[-1]
-    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(f"q, k must be [..., T, dk] and v [..., T, dv] alike, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     per_dim = decay is not None and decay.dim() == q.dim()
-    if decay is not None and decay.shape != (q.shape if per_dim else q.shape[:-1]):
-        raise ValueError(f"decay must be [..., T] or [..., T, dk] like q {tuple(q.shape)}, got {tuple(decay.shape)}")
     out_dtype = q.dtype
     ct = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
     C = chunk or (16 if per_dim else 64)  # per-dim decay makes D [C, C, dk]: a smaller chunk
@@ -125,4 +140,4 @@ def chunked_matrix_scan(q, k, v, decay=None, S0=None, chunk: int | None = None):
     return o.to(out_dtype), S_last.to(out_dtype)
 
 
-__all__ = ["chunked_matrix_scan"]
+__all__ = ["check_shapes", "chunked_matrix_scan", "cumulative_product"]

@@ -15,6 +15,7 @@ import ctypes
 import torch
 import wavefront.backends.scans.linear.native as native_scan
 from wavefront.backends.disk_cache import KernelLibrary
+from wavefront.backends.scans.matrix.chunked import check_shapes
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -83,6 +84,7 @@ def native_matrix_scan(q, k, v, decay=None, S0=None):
     >>> o[0, :, 0]
     tensor([2., 4., 6.])
     """
+    check_shapes(q, k, v, decay, S0)  # the kernel indexes every tensor by q's sizes
     if not applies(q, k, v, decay, S0):
         raise TypeError("the native matrix scan runs float32/float64 CPU tensors of one dtype with a scalar decay "
                         f"per step (got {q.dtype} on {q.device}); {KERNEL.error or ''}".rstrip("; "))
