@@ -40,7 +40,7 @@ _LAYOUT = {"contiguous", "clone"}  # the same values: identity wherever they are
 class LogSpaceStep:
     """A stabilised triple loop, as sympy expressions of the per-step reads: the carries' roles
     (positions of num, den, max), the log decay lw, the input's log weight lk, its value x, the
-    bonus lu, the output position, and `reads`: symbol -> the FX node of the traced step it is."""
+    bonus lu, and `reads`: symbol -> the FX node of the traced step it stands for."""
 
     num: int
     den: int
@@ -53,7 +53,7 @@ class LogSpaceStep:
 
 
 class _NotLogSpace(Exception):
-    pass
+    """The step is not a stabilised pair (why, for debugging; the caller reports its own reason)."""
 
 
 def _symbolic(traced: fx.GraphModule, n_carries: int):
