@@ -1,4 +1,4 @@
-"""Shape checks every scan form shares: the time dim, the initial state."""
+"""What every scan form shares: the time dim, the initial state, the compute dtype, native pointers."""
 from __future__ import annotations
 
 import operator
@@ -38,3 +38,21 @@ def check_h0(h0: torch.Tensor, a: torch.Tensor, dim: int, dtype: torch.dtype | N
                                                                          f"h0.to({a.device}, {dtype})")
         raise ValueError(f"h0 must match {what} and device ({dtype} on {a.device}), got {h0.dtype} on {h0.device}: "
                          f"pass {hint}")
+
+
+def compute_dtype(*tensors) -> torch.dtype:
+    """float64 if any given tensor is float64, else float32 (float16/bfloat16 accumulate in float32).
+
+    >>> compute_dtype(torch.ones(1, dtype=torch.bfloat16), None)
+    torch.float32
+    """
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def data_pointer(t: torch.Tensor | None):
+    """A tensor's address for a native kernel, None (NULL) for an absent one.
+
+    >>> data_pointer(None) is None
+    True
+    """
+    return None if t is None else t.data_ptr()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from wavefront.backends.scans.delta.dispatch import delta_rule
-from wavefront.kernels.mamba import compute_dtype
+from wavefront.backends.scans.shapes import compute_dtype
 from wavefront.kernels.unsupported import Unsupported
 
 

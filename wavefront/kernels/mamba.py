@@ -17,12 +17,8 @@ import torch.nn.functional as F
 
 from wavefront.backends.scans.matrix.dispatch import matrix_scan
 from wavefront.backends.scans.selective.dispatch import selective_scan
+from wavefront.backends.scans.shapes import compute_dtype
 from wavefront.kernels.unsupported import Unsupported
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half precision accumulates in float32)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _dt(dt, dt_bias, softplus, limit=None):

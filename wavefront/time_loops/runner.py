@@ -338,13 +338,7 @@ def _logspace_scan(plan: _LogSpacePlan, site: LoopSite, env: dict, steps: "_Step
     carries = [None] * 3
     for k, role in enumerate((plan.step.num, plan.step.den, plan.step.max)):
         carries[role] = state[k]
-    values_after, ys_last = plan.last(*carries, steps.last, *xs)
-    Y = torch.cat(([] if O is None else [O.movedim(-2, 0).to(ys_last[0].dtype)]) + [ys_last[0].unsqueeze(0)])
-    o = site.outputs[0]
-    if o.stacked:
-        return (*values_after, steps.last, Y)
-    _writer(o, env[o.container], Y, idx)()
-    return (*values_after, steps.last)
+    return _last_step_and_writes(plan, site, env, steps, idx, xs, carries, O)
 
 
 @dataclass
@@ -355,6 +349,20 @@ class _DeltaPlan:
     v: HoistedReads
     q: HoistedReads
     beta: list  # HoistedReads or numbers, multiplied
+
+
+def _decay_per_row(A: torch.Tensor, h0: torch.Tensor, n: int) -> torch.Tensor | None:
+    """A per-step decay [n, ...] of a matrix state h0 [lead..., dk, dv] that scales it by one value
+    per head ([lead..., n]) or per key dim ([lead..., n, dk]); None for any other shape."""
+    lead, dk = tuple(h0.shape[:-2]), h0.shape[-2]
+    shape = (1,) * (h0.dim() - (A.dim() - 1)) + tuple(A.shape[1:])
+    if len(shape) != h0.dim() or shape[-1] != 1 or shape[-2] not in (1, dk):
+        return None
+    A = A.reshape(n, *shape)[..., 0]  # [n, ..., 1 or dk]
+    try:
+        return A[..., 0].movedim(0, -1).expand(*lead, n) if shape[-2] == 1 else A.movedim(0, -2).expand(*lead, n, dk)
+    except RuntimeError:
+        return None
 
 
 def _per_head(x: torch.Tensor, n: int, lead: tuple, state_dims: int, what: str) -> torch.Tensor:
@@ -396,11 +404,10 @@ def _delta_state_scan(plan: _DeltaPlan, site: LoopSite, env: dict, steps: "_Step
         A = _over_steps(plan.a, [idx, *xs], in_dims, steps)
         if not A.is_floating_point() or bool((A <= 0).any()):
             raise _Decline("its decay is not positive everywhere (the delta-rule scan takes its logarithm)")
-        shape = (1,) * (h0.dim() - (A.dim() - 1)) + tuple(A.shape[1:])
-        if len(shape) == h0.dim() and shape[-1] == 1 and shape[-2] == dk and dk > 1:  # a gate per key dim (KDA)
-            g = torch.log(A.reshape(n, *shape[:-1]).movedim(0, -2).expand(*lead, n, dk))
-        else:
-            g = torch.log(_per_head(A, n, lead, 2, "decay"))
+        A = _decay_per_row(A, h0, n)  # one gate per head, or per key dim (KDA)
+        if A is None:
+            raise _Decline("its decay is neither one value per head nor one per key dim of the state")
+        g = torch.log(A)
     dtype = h0.dtype
     for t in (K, V, Q, beta, g):
         dtype = torch.promote_types(dtype, t.dtype) if t is not None else dtype
@@ -415,14 +422,14 @@ def _delta_state_scan(plan: _DeltaPlan, site: LoopSite, env: dict, steps: "_Step
     if n > 1:
         g = None if g is None else (g[..., :-1, :] if g.dim() == h0.dim() else g[..., :-1]).to(dtype)
         O, S = delta_rule(Q[..., :-1, :], K[..., :-1, :], V[..., :-1, :], beta[..., :-1].to(dtype), g, S)
-    return _last_step_and_writes(plan, site, env, steps, idx, xs, S, O)
+    return _last_step_and_writes(plan, site, env, steps, idx, xs, [S], O)
 
 
-def _last_step_and_writes(plan, site: LoopSite, env: dict, steps: "_Steps", idx, xs, S, O):
-    """After a state scan over all but the last step (outputs O [..., n - 1, dv] or None, the
-    state S entering the last step): the last step in plain Python for the values the loop
-    leaves, then every step's output written (or handed over stacked)."""
-    values_after, ys_last = plan.last(S, steps.last, *xs)
+def _last_step_and_writes(plan, site: LoopSite, env: dict, steps: "_Steps", idx, xs, carries: list, O):
+    """After a state scan over all but the last step (outputs O [..., n - 1, d] or None, the
+    carries entering the last step, in the site's order): the last step in plain Python for the
+    values the loop leaves, then every step's output written (or handed over stacked)."""
+    values_after, ys_last = plan.last(*carries, steps.last, *xs)
     Y = torch.cat([y.to(ys_last[0].dtype) for y in ([] if O is None else [O.movedim(-2, 0)])
                    + [ys_last[0].unsqueeze(0)]])
     o = site.outputs[0]
@@ -442,29 +449,25 @@ def _matrix_state_scan(plan: _Plan, site: LoopSite, env: dict, steps: "_Steps", 
     K, V, Q = (_over_steps(g, [idx, *xs], in_dims, steps) for g in plan.matrix)
     A = _over_steps(plan.a, [idx, *xs], in_dims, steps)
     if A is not None:
-        shape = (1,) * (h0.dim() - (A.dim() - 1)) + tuple(A.shape[1:])
-        if len(shape) != h0.dim() or shape[-1] != 1 or shape[-2] not in (1, dk):
+        A = _decay_per_row(A, h0, n)
+        if A is None:
             return None
-        A = A.reshape(n, *shape)
-        A = A[..., 0, 0] if shape[-2] == 1 else A[..., 0]
     dtype = h0.dtype
     for t in (A, K, V, Q):
         dtype = torch.promote_types(dtype, t.dtype) if t is not None else dtype
     if not dtype.is_floating_point:  # the chunked kernel is real-valued: complex states take the generic scan
         return None
-    try:  # [n, ..., d] -> [lead..., n, d]; decay [n, ...] -> [lead..., n] (or [lead..., n, dk])
+    try:  # [n, ..., d] -> [lead..., n, d]
         K, Q = (x.to(dtype).movedim(0, -2).expand(*lead, n, dk) for x in (K, Q))
         V = V.to(dtype).movedim(0, -2).expand(*lead, n, dv)
-        if A is not None:
-            A = A.to(dtype).movedim(0, -2).expand(*lead, n, dk) if A.dim() == h0.dim() else \
-                A.to(dtype).movedim(0, -1).expand(*lead, n)
+        A = None if A is None else A.to(dtype)
     except RuntimeError:
         return None
     S, O = h0.to(dtype), None
     if n > 1:
         decay = None if A is None else (A[..., :-1, :] if A.dim() == h0.dim() else A[..., :-1])
         O, S = matrix_scan(Q[..., :-1, :], K[..., :-1, :], V[..., :-1, :], decay, S)
-    return _last_step_and_writes(plan, site, env, steps, idx, xs, S, O)
+    return _last_step_and_writes(plan, site, env, steps, idx, xs, [S], O)
 
 
 def _outputs_graph(traced: fx.GraphModule) -> fx.GraphModule:

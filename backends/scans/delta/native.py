@@ -20,6 +20,7 @@ import torch
 import wavefront.backends.scans.linear.native as native_scan
 from wavefront.backends.disk_cache import KernelLibrary
 from wavefront.backends.scans.delta.chunked import _check
+from wavefront.backends.scans.shapes import data_pointer
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -134,8 +135,7 @@ def native_delta_rule(q, k, v, beta, g=None, S0=None):
     S = q.new_empty(*lead, dk, dv)
     scratch = q.new_empty(L, dv + dk)
     fn = library().wf_delta_f32 if q.dtype == torch.float32 else library().wf_delta_f64
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    fn(ptr(q), ptr(k), ptr(v), ptr(beta), ptr(g), ptr(s0), ptr(o), ptr(S), ptr(scratch), L, T, dk, dv,
+    fn(*map(data_pointer, (q, k, v, beta, g, s0, o, S, scratch)), L, T, dk, dv,
        int(g is not None and g.dim() == q.dim()))
     return o, S
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 from wavefront.backends.scans.linear.dispatch import linear_scan
-from wavefront.backends.scans.logspace.naive import WKV_EMPTY_MAX, compute_dtype
+from wavefront.backends.scans.logspace.naive import WKV_EMPTY_MAX
+from wavefront.backends.scans.shapes import compute_dtype
 
 ALL_STATES_AT_ONCE = 1 << 22  # mLSTM: elements of chunk states (n x state) held at once; above: chunk by chunk
 WKV_BLOCK = 1 << 24  # WKV: elements of the [chunks, ch, C, C] weight tensor built at once; above: in groups

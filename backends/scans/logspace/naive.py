@@ -9,13 +9,9 @@ outputs come back in the input dtype, states in the compute dtype.
 from __future__ import annotations
 
 import torch
+from wavefront.backends.scans.shapes import compute_dtype
 
 WKV_EMPTY_MAX = -1e38  # the max of an empty WKV state, as transformers starts it
-
-
-def compute_dtype(*xs) -> torch.dtype:
-    """float64 if any given tensor is float64, else float32 (float16/bfloat16 accumulate in float32)."""
-    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def wkv_reference(w, u, k, v, state=None):

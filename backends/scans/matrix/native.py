@@ -16,6 +16,7 @@ import torch
 import wavefront.backends.scans.linear.native as native_scan
 from wavefront.backends.disk_cache import KernelLibrary
 from wavefront.backends.scans.matrix.chunked import check_shapes
+from wavefront.backends.scans.shapes import data_pointer
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -99,8 +100,7 @@ def native_matrix_scan(q, k, v, decay=None, S0=None):
     o = q.new_empty(*lead, T, dv)
     S = q.new_empty(*lead, dk, dv)
     fn = library().wf_mscan_f32 if q.dtype == torch.float32 else library().wf_mscan_f64
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    fn(ptr(q), ptr(k), ptr(v), ptr(a), ptr(s0), ptr(o), ptr(S), L, T, dk, dv)
+    fn(*map(data_pointer, (q, k, v, a, s0, o, S)), L, T, dk, dv)
     return o, S
 
 

@@ -14,6 +14,7 @@ import torch
 import wavefront.backends.scans.linear.native as native_scan
 from wavefront.backends.disk_cache import KernelLibrary
 from wavefront.backends.scans.selective.chunked import check_shapes
+from wavefront.backends.scans.shapes import data_pointer
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -108,10 +109,6 @@ def library():
     return KERNEL.get()
 
 
-def _ptr(t):
-    return t.data_ptr() if t is not None else None
-
-
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z):
@@ -120,7 +117,7 @@ class _SelectiveScan(torch.autograd.Function):
         y = torch.empty_like(u)
         h = u.new_empty(Bt, Dm, N)
         fn = library().wf_sel_f32_fwd if u.dtype == torch.float32 else library().wf_sel_f64_fwd
-        fn(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(y), _ptr(h), Bt, Dm, T, N)
+        fn(*map(data_pointer, (u, delta, A, B, C, D, z, y, h)), Bt, Dm, T, N)
         ctx.save_for_backward(u, delta, A, B, C, D, z)
         ctx.mark_non_differentiable(h)
         return y, h
@@ -136,8 +133,7 @@ class _SelectiveScan(torch.autograd.Function):
         gD = u.new_zeros(Bt, Dm) if D is not None else None
         gz = torch.empty_like(u) if z is not None else None
         fn = library().wf_sel_f32_bwd if u.dtype == torch.float32 else library().wf_sel_f64_bwd
-        fn(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(gy), _ptr(gu), _ptr(gdl),
-           _ptr(gA), _ptr(gB), _ptr(gC), _ptr(gD), _ptr(gz), Bt, Dm, T, N)
+        fn(*map(data_pointer, (u, delta, A, B, C, D, z, gy, gu, gdl, gA, gB, gC, gD, gz)), Bt, Dm, T, N)
         return gu, gdl, gA.sum(0), gB, gC, gD.sum(0) if gD is not None else None, gz
 
 
