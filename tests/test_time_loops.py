@@ -85,7 +85,6 @@ def test_sites_classify_carries_temporaries_inputs_and_outputs():
 
 @pytest.mark.parametrize("body, reason", [
     ("        if t > 0:\n            h = h + x[t]\n", "`If` statement"),
-    ("        h = h + x[t]\n        g = g * x[t]\n", "2 carries (h, g)"),
     ("        h = h + out[t - 1]\n        out[t] = h\n", "reads its own output `out`"),
     ("        out[t, 0] = h\n        h = h + x[t]\n", "the write `out[t, 0]`"),
     ("        y = x[t] * 2\n", "no value is carried"),

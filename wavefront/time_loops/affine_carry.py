@@ -25,7 +25,10 @@ _NEG = {operator.neg, torch.neg, _aten.neg.default}
 # Tensor methods that are the same arithmetic as the functions above.
 _METHODS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv, "neg": operator.neg}
 # Conversions that do not change the value's math (dtype, device, layout): alpha and beta pass
-# through; the scan then runs in the promoted dtype of its coefficients and carry.
+# through; the scan then runs in the dtype the new carry is converted to (AffineStep.dtype), else in
+# the promoted dtype of its coefficients and carry. A carry converted to a stated dtype other than
+# the one the new carry ends in (`(a * h).to(torch.bfloat16).to(x.dtype)`) is rounded inside the
+# step, which a scan would not reproduce: not taken.
 _CONVERSIONS = {"to", "type", "float", "double", "contiguous", "clone"}
 
 
@@ -46,6 +49,30 @@ class AffineStep:
     b: fx.GraphModule | None
     traced: fx.GraphModule
     ab: fx.GraphModule | None = None  # (a, b) from one graph, sharing what both compute; None if either is None
+    dtype: torch.dtype | None = None  # the dtype the step converts its new carry to (`h.to(torch.float32)`), if any
+
+
+_TO_DTYPE = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def declared_dtype(node) -> torch.dtype | None:
+    """The dtype a value is converted to last (`x.to(torch.float32)`, `.to(dtype=...)`, `.float()`),
+    looking through layout-only methods; None when it is not converted to a stated dtype.
+
+    >>> g = fx.symbolic_trace(lambda h: (h * 2).to(dtype=torch.float32).contiguous())
+    >>> declared_dtype(next(n for n in g.graph.nodes if n.op == "output").args[0])
+    torch.float32
+    """
+    while isinstance(node, fx.Node) and node.op == "call_method":
+        if node.target in _TO_DTYPE:
+            return _TO_DTYPE[node.target]
+        if node.target in ("to", "type"):
+            stated = [a for a in (*node.args[1:], node.kwargs.get("dtype")) if isinstance(a, torch.dtype)]
+            return stated[0] if stated else None
+        if node.target not in ("contiguous", "clone"):
+            return None
+        node = node.args[0]
+    return None
 
 
 def _where(node: fx.Node) -> str:
@@ -121,6 +148,7 @@ def analyse_step(step: nn.Module | object) -> AffineStep:
         return ag.call_function(operator.truediv if div else operator.mul, (u, k))
 
     needed = _ancestors(new)  # ys computed from the carry (scan outputs) need not be affine
+    conversions: dict = {}  # stated dtype -> the first conversion of a carry-dependent value to it
     for n in g.nodes:
         if n.op in ("placeholder", "output") or n not in needed:
             continue
@@ -133,6 +161,9 @@ def analyse_step(step: nn.Module | object) -> AffineStep:
         if n.op == "call_method" and n.target in _CONVERSIONS and dep(args[0]) \
                 and not any(dep(a) for a in args[1:]) and not any(dep(a) for a in n.kwargs.values()):
             alpha[n], beta[n] = alpha[args[0]], beta[args[0]]
+            stated = declared_dtype(n) if n.target not in ("contiguous", "clone") else None
+            if stated is not None:
+                conversions.setdefault(stated, n)
             continue
         if fn in _ADD | _SUB and len(args) == 2 and n.kwargs.get("alpha", 1) == 1:
             u, v = args
@@ -171,6 +202,12 @@ def analyse_step(step: nn.Module | object) -> AffineStep:
 
     if not dep(new):
         raise NotAffine("the new carry does not depend on the carry (no recurrence)")
+    final = declared_dtype(new)
+    rounded = [(d, c) for d, c in conversions.items() if d != final]
+    if rounded:  # a rounding inside the step that a scan in one dtype would not reproduce
+        d, c = rounded[0]
+        raise NotAffine(f"the carry is converted to {d} at {_where(c)} but the new carry is not kept in it: "
+                        "a scan would not round alike", c)
 
     def graph_of(*values):
         if any(v is None for v in values):
@@ -186,7 +223,8 @@ def analyse_step(step: nn.Module | object) -> AffineStep:
         gm.recompile()
         return gm
 
-    return AffineStep(graph_of(alpha[new]), graph_of(beta[new]), traced, graph_of(alpha[new], beta[new]))
+    return AffineStep(graph_of(alpha[new]), graph_of(beta[new]), traced, graph_of(alpha[new], beta[new]),
+                      declared_dtype(new))
 
 
 def scalar_constant(gm) -> int | float | complex | None:

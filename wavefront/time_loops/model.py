@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import types
 import warnings
 from dataclasses import dataclass
@@ -141,6 +142,42 @@ def _called_functions(fn, depth: int = 2):
     return out
 
 
+@dataclass(eq=False)
+class PartialSlot:
+    """Where a method finds functions bound in a `functools.partial` it calls: the instance
+    attribute `module.<attribute>` (xLSTM's `self._inference_fn = partial(f, kernel=partial(g, ...))`),
+    holding `original`. For a call, the attribute holds the same partial with the lifted
+    `function` in place of `original_function`, wherever it is bound."""
+
+    module: nn.Module
+    attribute: str
+    original: functools.partial
+    original_function: object
+
+
+def _bound_functions(obj, depth: int = 4) -> list:
+    """The Python functions a partial binds: its function and those in its arguments, nested
+    partials included."""
+    if isinstance(obj, types.FunctionType):
+        return [obj]
+    if not isinstance(obj, functools.partial) or depth == 0:
+        return []
+    return [f for part in (obj.func, *obj.args, *obj.keywords.values()) for f in _bound_functions(part, depth - 1)]
+
+
+def _substituted(obj, table: dict):
+    """`obj` (a partial, nested) with every function in `table` replaced by its value."""
+    if isinstance(obj, functools.partial):
+        return functools.partial(_substituted(obj.func, table), *(_substituted(a, table) for a in obj.args),
+                                 **{k: _substituted(v, table) for k, v in obj.keywords.items()})
+    return table.get(obj, obj) if isinstance(obj, types.FunctionType) else obj
+
+
+def _partials_called(m: nn.Module, fn) -> list[tuple[str, functools.partial]]:
+    """(attribute, partial) for the `self.<attribute>(...)` calls in `fn` that reach a partial held on `m`."""
+    return [(name, m.__dict__[name]) for name in _calls(fn)[1] if isinstance(m.__dict__.get(name), functools.partial)]
+
+
 def _reached_from_forward(cls: type) -> set[str]:
     """The names of `forward` and of the methods it calls as `self.<name>(...)`, two levels down."""
     names, todo = {"forward"}, ["forward"]
@@ -153,8 +190,10 @@ def _reached_from_forward(cls: type) -> set[str]:
 
 def model_time_loops(model: nn.Module) -> list[tuple[nn.Module | FunctionSlot, LiftedFunction]]:
     """(module, lifted function) for every method, of every module in `model`, that holds a
-    `for ... in range(...)` loop (lifted or not), and (FunctionSlot, lifted function) for every
-    module-level function those methods call (directly or through another) that holds one."""
+    `for ... in range(...)` loop (lifted or not), (FunctionSlot, lifted function) for every
+    module-level function those methods call (directly or through another) that holds one, and
+    (PartialSlot, lifted function) for every function bound in a partial they call as
+    `self.<attribute>(...)` that holds one."""
     found, slots, reach = [], set(), {}
     for m, cls, name, fn in _methods(model):
         lifted = _lift(cls, name, fn)
@@ -169,6 +208,19 @@ def model_time_loops(model: nn.Module) -> list[tuple[nn.Module | FunctionSlot, L
             if lifted is not None:
                 slots.add((id(namespace), fname))
                 found.append((FunctionSlot(namespace, fname, callee), lifted))
+        for attribute, bound in _partials_called(m, fn):
+            for f in _bound_functions(bound):
+                if (id(m), attribute, f) in slots:
+                    continue
+                slots.add((id(m), attribute, f))
+                lifted = _lift(f.__module__, f.__qualname__, f)
+                if lifted is not None:
+                    found.append((PartialSlot(m, attribute, bound, f), lifted))
+                for namespace, fname, callee in _called_functions(f):
+                    lifted = _lift(callee.__module__, fname, callee) if (id(namespace), fname) not in slots else None
+                    if lifted is not None:
+                        slots.add((id(namespace), fname))
+                        found.append((FunctionSlot(namespace, fname, callee), lifted))
     return found
 
 
@@ -198,22 +250,31 @@ class LoopLiftedModel(Optimized):
         """Methods go on the instances, functions into the namespace their callers read them from;
         both come back afterwards, also on error. (A function swapped in its module's namespace is
         seen by every caller meanwhile: it computes the same, falling back to its own loop.)"""
-        installed, swapped = [], []
+        installed, swapped, partials = [], [], {}
         try:
             for m, lf in self.loops:
                 if lf.function is None:
                     continue
-                if isinstance(m, FunctionSlot):
+                if isinstance(m, PartialSlot):  # gathered: one partial may bind several lifted functions
+                    if m.module.__dict__.get(m.attribute) is m.original:
+                        partials.setdefault((id(m.module), m.attribute), (m, {}))[1][m.original_function] = lf.function
+                elif isinstance(m, FunctionSlot):
                     if m.namespace.get(m.name) is m.original:
                         m.namespace[m.name] = lf.function
                         swapped.append(m)
                 elif lf.name not in m.__dict__:
                     m.__dict__[lf.name] = lf.function.__get__(m)
                     installed.append((m, lf.name))
+            for slot, table in partials.values():
+                slot.module.__dict__[slot.attribute] = _substituted(slot.original, table)
+                installed.append((slot, None))
             yield
         finally:
             for m, name in installed:
-                del m.__dict__[name]
+                if isinstance(m, PartialSlot):
+                    m.module.__dict__[m.attribute] = m.original
+                else:
+                    del m.__dict__[name]
             for slot in swapped:
                 slot.namespace[slot.name] = slot.original
 
@@ -256,7 +317,7 @@ class LoopLiftedModel(Optimized):
 
 
 def _instance(target) -> nn.Module | None:
-    return target if isinstance(target, nn.Module) else None
+    return target if isinstance(target, nn.Module) else target.module if isinstance(target, PartialSlot) else None
 
 
 def recognise(model: nn.Module) -> str | None:
@@ -286,4 +347,4 @@ def preview(model: nn.Module, n_segments: int | None = None) -> Explanation:
     return LoopLiftedModel(model, model_time_loops(model)).explain(n_segments)
 
 
-__all__ = ["LiftedFunction", "LoopLiftedModel", "build", "model_time_loops", "preview", "recognise"]
+__all__ = ["FunctionSlot", "LiftedFunction", "LoopLiftedModel", "PartialSlot", "build", "model_time_loops", "preview", "recognise"]

@@ -16,17 +16,20 @@ import ast
 import functools
 import os
 import types
+import warnings
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 from torch.func import vmap
+from torch.fx.experimental.meta_tracer import MetaTracer
+from torch.fx.proxy import TraceError
 
 from wavefront.backends.onnx.graphs import LoopExportError
 from wavefront.backends.scans.delta.dispatch import delta_rule
 from wavefront.backends.scans.linear.dispatch import linear_scan
-from wavefront.backends.scans.logspace.chunked import chunked_wkv
+from wavefront.backends.scans.logspace.chunked import chunked_wkv, maxplus_scan
 from wavefront.backends.scans.matrix.dispatch import matrix_scan
 from wavefront.time_loops.affine_carry import (
     AffineStep,
@@ -44,6 +47,10 @@ from wavefront.time_loops.logspace_state import (
     match_logspace_step,
 )
 from wavefront.time_loops.matrix_state import _ancestors, _subgraph, match_matrix_step
+from wavefront.time_loops.several_carries import (
+    SeveralCarriesStep,
+    match_several_carries,
+)
 from wavefront.time_loops.source import LoopSite
 
 
@@ -88,7 +95,8 @@ class LoopRunner:
         self.sites, self.globals, self.method = sites, globals_, method
         self.status = {k: "not run yet" for k, s in enumerate(sites) if s.liftable}  # the last call, any instance
         self._by_instance = weakref.WeakKeyDictionary()  # module -> {site: status}: one method, many instances
-        self._plans: dict = {}  # (site, names, non-tensor values) -> (outputs, last, AffineStep)
+        self._plans: dict = {}  # (site, names, non-tensor values[, shapes]) -> a plan, or why not
+        self._shaped: set = set()  # sites whose bodies branch on shapes, traced per shape
 
     def __call__(self, k: int, env: dict, bounds: tuple, reverse: bool):
         site = self.sites[k]
@@ -149,8 +157,13 @@ class LoopRunner:
             plan = self._plan(site, tensors, others, [module] * len(others))
         except NotAffine as e:
             return f"left as a loop: {e.reason}"
+        except _NeedsShapes:
+            return "decided at the first call (the body branches on its tensors' shapes)"
         except _Decline:
             return "decided at the first call (the body reads values that are not tensors)"
+        if isinstance(plan, _SeveralCarriesPlan):
+            return (f"a running max (`{site.carries[plan.max]}`, m' = max(m + a, b)) and values affine in themselves "
+                    "once it is known: runs as a max-plus scan and linear scans")
         if isinstance(plan, _LogSpacePlan):
             return ("three carries that are a running-max stabilised (num, den, max): affine in the values they stand "
                     "for (num e^max, den e^max): runs as the stabilised log-space scan")
@@ -161,18 +174,23 @@ class LoopRunner:
             return "affine in its carry, an outer-product update read out by S^T q: runs as a chunked matrix-state scan"
         return "affine in its carry: runs as a scan"
 
-    def _plan(self, site: LoopSite, tensors: list[str], others: list[str], other_values: list) -> _Plan:
+    def _plan(self, site: LoopSite, tensors: list[str], others: list[str], other_values: list,
+              metas: dict | None = None) -> _Plan:
         """Compile the body for these non-tensor values (closed over), prove it affine, and hoist
         its indexed reads. Depends on which names are tensors and on the non-tensor values,
-        never on the tensors' values (nor on the length)."""
+        never on the tensors' values (nor on the length); with `metas` (the body branches on
+        shapes, see _trace) also on the tensors' shapes and dtypes."""
         step, last = _compile_body(site, tensors, others, self.globals)(*other_values)
-        traced = _trace(step, [(n, v) for n, v in zip(others, other_values) if isinstance(v, nn.Module)])
-        if len(site.carries) > 1:  # three carries: a running-max stabilised pair, or nothing this runner runs
+        traced = _trace(step, [(n, v) for n, v in zip(others, other_values) if isinstance(v, nn.Module)], metas)
+        if len(site.carries) > 1:  # a running-max stabilised pair, a running max and values, or nothing we run
             logspace = match_logspace_step(traced, len(site.carries))
-            if logspace is None:
-                raise NotAffine(f"{len(site.carries)} carries ({', '.join(site.carries)}) that are not a running-max "
-                                "stabilised pair (num, den, max) read out as a ratio: one carry is supported")
-            return _LogSpacePlan(last, logspace, traced)
+            if logspace is not None:
+                return _LogSpacePlan(last, logspace, traced)
+            several = match_several_carries(traced, len(site.carries))
+            if several is None:
+                raise NotAffine(f"{len(site.carries)} carries ({', '.join(site.carries)}) that are not each affine in "
+                                "itself (with at most a running max m' = max(m + a, b) beside them, known first)")
+            return _several_carries_plan(last, several, site.index)
         try:
             affine = analyse_step(traced)
         except NotAffine:
@@ -205,11 +223,19 @@ class LoopRunner:
         tensors = [n for n in site.free if isinstance(env[n], torch.Tensor)]
         others = [n for n in site.free if n not in tensors]
         key = (id(site), tuple(tensors), tuple(others), tuple(_value_key(env[n]) for n in others))
+        shaped = id(site) in self._shaped  # its body branches on shapes: a plan per shape
+        if shaped:
+            key = (*key, _shapes_key(env, [*site.carries, *tensors]))
         if key not in self._plans:
             if len(self._plans) >= 16:  # non-tensor values that change every call (a length): keep a few
                 self._plans.pop(next(iter(self._plans)))
             try:
-                self._plans[key] = self._plan(site, tensors, others, [env[n] for n in others])
+                try:
+                    self._plans[key] = self._plan(site, tensors, others, [_snapshot(env[n]) for n in others],
+                                                  _metas(env, site, tensors) if shaped else None)
+                except _NeedsShapes:
+                    self._shaped.add(id(site))
+                    return self._run(site, env, steps)
             except (NotAffine, _Decline) as e:
                 self._plans[key] = e
         plan = self._plans[key]
@@ -219,6 +245,8 @@ class LoopRunner:
         xs = [env[n] for n in tensors]
         if isinstance(plan, _LogSpacePlan):
             return _logspace_scan(plan, site, env, steps, idx, tensors, xs), "stabilised log-space scan"
+        if isinstance(plan, _SeveralCarriesPlan):
+            return _several_carries_scan(plan, site, env, steps, idx, xs, self.method), _several_form(plan)
         if isinstance(plan, _DeltaPlan):
             return _delta_state_scan(plan, site, env, steps, h0, idx, xs), "delta-rule scan"
         if plan.matrix is not None and steps.rng is not None and h0.dim() >= 2:
@@ -229,18 +257,7 @@ class LoopRunner:
         if steps.rng is not None and need > _memory_budget():
             raise _Decline(f"running it as a scan would hold {need / 2**30:.1f} GiB of per-step coefficients and "
                            f"states (over WAVEFRONT_SCAN_MEMORY_GB={_memory_budget() / 2**30:g})")
-        ca, cb = (scalar_constant(g.gm) if g is not None else None for g in (plan.a, plan.b))
-        in_dims = (0,) + (None,) * len(xs)
-        if ca is None and cb is None and plan.ab is not None:  # one pass: what a and b share is computed once
-            A, B = _over_steps(plan.ab, [idx, *xs], in_dims, steps)
-        else:
-            A, B = (_over_steps(g, [idx, *xs], in_dims, steps) if c is None else None
-                    for g, c in ((plan.a, ca), (plan.b, cb)))
-        A, B = constant_coefficients(A, B, ca, cb, h0, steps.n)
-        A, B = broadcast_coefficients(A, B, h0, steps.n)
-        dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), h0.dtype)
-        h0 = h0.to(dtype).expand(A.shape[1:])  # the carry may widen on its first step (h = a * 0-dim + b)
-        H = linear_scan(A.to(dtype).contiguous(), B.to(dtype).contiguous(), h0, dim=0, method=self.method)
+        H, h0 = _carry_scan((plan.a, plan.b, plan.ab, plan.affine.dtype), [idx, *xs], (0,) + (None,) * len(xs), steps, h0, self.method)
         before_last = torch.cat([h0.unsqueeze(0), H])[-2]  # the carry entering the last iteration
         values_after, _ = plan.last(before_last, steps.last, *xs)  # what the loop leaves in its names, exactly
         writes, stacked = [], []
@@ -257,17 +274,124 @@ class LoopRunner:
         return (*values_after, steps.last, *stacked), "scan"
 
 
+def _carry_scan(coefficients: tuple, args: list, in_dims: tuple, steps: "_Steps", h0: torch.Tensor, method: str):
+    """(every step's carry [n, ...], the initial carry as the scan took it) of h = a h + b, with
+    coefficients (a, b, ab, dtype): HoistedReads of `args` (None: a = 1, b = 0; ab: both from one
+    graph) and the dtype the loop converts its carry to each step (None: the one a and b promote to)."""
+    a, b, ab, declared = coefficients
+    ca, cb = (scalar_constant(g.gm) if g is not None else None for g in (a, b))
+    if ca is None and cb is None and ab is not None:  # one pass: what a and b share is computed once
+        A, B = _over_steps(ab, args, in_dims, steps)
+    else:
+        A, B = (_over_steps(g, args, in_dims, steps) if c is None else None for g, c in ((a, ca), (b, cb)))
+    A, B = constant_coefficients(A, B, ca, cb, h0, steps.n)
+    A, B = broadcast_coefficients(A, B, h0, steps.n)
+    dtype = declared or torch.promote_types(torch.promote_types(A.dtype, B.dtype), h0.dtype)
+    h0 = h0.to(dtype).expand(A.shape[1:])  # the carry may widen on its first step (h = a * 0-dim + b)
+    return linear_scan(A.to(dtype).contiguous(), B.to(dtype).contiguous(), h0, dim=0, method=method), h0
+
+
+@dataclass
+class _SeveralCarriesPlan:
+    last: object  # as _Plan.last
+    max: int | None  # the running max carry's position, None without one
+    lw: HoistedReads | float | None  # m' = max(m + lw, lk): of (index, *tensors)
+    lk: HoistedReads | float | None
+    others: list  # (position, (a, b, ab) HoistedReads of ([previous max,] index, *tensors), and its dtype)
+    ys: HoistedReads | None  # of (*previous carries, *new carries, index, *tensors)
+    max_dtype: torch.dtype | None  # the dtype the loop converts its max to, if it does
+
+
+def _several_carries_plan(last, step: SeveralCarriesStep, index: str) -> _SeveralCarriesPlan:
+    def hoist(g):
+        return hoist_index_reads(g, index) if isinstance(g, fx.GraphModule) else g
+    others = [(k, (*(hoist(g) for g in (s.a, s.b, s.ab)), s.dtype)) for k, s in step.others]
+    return _SeveralCarriesPlan(last, step.max, hoist(step.lw), hoist(step.lk), others, hoist(step.ys), step.max_dtype)
+
+
+def _several_form(plan: _SeveralCarriesPlan) -> str:
+    return "running-max scan" if plan.max is not None else f"scan of {len(plan.others)} carries"
+
+
+def _several_carries_scan(plan: _SeveralCarriesPlan, site: LoopSite, env: dict, steps: "_Steps", idx, xs,
+                          method: str):
+    """The running max m (if any) for every step by a max-plus scan, each other carry by a
+    linear scan of its update at the known maxima, the outputs from all steps' carries at once,
+    the last step once more in plain Python for the values the loop leaves (several_carries.py)."""
+    if steps.rng is None:
+        raise _Decline("a loop of several carries does not export with a dynamic length yet")
+    n = steps.n
+    h0s = [env[c] for c in site.carries]
+    need = 3 * n * sum(h.numel() * h.element_size() for h in h0s)
+    if need > _memory_budget():
+        raise _Decline(f"running it as a scan would hold {need / 2**30:.1f} GiB of per-step coefficients and "
+                       f"states (over WAVEFRONT_SCAN_MEMORY_GB={_memory_budget() / 2**30:g})")
+    everything, firsts = [None] * len(h0s), list(h0s)  # every step's carries [n, ...]; the first as scanned
+    maxima = []
+    if plan.max is not None:
+        M0, M = _running_max(plan, h0s[plan.max], idx, xs, steps)
+        firsts[plan.max], everything[plan.max] = M0, M
+        maxima = [torch.cat([M0.unsqueeze(0), M[:-1]])]  # the max entering each step
+    for k, coefficients in plan.others:
+        everything[k], firsts[k] = _carry_scan(coefficients, [*maxima, idx, *xs], (0,) * (len(maxima) + 1)
+                                               + (None,) * len(xs), steps, h0s[k], method)
+    previous = [torch.cat([h.unsqueeze(0), H[:-1]]) for h, H in zip(firsts, everything)]
+    values_after, _ = plan.last(*(P[-1] for P in previous), steps.last, *xs)  # exactly what the loop leaves
+    writes, stacked = [], []
+    if site.outputs:
+        Y = _over_steps(plan.ys, [*previous, *everything, idx, *xs], (0,) * (2 * len(h0s) + 1) + (None,) * len(xs),
+                        steps)
+        for o, y in zip(site.outputs, Y):
+            if o.stacked:
+                stacked.append(y)
+            else:
+                writes.append(_writer(o, env[o.container], y, idx))
+    for write in writes:  # only now change what the caller can see
+        write()
+    return (*values_after, steps.last, *stacked)
+
+
+def _running_max(plan: _SeveralCarriesPlan, m0: torch.Tensor, idx, xs, steps: "_Steps"):
+    """(the initial max as scanned, the max after every step [n, ...]) of m' = max(m + lw, lk)."""
+    n, in_dims = steps.n, (0,) + (None,) * len(xs)
+    LW, LK = (_over_steps(g, [idx, *xs], in_dims, steps) if isinstance(g, HoistedReads)
+              else torch.full((n,), g, dtype=m0.dtype, device=m0.device) for g in (plan.lw, plan.lk))
+    try:
+        shape = torch.broadcast_shapes(m0.shape, LW.shape[1:], LK.shape[1:])
+    except RuntimeError as e:
+        raise _Decline(f"its maxima do not broadcast together ({e})") from e
+    dtype = plan.max_dtype or torch.promote_types(torch.promote_types(LW.dtype, LK.dtype), m0.dtype)
+    if not dtype.is_floating_point:
+        raise _Decline("its running max is not real-valued")
+
+    def per_step(x):  # [n, ...] with its own dims right-aligned to the max's
+        return x.reshape(n, *([1] * (len(shape) - (x.dim() - 1))), *x.shape[1:]).to(dtype).expand(n, *shape)
+    M0 = m0.to(dtype).expand(shape)
+    return M0, maxplus_scan(per_step(LW), per_step(LK), M0, 0)
+
+
 def _memory_budget() -> float:
     return float(os.environ.get("WAVEFRONT_SCAN_MEMORY_GB", "4")) * 2**30
 
 
 def _value_key(v):
-    """Plans are reused for equal hashable values and for the very same object otherwise."""
+    """Plans are reused for equal hashable values, dicts and lists of equal contents (a function's
+    `**kwargs` is a new dict every call), and the very same object otherwise."""
+    if isinstance(v, dict):
+        return ("dict", tuple((k, _value_key(x)) for k, x in v.items()))
+    if isinstance(v, list):
+        return ("list", tuple(_value_key(x) for x in v))
     try:
         hash(v)
         return (type(v), v) if not isinstance(v, nn.Module) else ("id", id(v))
     except TypeError:
         return ("id", id(v))
+
+
+def _snapshot(v):
+    """What a plan closes over: a copy of a dict or list (its key is its contents now, so a later
+    change to the caller's object must not reach the plan), anything else as it is."""
+    return dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
 
 
 @dataclass
@@ -492,17 +616,39 @@ def _outputs_graph(traced: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _trace(fn, modules) -> fx.GraphModule:
-    """Trace `fn(self_holder, ...)` with the modules it calls registered on the holder."""
+def _trace(fn, modules, metas: dict | None = None) -> fx.GraphModule:
+    """Trace `fn(self_holder, ...)` with the modules it calls registered on the holder: symbolic
+    (one graph for every shape); with `metas` (input name -> a tensor of its shape and dtype), by
+    torch.fx's meta tracer, which answers shape questions (`if q.shape != k.shape: raise`,
+    `b, h, d = q.shape`) for these shapes. Raises _NeedsShapes when only the latter can."""
     holder = type("WavefrontLoopStep", (_StepHolder,), {"forward": fn})()
     for n, m in modules:
         holder.add_module(n, m)
-    tracer = fx.Tracer()
+    tracer = fx.Tracer() if metas is None else MetaTracer()
     tracer.record_stack_traces = True  # so a non-affine op is reported with the user's line
     try:
-        return fx.GraphModule(holder, tracer.trace(holder))
-    except Exception as e:  # the body does something fx cannot follow symbolically
+        with warnings.catch_warnings():  # the meta tracer warns for every op it cannot give a shape
+            warnings.simplefilter("ignore")
+            graph = tracer.trace(holder) if metas is None else tracer.trace(holder, meta_args=metas)
+        return fx.GraphModule(holder, graph)
+    except TraceError as e:  # a Python decision on a traced value: a shape, if anything we can answer
+        if metas is None and not torch.compiler.is_exporting():
+            raise _NeedsShapes(str(e)) from e
         raise _Decline(f"the body could not be traced ({type(e).__name__}: {e})") from e
+    except Exception as e:  # the body does something fx cannot follow
+        raise _Decline(f"the body could not be traced ({type(e).__name__}: {e})") from e
+
+
+def _metas(env: dict, site: LoopSite, tensors: list[str]) -> dict:
+    """The meta tracer's inputs: the carries and tensors as meta tensors of their shapes and
+    dtypes, the index as a 0-dim integer (a real one: indexing a meta tensor by it has a shape)."""
+    out = {n: env[n].to("meta") for n in [*site.carries, *tensors]}
+    out[site.index] = torch.zeros((), dtype=torch.long)
+    return out
+
+
+def _shapes_key(env: dict, names: list[str]) -> tuple:
+    return tuple((tuple(env[n].shape), env[n].dtype) for n in names)
 
 
 def _over_steps(h: HoistedReads | None, args: list, in_dims: tuple, steps: "_Steps"):
@@ -560,6 +706,10 @@ class _Steps:
 
 class _Decline(Exception):
     """The runner will not lift this call of the loop; the original loop runs instead."""
+
+
+class _NeedsShapes(_Decline):
+    """The body makes Python decisions on its values' shapes: trace it for the shapes of a call."""
 
 
 def _writer(o, container, y: torch.Tensor, idx: torch.Tensor):

@@ -144,8 +144,7 @@ def _analyse_loop(loop: ast.For, qualname: str, filename: str, fn_locals: set[st
             body.append(ast.fix_missing_locations(ast.copy_location(y, stmt)))
         elif isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
             targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-            if not all(isinstance(n, ast.Name) or (isinstance(n, ast.Tuple) and all(isinstance(e, ast.Name) for e in n.elts))
-                       for n in targets):
+            if not all(_names_only(n) for n in targets):
                 site.reason = f"its body assigns to `{ast.unparse(stmt)}`"
                 return site
             reads = _names(stmt.value, ast.Load) if stmt.value is not None else []
@@ -176,10 +175,14 @@ def _analyse_loop(loop: ast.For, qualname: str, filename: str, fn_locals: set[st
     site.body = body
     if not site.carries:
         site.reason = "no value is carried from one iteration to the next"
-    elif len(site.carries) > 1 and not (len(site.carries) == 3 and len(site.outputs) == 1):
-        site.reason = f"{len(site.carries)} carries ({', '.join(site.carries)}): one carry is supported" + \
-            (", or three with one output (a running-max stabilised triple)" if len(site.carries) == 3 else "")
-    return site
+    return site  # several carries: the runner decides whether they are a form it runs
+
+
+def _names_only(target: ast.expr) -> bool:
+    """A name, or a (nested) tuple of names: `h, (C, n, m) = step(...)`."""
+    if isinstance(target, ast.Name):
+        return True
+    return isinstance(target, (ast.Tuple, ast.List)) and all(_names_only(e) for e in target.elts)
 
 
 def function_ast(fn) -> ast.FunctionDef | None:

@@ -34,11 +34,11 @@ ALL_STATES_AT_ONCE = 1 << 22  # mLSTM: elements of chunk states (n x state) held
 WKV_BLOCK = 1 << 24  # WKV: elements of the [chunks, ch, C, C] weight tensor built at once; above: in groups
 
 
-def _maxplus_scan(g: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, dim: int) -> torch.Tensor:
+def maxplus_scan(g: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, dim: int) -> torch.Tensor:
     """All y_c = max(y_{c-1} + g_c, x_c) along `dim` with y_{-1} = x0 (x's shape without `dim`),
     by Hillis-Steele doubling: the maps y -> max(y + g, x) compose to (g1 + g2, max(x1 + g2, x2)).
 
-    >>> _maxplus_scan(torch.full((4,), -1.0), torch.tensor([0.0, 5.0, 1.0, 2.0]), torch.tensor(3.0), 0)
+    >>> maxplus_scan(torch.full((4,), -1.0), torch.tensor([0.0, 5.0, 1.0, 2.0]), torch.tensor(3.0), 0)
     tensor([2., 5., 4., 3.])
     """
     g, x = torch.movedim(g, dim, 0), torch.movedim(x, dim, 0)
@@ -51,7 +51,7 @@ def _maxplus_scan(g: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, dim: int) 
 
 
 def _decayed_cummax(x: torch.Tensor, x0: torch.Tensor, decay: torch.Tensor, dim: int) -> torch.Tensor:
-    """_maxplus_scan with one constant g = -decay at every position (broadcast over x without
+    """maxplus_scan with one constant g = -decay at every position (broadcast over x without
     `dim`): y_c = max(x0 - (c + 1) decay, max_{c' <= c} x_c' - (c - c') decay); the window decays are
     d * decay, each rounded once, so nothing accumulates.
 
@@ -265,7 +265,7 @@ def chunked_mlstm(q, k, v, i_gate, f_gate, state=None, eps: float = 1e-6, chunk:
     b = log_f.cumsum(-1)  # [..., n, C]: log forget from the chunk's start through step i
     g = b[..., -1]  # the whole chunk's log forget
     log_end = log_D[..., -1, :]  # step j's log weight in the chunk's end state
-    m_end = _maxplus_scan(g, log_end.amax(-1), m0, dim=-1)  # [..., n]: m after each chunk, exactly the stepwise m
+    m_end = maxplus_scan(g, log_end.amax(-1), m0, dim=-1)  # [..., n]: m after each chunk, exactly the stepwise m
     m_in = torch.cat([m0.unsqueeze(-1), m_end[..., :-1]], -1)
     # m_t = max(b_i + m_in, max_j log D[i, j]) is the stepwise running max itself (it enters the
     # output through eps and e^{-m}, so it is kept exact, with its gradient)
@@ -294,4 +294,4 @@ def chunked_mlstm(q, k, v, i_gate, f_gate, state=None, eps: float = 1e-6, chunk:
     return h.to(q.dtype), (S_last[..., :dv], S_last[..., dv], m_end[..., -1:])
 
 
-__all__ = ["chunked_mlstm", "chunked_wkv"]
+__all__ = ["chunked_mlstm", "chunked_wkv", "maxplus_scan"]
