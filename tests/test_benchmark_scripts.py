@@ -21,6 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("segment_model_speedup.py", ["--layers", "2", "--segments", "3", "--repeats", "1"],
      ["sequential_s", "diagonal_s", "step_bound", "path"]),
     ("scan_matrix.py", ["--T", "40", "--heads", "2", "--dk", "4", "--dv", "4", "--repeats", "1"], ["loop_s", "chunked_s"]),
+    ("generate.py", ["--preset", "tiny", "--segments", "2", "--new", "3", "--repeats", "1"],
+     ["recompute_s", "generate_s", "tokens_per_s"]),
 ])
 def test_script_prints_json_lines(script, args, fields):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,

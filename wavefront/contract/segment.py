@@ -42,10 +42,47 @@ def as_memory_tensors(state):
 
 @dataclass
 class SegmentLMOutput:
-    """logits [batch, tokens, vocab] (memory rows dropped) and the memory after the last segment."""
+    """logits [batch, tokens, vocab] (memory rows dropped), the memory after the last segment and,
+    when labels were given, the loss (causal_lm_loss)."""
 
     logits: torch.Tensor
     memory: MemoryState
+    loss: torch.Tensor | None = None
+
+
+IGNORE_INDEX = -100  # labels not counted in the loss, as transformers and torch's cross_entropy take them
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' causal-LM loss: the cross-entropy of each position's logits against the next
+    token's label, in float32 at least, averaged over the labels that are not IGNORE_INDEX.
+
+    >>> logits = torch.zeros(1, 3, 4); labels = torch.tensor([[0, 1, -100]])
+    >>> round(causal_lm_loss(logits, labels).item(), 4)  # one counted label, uniform logits: log 4
+    1.3863
+    """
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:2]) \
+            or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor of the input's shape {tuple(logits.shape[:2])} (token "
+                         f"ids, {IGNORE_INDEX} where not counted), got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(logits.device)
+    wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return torch.nn.functional.cross_entropy(wide.reshape(-1, wide.shape[-1]), shifted.reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
+
+
+def check_attention_mask(attention_mask, input_ids) -> None:
+    """An attention mask of ones is accepted (it changes nothing); padding is refused with the reason."""
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
+    if not bool((attention_mask == 1).all()):
+        raise ValueError("attention_mask has zeros (padding): a segment model cuts every row into the same "
+                         "segments at the same offsets, so a padded row would not be computed as it is alone. "
+                         "Pass rows of equal length (or one row per call) with no attention_mask")
 
 
 class SegmentCell(nn.Module):
@@ -138,7 +175,17 @@ class SegmentRecurrentLM(nn.Module):
         check_memory(memory, fresh.tensors)
         return memory
 
-    def forward(self, input_ids: torch.Tensor, memory: MemoryState | None = None) -> SegmentLMOutput:
+    def forward(self, input_ids: torch.Tensor, memory: MemoryState | None = None, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> SegmentLMOutput:
+        """Logits and memory, and the loss (causal_lm_loss) when `labels` are given; an
+        `attention_mask` of ones is accepted, padding refused."""
+        check_attention_mask(attention_mask, input_ids)
+        out = self._segments(input_ids, memory)
+        if labels is not None:
+            out.loss = causal_lm_loss(out.logits, labels)
+        return out
+
+    def _segments(self, input_ids: torch.Tensor, memory: MemoryState | None) -> SegmentLMOutput:
         memory = self.prepare(input_ids, memory)
         state, seen = memory.tensors, memory.segments_seen
         logits = []

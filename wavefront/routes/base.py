@@ -8,6 +8,8 @@ reference is not simply the model's own forward, `reference` and `compared`.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -99,6 +101,38 @@ class Optimized(nn.Module):
                       at_least=self.precision)
         self.verify = False  # verified on the first comparable call, as documented
 
+    def running(self):
+        """The context the model's own code runs in under this route (its loops lifted, its
+        kernels swapped in): entered by every call, and around the model's own generate()."""
+        return contextlib.nullcontext()
+
+    def generate(self, *args, **kwargs):
+        """The model's own generate() (transformers' GenerationMixin for a Hugging Face model), every
+        forward it makes running under this route.
+
+        >>> import wavefront
+        >>> wavefront.optimize(torch.nn.Linear(2, 2)).generate()
+        Traceback (most recent call last):
+        ...
+        AttributeError: Linear has no generate(): there is nothing to generate with
+        """
+        generate = getattr(self.model, "generate", None)
+        if not callable(generate):
+            raise AttributeError(f"{type(self.model).__name__} has no generate(): there is nothing to generate with")
+        self.before_call()
+        with self._gate.shared(), self.running():
+            return generate(*args, **kwargs)
+
+    @property
+    def config(self):
+        """The model's config (for a wrapped Hugging Face model, that model's), None without one."""
+        return _of_model(self.model, "config")
+
+    @property
+    def generation_config(self):
+        """The model's generation config (transformers' GenerationConfig), None without one."""
+        return _of_model(self.model, "generation_config")
+
     def describe_route(self) -> str:
         return f"route {self.route!r}"
 
@@ -127,6 +161,15 @@ class Optimized(nn.Module):
         # Pickling (torch.save, copy.deepcopy) keeps the model and the options; loading optimizes
         # it again: captured graphs, stacks, compiled kernels and sessions are not data.
         return (reoptimize, (self.model, {**self.options, "verify": self.verify}))
+
+
+def _of_model(model: nn.Module, name: str):
+    """`model.<name>`, else that of the Hugging Face model it wraps (wrap_armt's `hf_model`), else None."""
+    for owner in (model, getattr(model, "hf_model", None)):
+        value = getattr(owner, name, None) if owner is not None else None
+        if value is not None:
+            return value
+    return None
 
 
 __all__ = ["Optimized", "SKIP"]

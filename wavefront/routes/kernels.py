@@ -115,8 +115,11 @@ class KernelSubstitutedModel(Optimized):
         super().__init__(model, options, verify)
         object.__setattr__(self, "seams", seams)  # module namespaces and functions: not submodules, not state
 
+    def running(self):
+        return swapped(substitutable(self.seams))
+
     def run(self, *args, **kwargs):
-        with swapped(substitutable(self.seams)):
+        with self.running():
             return self.model(*args, **kwargs)
 
     def describe_route(self) -> str:

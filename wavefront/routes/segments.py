@@ -16,7 +16,14 @@ from wavefront.backends.inductor import compile_batched
 from wavefront.backends.onnx.segments import export_segments
 from wavefront.backends.step_timer import StepTimer
 from wavefront.backends.torch_executor import TorchExecutor
-from wavefront.contract.segment import MemoryState, SegmentLMOutput, segment_bounds
+from wavefront.contract.segment import (
+    MemoryState,
+    SegmentLMOutput,
+    causal_lm_loss,
+    check_attention_mask,
+    segment_bounds,
+)
+from wavefront.generation import segment_generate
 from wavefront.passes.dependence import analyse
 from wavefront.passes.diagonal import diagonal_batching
 from wavefront.routes.base import SKIP, Optimized
@@ -94,10 +101,38 @@ class OptimizedModel(Optimized):
                     self.refreshed = why
                     self.verify = self._verify_requested  # a new capture is verified again
 
-    def forward(self, input_ids: torch.Tensor, memory: MemoryState | None = None) -> SegmentLMOutput:
-        return super().forward(input_ids, memory)
+    def forward(self, input_ids: torch.Tensor, memory: MemoryState | None = None, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> SegmentLMOutput:
+        """Logits and memory as the model's forward gives them, with Hugging Face's conventions:
+        `labels` add the causal-LM loss (`.loss`, transformers' formula), an `attention_mask` of
+        ones is accepted and padding refused with the reason."""
+        return super().forward(input_ids, memory, labels=labels, attention_mask=attention_mask)
 
-    def run(self, input_ids, memory=None):
+    def run(self, input_ids, memory=None, labels=None, attention_mask=None):
+        if isinstance(input_ids, torch.Tensor):
+            check_attention_mask(attention_mask, input_ids)
+        out = self._run(input_ids, memory)
+        if labels is not None:
+            out = SegmentLMOutput(out.logits, out.memory, causal_lm_loss(out.logits, labels))
+        return out
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.LongTensor:
+        """Hugging Face's generate() for this segment model: the prompt's finished segments are
+        prefilled under the schedule, then each token costs one run of the current segment
+        (wavefront/generation.py); greedy tokens equal recomputing the model on the growing
+        sequence. Settings come from keywords (max_new_tokens, do_sample, temperature, top_k,
+        top_p, eos_token_id, pad_token_id, ...) or `generation_config` (default: the model's).
+
+        >>> import wavefront
+        >>> from wavefront.models import ARMT, ARMTConfig
+        >>> armt = ARMT(ARMTConfig(n_layers=2, d_model=16, n_heads=2, d_ff=32, segment_len=4, n_mem_tokens=2, d_mem=4))
+        >>> wavefront.optimize(armt).generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5).shape
+        torch.Size([1, 8])
+        """
+        kwargs.setdefault("generation_config", self.generation_config)
+        return segment_generate(self, self.rg.segment_len, input_ids, **kwargs)
+
+    def _run(self, input_ids, memory=None):
         if self._unchanged_reason is not None:
             return self.model(input_ids, memory) if memory is not None else self.model(input_ids)
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] > 0:
@@ -134,7 +169,7 @@ class OptimizedModel(Optimized):
               + " ".join(f"{1e3 * d:.2f}" for d in steps) + f"; slowest step {slowest}", file=sys.stderr, flush=True)
         return out
 
-    def reference(self, input_ids, memory=None):
+    def reference(self, input_ids, memory=None, labels=None, attention_mask=None):
         if self._unchanged_reason is not None:
             return SKIP  # the model itself ran
         if memory is not None and not self.bound.reference_takes_memory:

@@ -278,6 +278,9 @@ class LoopLiftedModel(Optimized):
             for slot in swapped:
                 slot.namespace[slot.name] = slot.original
 
+    def running(self):
+        return self._lifted()
+
     def run(self, *args, **kwargs):
         with self._lifted():
             return self.model(*args, **kwargs)

@@ -1,0 +1,152 @@
+"""generate() for optimized segment models, with Hugging Face's semantics.
+
+A segment model's logits for the last token of a sequence depend on two things only: the memory
+after the sequence's finished segments and the tokens of its current (last, maybe partial)
+segment; that is how the model itself cuts the sequence. So decoding never recomputes the
+sequence: the prompt's finished segments are prefilled once under the optimized schedule (the
+diagonal wavefront), and each new token costs one run of the current segment (at most
+segment_len tokens through the layers) from the memory before it. When that segment is full,
+the memory its run returns is the next segment's starting memory: the segment's memory write
+is that column of cells, computed once. Greedy tokens therefore equal those of recomputing the
+model on the growing sequence, exactly, across segment boundaries and for any batch.
+
+Not done (yet): a key/value cache inside the current segment, which would cut a token's cost
+from a segment's tokens to one token per layer; it needs the attention of every block to take
+a cache. Unlike the public ARMT client's generate (which feeds the prompt's last partial segment
+and every generated token to the base model with the memory read-only, so tokens past a segment
+boundary never see that segment written to memory), this generate writes memory at every
+segment boundary, exactly as the model's own forward on the longer sequence would.
+
+Sampling, temperature, top-k and top-p use transformers' logits warpers (the well-kept ones);
+greedy decoding needs nothing beyond torch.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from wavefront.contract.segment import check_attention_mask
+
+# The generation settings this generate() reads (from keyword arguments, else `generation_config`).
+SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+            "eos_token_id", "pad_token_id")
+_DEFAULT_MAX_LENGTH = 20  # transformers' GenerationConfig default
+
+
+def _settings(generation_config, kwargs: dict) -> dict:
+    """The settings: keyword arguments first, then the generation config's, then transformers' defaults."""
+    unknown = sorted(set(kwargs) - set(SETTINGS))
+    if unknown:
+        raise TypeError(f"generate() got unsupported argument(s) {unknown}: it takes input_ids, attention_mask, "
+                        f"generation_config, logits_processor and {', '.join(SETTINGS)}")
+    out = {}
+    for name in SETTINGS:
+        value = kwargs.get(name)
+        if value is None and generation_config is not None:
+            value = getattr(generation_config, name, None)
+        out[name] = value
+    out["do_sample"] = bool(out["do_sample"])
+    for name, default in (("temperature", 1.0), ("top_k", None), ("top_p", 1.0), ("min_new_tokens", 0)):
+        out[name] = default if out[name] is None else out[name]
+    eos = out["eos_token_id"]
+    out["eos_token_id"] = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    return out
+
+
+def _processors(s: dict, logits_processor):
+    """The logits processors (the user's, then min_new_tokens) and, when sampling, transformers'
+    warpers in its order (temperature, top-k, top-p)."""
+    steps = list(logits_processor or [])
+    warpers = []
+    if s["do_sample"] and (s["temperature"] != 1.0 or s["top_k"] or s["top_p"] < 1.0):
+        try:
+            from transformers.generation.logits_process import (
+                TemperatureLogitsWarper,
+                TopKLogitsWarper,
+                TopPLogitsWarper,
+            )
+        except ImportError as e:
+            raise ImportError("sampling with temperature, top_k or top_p uses transformers' logits warpers: "
+                              "pip install transformers (greedy decoding needs nothing more)") from e
+        if s["temperature"] != 1.0:
+            warpers.append(TemperatureLogitsWarper(float(s["temperature"])))
+        if s["top_k"]:
+            warpers.append(TopKLogitsWarper(int(s["top_k"])))
+        if s["top_p"] < 1.0:
+            warpers.append(TopPLogitsWarper(float(s["top_p"])))
+    return steps, warpers
+
+
+def _check_prompt(input_ids, attention_mask) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0 \
+            or input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError("generate() takes input_ids as a [batch, tokens] integer tensor with at least one token, "
+                         f"got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    check_attention_mask(attention_mask, input_ids)
+
+
+def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, attention_mask=None,
+                     generation_config=None, logits_processor=None, **kwargs) -> torch.LongTensor:
+    """The prompt and the generated tokens [batch, prompt + new] of a segment model `model`
+    (called as model(input_ids, memory) -> .logits, .memory) that cuts its input into segments of
+    `segment_len` tokens. See the module docstring; OptimizedModel.generate calls this.
+
+    >>> import wavefront
+    >>> from wavefront.models import ARMT, ARMTConfig
+    >>> armt = ARMT(ARMTConfig(n_layers=2, d_model=16, n_heads=2, d_ff=32, segment_len=4, n_mem_tokens=2, d_mem=4))
+    >>> fast = wavefront.optimize(armt)
+    >>> fast.generate(torch.tensor([[1, 2, 3, 4, 5]]), max_new_tokens=6).shape
+    torch.Size([1, 11])
+    """
+    _check_prompt(input_ids, attention_mask)
+    s = _settings(generation_config, kwargs)
+    prompt = input_ids.shape[1]
+    if s["max_new_tokens"] is not None:
+        budget = int(s["max_new_tokens"])
+    else:
+        budget = int(s["max_length"] if s["max_length"] is not None else _DEFAULT_MAX_LENGTH) - prompt
+        if budget <= 0:
+            warnings.warn(f"the prompt has {prompt} tokens, not fewer than max_length: nothing is generated; set "
+                          "max_new_tokens", stacklevel=3)
+    if budget < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {budget}")
+    eos, pad = s["eos_token_id"], s["pad_token_id"]
+    if eos and pad is None:
+        pad = eos[0]  # as transformers does (it says so with a warning)
+    processors, warpers = _processors(s, logits_processor)
+    eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
+
+    ids = input_ids
+    current = (prompt - 1) // segment_len  # the segment holding the last token
+    with torch.no_grad():
+        memory = model(ids[:, :current * segment_len]).memory if current else None  # prefill: the schedule
+        unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for step in range(budget):
+            start = current * segment_len
+            out = model(ids[:, start:], memory)  # the current segment, from the memory before it
+            scores = out.logits[:, -1, :]
+            for p in processors:
+                scores = p(ids, scores)
+            if step < s["min_new_tokens"] and eos:
+                scores = scores.clone()
+                scores[:, eos] = -float("inf")
+            if s["do_sample"]:
+                for w in warpers:
+                    scores = w(ids, scores)
+                token = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1).squeeze(1)
+            else:
+                token = scores.argmax(dim=-1)
+            if eos:
+                token = torch.where(unfinished, token, torch.as_tensor(pad, dtype=token.dtype, device=token.device))
+            ids = torch.cat([ids, token.to(ids.dtype)[:, None]], dim=1)
+            if ids.shape[1] - start > segment_len:  # the new token opens a segment: the full one's memory is written
+                memory, current = out.memory, current + 1
+            if eos:
+                unfinished &= ~torch.isin(token, eos_t)
+                if not bool(unfinished.any()):
+                    break
+    return ids
+
+
+__all__ = ["SETTINGS", "segment_generate"]
