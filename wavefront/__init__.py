@@ -16,9 +16,10 @@ from wavefront.api import (
 )
 from wavefront.contract.version import __version__
 from wavefront.export import ExportError, export_onnx
+from wavefront.pretrained import from_pretrained
 from wavefront.profiling import profile
 from wavefront.scheduler.timings import Timings
 from wavefront.stages import stages
 
 __all__ = ["models", "optimize", "explain", "last_schedule", "Optimized", "OptimizedModel", "UnchangedModel",
-           "VerificationError", "export_onnx", "ExportError", "profile", "Timings", "stages", "__version__"]
+           "VerificationError", "export_onnx", "ExportError", "from_pretrained", "profile", "Timings", "stages", "__version__"]

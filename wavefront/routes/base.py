@@ -123,6 +123,12 @@ class Optimized(nn.Module):
         with self._gate.shared(), self.running():
             return generate(*args, **kwargs)
 
+    def save_pretrained(self, save_directory: str) -> None:
+        """The model in Hugging Face's folder layout, with optimize()'s options
+        (wavefront/pretrained.py); `wavefront.from_pretrained(save_directory)` builds it again."""
+        from wavefront.pretrained import save_pretrained
+        save_pretrained(self, save_directory)
+
     @property
     def config(self):
         """The model's config (for a wrapped Hugging Face model, that model's), None without one."""
