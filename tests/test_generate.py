@@ -184,3 +184,14 @@ def test_a_route_over_a_hugging_face_model_runs_its_own_generate(family):
     got = fast.generate(ids, max_new_tokens=8, do_sample=False)
     want = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(got, want)
+
+
+def test_the_onnxruntime_backend_generates_the_same_tokens_with_every_call_in_onnxruntime():
+    pytest.importorskip("onnxruntime")
+    model = _armt().float()
+    fast = wavefront.optimize(model)
+    ort = wavefront.optimize(model, backend="onnxruntime")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(ort.generate(ids, max_new_tokens=6), fast.generate(ids, max_new_tokens=6))
+    out = ort(ids, labels=ids)
+    assert_close(out.loss, fast(ids, labels=ids).loss, 1e-5, "loss under onnxruntime")

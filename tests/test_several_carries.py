@@ -245,3 +245,231 @@ def test_transformers_xlstm_runs_its_step_loop_as_a_running_max_scan(T):
     said = str(wavefront.explain(fast))
     if T > 1:  # a single token takes the step kernel directly: no loop runs
         assert "mlstm_recurrent_sequence_native line" in said and "ran as a running-max scan" in said
+
+
+# --- what an adversarial review found (each was silently different, or crashed, before its fix)
+
+def _branchy_step(k, w, xt, c, m):
+    if m.shape[-1] == 1:  # a different path for a fresh, unbroadcast state
+        c = c + 100.0
+    mn = torch.max(m + w, k)
+    return 0.5 * c + torch.exp(k - mn) * xt, mn
+
+
+def branchy(k, w, x, c, m):
+    for t in range(k.shape[1]):
+        c, m = _branchy_step(k[:, t], w[:, t], x[:, t], c, m)
+    return c, m
+
+
+def reads_old_max(k, x, c, m):
+    ys = []
+    for t in range(k.shape[1]):
+        ys.append(m.sum(-1))  # the max before the step, reduced: its shape matters
+        mn = torch.maximum(m, k[:, t])
+        c = torch.exp(m - mn) * c + torch.exp(k[:, t] - mn) * x[:, t]
+        m = mn
+    return torch.stack(ys, 1), c, m
+
+
+def running_max_values(k, x, c, m):
+    ys = []
+    for t in range(k.shape[1]):
+        mn = torch.maximum(m, k[:, t])
+        c = torch.exp(m - mn) * c + torch.exp(k[:, t] - mn) * x[:, t]
+        m = mn
+        ys.append(c + m)
+    return torch.stack(ys, 1), c, m
+
+
+def constant_decay(k, x, c, m):
+    for t in range(k.shape[1]):
+        mn = torch.max(m + (-0.1), k[:, t])
+        c = torch.exp(m - 0.1 - mn) * c + torch.exp(k[:, t] - mn) * x[:, t]
+        m = mn
+    return c, m
+
+
+def through_a_tensors_dtype(x, y16, h):
+    for t in range(x.shape[1]):
+        h = (0.9 * h + x[:, t]).to(y16.dtype).to(x.dtype)
+    return h
+
+
+def _prefix_step(h, window):
+    if window.shape[1] > 1:  # a shape that depends on the index: traced with shapes, it cannot run under vmap
+        return 0.5 * h + window.mean(1)
+    return h + window[:, 0]
+
+
+def prefix_mean(x, h):
+    for t in range(x.shape[1]):
+        h = _prefix_step(h, x[:, :t + 1])
+    return h
+
+
+class Call(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def test_a_shape_branching_body_whose_carry_widens_on_the_first_step_is_left_as_a_loop():
+    g = torch.Generator().manual_seed(0)
+    k, x = (torch.randn(2, 20, 3, generator=g, dtype=F64) for _ in range(2))
+    w = -torch.rand(2, 20, 3, generator=g, dtype=F64)
+    c0, m0 = torch.zeros(2, 3, dtype=F64), torch.zeros(2, 1, dtype=F64)  # m widens to [2, 3] on step 1
+    model = Call(branchy)
+    fast = wavefront.optimize(model)
+    assert all(torch.equal(a, b) for a, b in zip(fast(k, w, x, c0, m0), model(k, w, x, c0, m0)))
+    assert "changes its shape or dtype on the first step" in str(wavefront.explain(fast))
+
+
+def test_outputs_reading_a_carry_that_widens_on_the_first_step_are_not_read_widened():
+    k, x = torch.randn(2, 5, 3, dtype=F64), torch.randn(2, 5, 3, dtype=F64)
+    model = Call(reads_old_max)
+    fast = wavefront.optimize(model)
+    for T in (1, 5):
+        args = (k[:, :T], x[:, :T], torch.zeros(2, 3, dtype=F64), torch.zeros(2, 1, dtype=F64))
+        assert all(torch.equal(a, b) for a, b in zip(fast(*args), model(*args)))
+    assert "widens from (2, 1) to (2, 3)" in str(wavefront.explain(fast))
+
+
+def test_gradients_at_ties_of_the_max_are_the_loops():
+    k = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]], dtype=F64).unsqueeze(-1).requires_grad_()
+    x, c0 = torch.ones(1, 8, 1, dtype=F64), torch.zeros(1, 1, dtype=F64)
+    m0 = torch.zeros(1, 1, dtype=F64, requires_grad=True)  # ties with k's zeros everywhere
+    model = Call(running_max_values)
+    fast = wavefront.optimize(model)
+    out, ref = fast(k, x, c0, m0), model(k, x, c0, m0)
+    for o, r in zip(out, ref):
+        assert_close(o, r, 1e-12, "values")
+    grads = torch.autograd.grad(out[0].sum() + out[1].sum(), [k, m0])
+    for g, r in zip(grads, torch.autograd.grad(ref[0].sum() + ref[1].sum(), [k, m0])):
+        assert_close(g, r, 1e-12, "gradients at ties")
+    assert "ran as a running-max scan" in str(wavefront.explain(fast))
+
+
+@pytest.mark.parametrize("m_dtype", [torch.float16, torch.float32, F64])
+def test_a_constant_in_the_max_takes_the_dtype_the_max_is_kept_in(m_dtype):
+    """m + (-0.1): a Python float until the max widens to the gates' float64 on the first step."""
+    k, x = 3 * torch.randn(2, 30, 3, dtype=F64), torch.randn(2, 30, 3, dtype=F64)
+    args = (k, x, torch.zeros(2, 3, dtype=F64), torch.zeros(2, 3, dtype=m_dtype))
+    model = Call(constant_decay)
+    fast = wavefront.optimize(model)
+    for o, r in zip(fast(*args), model(*args)):
+        assert_close(o, r, 1e-12, "carries")
+
+
+def test_a_rounding_named_through_a_tensors_dtype_is_seen():
+    x, y16, h0 = torch.randn(2, 50, 3, dtype=F64), torch.zeros(1, dtype=torch.float16), torch.zeros(2, 3, dtype=F64)
+    model = Call(through_a_tensors_dtype)
+    fast = wavefront.optimize(model)
+    assert torch.equal(fast(x, y16, h0), model(x, y16, h0))
+    assert "converted to torch.float16" in str(wavefront.explain(fast))
+
+
+def test_a_body_vmap_cannot_run_is_left_as_a_loop_with_the_reason():
+    x, h0 = torch.randn(2, 9, 3, dtype=F64), torch.zeros(2, 3, dtype=F64)
+    model = Call(prefix_mean)
+    fast = wavefront.optimize(model)
+    assert torch.equal(fast(x, h0), model(x, h0))
+    assert "running it as a scan failed" in str(wavefront.explain(fast))
+
+
+def test_a_two_carry_method_is_explained_before_any_call():
+    class TwoCarries(torch.nn.Module):
+        def forward(self, x, y, h, g):
+            for t in range(x.shape[1]):
+                h = torch.sigmoid(x[:, t]) * h + y[:, t]
+                g = 0.5 * g - y[:, t]
+            return h, g
+    fast = wavefront.optimize(TwoCarries())
+    assert "2 carries, each affine in itself" in str(wavefront.explain(fast))
+
+
+def decayed(x, h, decay=0.5):
+    for t in range(x.shape[1]):
+        h = decay * h + x[:, t]
+    return h
+
+
+def test_a_partial_the_call_itself_replaces_is_kept():
+    class Reassign(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel, self.calls = functools.partial(decayed, decay=0.5), 0
+
+        def forward(self, x, h):
+            out = self.kernel(x, h)
+            self.calls += 1
+            self.kernel = functools.partial(decayed, decay=0.5 + 0.1 * self.calls)
+            return out
+    x, h0 = torch.randn(2, 20, 3, dtype=F64), torch.zeros(2, 3, dtype=F64)
+    model, twin = Reassign(), Reassign()
+    fast = wavefront.optimize(model)
+    for _ in range(3):
+        assert torch.equal(fast(x, h0), twin(x, h0))
+        assert model.kernel.keywords == twin.kernel.keywords
+
+
+def test_a_partial_subclass_is_not_rebuilt_as_a_plain_partial():
+    class Doubling(functools.partial):
+        def __call__(self, *args, **kwargs):
+            return 2 * super().__call__(*args, **kwargs)
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = Doubling(decayed, decay=0.5)
+
+        def forward(self, x, h):
+            return self.kernel(x, h)
+    x, h0 = torch.randn(2, 20, 3, dtype=F64), torch.zeros(2, 3, dtype=F64)
+    model = Holder()
+    fast = wavefront.optimize(model)
+    assert torch.equal(fast(x, h0), model(x, h0))
+
+
+def scaled(x, h, options):
+    for t in range(x.shape[1]):
+        h = options["decay"][0] * h + x[:, t]
+    return h
+
+
+class Options(dict):
+    def __getitem__(self, key):
+        return [0.25]
+
+
+def test_plans_are_not_reused_for_changed_nested_lists_dict_subclasses_or_signed_zeros():
+    x, h0 = torch.randn(2, 20, 3, dtype=F64), torch.ones(2, 3, dtype=F64)
+    model = Call(scaled)
+    fast = wavefront.optimize(model)
+    nested = [0.5]
+    options = {"decay": nested}
+    assert torch.equal(fast(x, h0, options), model(x, h0, options))
+    nested[0] = 0.9  # mutated in place, then an equal-looking fresh dict
+    assert torch.equal(fast(x, h0, {"decay": nested}), model(x, h0, {"decay": nested}))
+    assert torch.equal(fast(x, h0, {"decay": [0.5]}), model(x, h0, {"decay": [0.5]}))
+    assert torch.equal(fast(x, h0, Options(decay=[0.5])), model(x, h0, Options(decay=[0.5])))
+    for zero in (0.0, -0.0):  # 1 / (h * 0.0) is +inf, 1 / (h * -0.0) is -inf
+        assert torch.equal(1 / fast(x, h0, {"decay": [zero]}) - 1 / x[:, -1], 1 / model(x, h0, {"decay": [zero]})
+                           - 1 / x[:, -1])
+
+
+def test_a_modules_train_eval_flag_read_in_the_body_is_not_baked_in():
+    class Gated(torch.nn.Module):
+        def forward(self, x, h):
+            for t in range(x.shape[1]):
+                h = (0.5 if self.training else 0.9) * h + x[:, t]
+            return h
+    x, h0 = torch.randn(2, 20, 3, dtype=F64), torch.zeros(2, 3, dtype=F64)
+    model = Gated()
+    fast = wavefront.optimize(model)
+    for mode in (True, False, True):
+        model.train(mode)
+        assert_close(fast(x, h0), model(x, h0), 1e-12, f"training={mode}")

@@ -72,6 +72,18 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              ignore_index=IGNORE_INDEX)
 
 
+def with_hf_conventions(run, input_ids, memory=None, labels=None, attention_mask=None) -> SegmentLMOutput:
+    """`run(input_ids, memory)` (a segment model's call) with Hugging Face's conventions: an
+    attention mask of ones accepted and padding refused (check_attention_mask), and with `labels`
+    the causal-LM loss (causal_lm_loss) in the output's `loss`."""
+    if isinstance(input_ids, torch.Tensor):
+        check_attention_mask(attention_mask, input_ids)
+    out = run(input_ids, memory)
+    if labels is not None:
+        out = SegmentLMOutput(out.logits, out.memory, causal_lm_loss(out.logits, labels))
+    return out
+
+
 def check_attention_mask(attention_mask, input_ids) -> None:
     """An attention mask of ones is accepted (it changes nothing); padding is refused with the reason."""
     if attention_mask is None:
@@ -179,11 +191,8 @@ class SegmentRecurrentLM(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> SegmentLMOutput:
         """Logits and memory, and the loss (causal_lm_loss) when `labels` are given; an
         `attention_mask` of ones is accepted, padding refused."""
-        check_attention_mask(attention_mask, input_ids)
-        out = self._segments(input_ids, memory)
-        if labels is not None:
-            out.loss = causal_lm_loss(out.logits, labels)
-        return out
+        check_input_ids(input_ids)
+        return with_hf_conventions(self._segments, input_ids, memory, labels, attention_mask)
 
     def _segments(self, input_ids: torch.Tensor, memory: MemoryState | None) -> SegmentLMOutput:
         memory = self.prepare(input_ids, memory)

@@ -47,7 +47,9 @@ from wavefront.contract.segment import (
     SegmentLMOutput,
     check_input_ids,
     check_memory,
+    with_hf_conventions,
 )
+from wavefront.generation import segment_generate
 from wavefront.reoptimize import reoptimize
 from wavefront.routes.base import Optimized
 from wavefront.routes.explanation import Explanation
@@ -172,7 +174,18 @@ class OnnxRuntimeModel(Optimized):
         self._follow_the_model()
 
     def run(self, *args, **kwargs):
-        return self._segments(*args, **kwargs) if self.is_segments else self._tensors(*args, **kwargs)
+        if self.is_segments:  # the segment call with Hugging Face's conventions (labels, attention_mask)
+            return with_hf_conventions(self._segments, *args, **kwargs)
+        return self._tensors(*args, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.LongTensor:
+        """A segment model: wavefront/generation.py with every call in onnxruntime (the prefill and
+        each token's current segment). Another model: the torch route's generate (the exported
+        graphs hold no cache)."""
+        if not self.is_segments:
+            return self.optimized.generate(input_ids, **kwargs)
+        kwargs.setdefault("generation_config", self.generation_config)
+        return segment_generate(self, self.optimized.rg.segment_len, input_ids, **kwargs)
 
     def reference(self, *args, **kwargs):
         if self.is_segments:

@@ -19,9 +19,8 @@ from wavefront.backends.torch_executor import TorchExecutor
 from wavefront.contract.segment import (
     MemoryState,
     SegmentLMOutput,
-    causal_lm_loss,
-    check_attention_mask,
     segment_bounds,
+    with_hf_conventions,
 )
 from wavefront.generation import segment_generate
 from wavefront.passes.dependence import analyse
@@ -109,12 +108,7 @@ class OptimizedModel(Optimized):
         return super().forward(input_ids, memory, labels=labels, attention_mask=attention_mask)
 
     def run(self, input_ids, memory=None, labels=None, attention_mask=None):
-        if isinstance(input_ids, torch.Tensor):
-            check_attention_mask(attention_mask, input_ids)
-        out = self._run(input_ids, memory)
-        if labels is not None:
-            out = SegmentLMOutput(out.logits, out.memory, causal_lm_loss(out.logits, labels))
-        return out
+        return with_hf_conventions(self._run, input_ids, memory, labels, attention_mask)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.LongTensor:
         """Hugging Face's generate() for this segment model: the prompt's finished segments are

@@ -55,6 +55,23 @@ class AffineStep:
 _TO_DTYPE = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
 
 
+VALUE_META = "wavefront_value"  # node.meta key: the value's dtype and shape when the step ran once
+
+
+def value_dtype(node) -> torch.dtype | None:
+    """The dtype a traced node's value had when the step ran once on real inputs (the runner
+    records it), None when not recorded."""
+    meta = node.meta.get(VALUE_META) if isinstance(node, fx.Node) else None
+    return getattr(meta, "dtype", None)
+
+
+def _precision(dtype: torch.dtype) -> float:
+    """The rounding step of a dtype (complex: of its parts); 0 for integers (exact)."""
+    if dtype.is_complex:
+        dtype = torch.float32 if dtype == torch.complex64 else torch.float64
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
 def declared_dtype(node) -> torch.dtype | None:
     """The dtype a value is converted to last (`x.to(torch.float32)`, `.to(dtype=...)`, `.float()`),
     looking through layout-only methods; None when it is not converted to a stated dtype.
@@ -149,6 +166,7 @@ def analyse_step(step: nn.Module | object) -> AffineStep:
 
     needed = _ancestors(new)  # ys computed from the carry (scan outputs) need not be affine
     conversions: dict = {}  # stated dtype -> the first conversion of a carry-dependent value to it
+    narrowed: list = []  # conversions of carry-dependent values to a less precise dtype (dtypes recorded)
     for n in g.nodes:
         if n.op in ("placeholder", "output") or n not in needed:
             continue
@@ -161,9 +179,12 @@ def analyse_step(step: nn.Module | object) -> AffineStep:
         if n.op == "call_method" and n.target in _CONVERSIONS and dep(args[0]) \
                 and not any(dep(a) for a in args[1:]) and not any(dep(a) for a in n.kwargs.values()):
             alpha[n], beta[n] = alpha[args[0]], beta[args[0]]
-            stated = declared_dtype(n) if n.target not in ("contiguous", "clone") else None
-            if stated is not None:
-                conversions.setdefault(stated, n)
+            src, dst = value_dtype(args[0]), value_dtype(n)
+            if src is not None and dst is not None:
+                if _precision(dst) > _precision(src):  # rounds: judged against the carry's own dtype below
+                    narrowed.append(n)
+            elif n.target not in ("contiguous", "clone") and declared_dtype(n) is not None:
+                conversions.setdefault(declared_dtype(n), n)
             continue
         if fn in _ADD | _SUB and len(args) == 2 and n.kwargs.get("alpha", 1) == 1:
             u, v = args
@@ -202,8 +223,20 @@ def analyse_step(step: nn.Module | object) -> AffineStep:
 
     if not dep(new):
         raise NotAffine("the new carry does not depend on the carry (no recurrence)")
-    final = declared_dtype(new)
-    rounded = [(d, c) for d, c in conversions.items() if d != final]
+    final = value_dtype(new) or declared_dtype(new)
+    last_casts = set()  # the conversions that end the step in the new carry's dtype (or keep the value's)
+    node = new
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in _CONVERSIONS:
+        dtype = value_dtype(node) or declared_dtype(node)
+        if dtype is not None and dtype != final:
+            break
+        last_casts.add(node)
+        node = node.args[0]
+    # a rounding to the carry's own dtype (or finer) is at the precision the scan keeps it in; a coarser
+    # one inside the step (`.to(torch.float16)` of a float32 carry's value) is not
+    coarse = _precision(final) if final is not None else 0.0
+    rounded = [(value_dtype(c), c) for c in narrowed if c not in last_casts and _precision(value_dtype(c)) > coarse]
+    rounded += [(d, c) for d, c in conversions.items() if d != final and c not in last_casts]
     if rounded:  # a rounding inside the step that a scan in one dtype would not reproduce
         d, c = rounded[0]
         raise NotAffine(f"the carry is converted to {d} at {_where(c)} but the new carry is not kept in it: "
@@ -236,19 +269,21 @@ def scalar_constant(gm) -> int | float | complex | None:
     return out if isinstance(out, (int, float, complex)) and not isinstance(out, bool) else None
 
 
-def constant_coefficients(A, B, ca, cb, h0: torch.Tensor, T: int):
+def constant_coefficients(A, B, ca, cb, h0: torch.Tensor, T: int, dtype: torch.dtype | None = None):
     """A and B with the constant ones (ca, cb: Python numbers, or None) made [T, 1, ...] tensors
-    of the dtype the loop computes in: a Python number takes the tensors' dtype (`0.9 * h` of a
-    float32 h stays float32), widening only across kinds (a complex number and a real carry).
+    of the dtype the loop computes in (`dtype` when known): a Python number takes the tensors'
+    dtype (`0.9 * h` of a float32 h stays float32), widening only across kinds (a complex number
+    and a real carry).
 
     >>> A, B = constant_coefficients(None, None, 0.5, None, torch.zeros(2, dtype=torch.float32), 3)
     >>> A.shape, A.dtype, B
     (torch.Size([3, 1]), torch.float32, None)
     """
-    dtype = h0.dtype
-    for x in (A, B):
-        if x is not None:
-            dtype = torch.promote_types(dtype, x.dtype)
+    if dtype is None:  # else: the dtype the loop keeps its carry in (a constant is a Python float until then)
+        dtype = h0.dtype
+        for x in (A, B):
+            if x is not None:
+                dtype = torch.promote_types(dtype, x.dtype)
     like, shape = torch.empty((), dtype=dtype), (T,) + (1,) * h0.dim()  # [T, 1, ...]: broadcasts over the carry
     if ca is not None:
         A = torch.full(shape, ca, dtype=torch.result_type(like, ca), device=h0.device)

@@ -144,14 +144,14 @@ def _called_functions(fn, depth: int = 2):
 
 @dataclass(eq=False)
 class PartialSlot:
-    """Where a method finds functions bound in a `functools.partial` it calls: the instance
-    attribute `module.<attribute>` (xLSTM's `self._inference_fn = partial(f, kernel=partial(g, ...))`),
-    holding `original`. For a call, the attribute holds the same partial with the lifted
-    `function` in place of `original_function`, wherever it is bound."""
+    """Where a method finds a function it calls through an instance attribute: `module.<attribute>`
+    holding `original`, a plain function or a `functools.partial` binding functions (xLSTM's
+    `self._inference_fn = partial(f, kernel=partial(g, ...))`). For a call, the attribute holds the
+    same (partial) with the lifted function in place of `original_function`, wherever it is bound."""
 
     module: nn.Module
     attribute: str
-    original: functools.partial
+    original: object
     original_function: object
 
 
@@ -160,22 +160,24 @@ def _bound_functions(obj, depth: int = 4) -> list:
     partials included."""
     if isinstance(obj, types.FunctionType):
         return [obj]
-    if not isinstance(obj, functools.partial) or depth == 0:
+    if type(obj) is not functools.partial or depth == 0:  # a subclass may call differently: not followed
         return []
     return [f for part in (obj.func, *obj.args, *obj.keywords.values()) for f in _bound_functions(part, depth - 1)]
 
 
 def _substituted(obj, table: dict):
     """`obj` (a partial, nested) with every function in `table` replaced by its value."""
-    if isinstance(obj, functools.partial):
+    if type(obj) is functools.partial:
         return functools.partial(_substituted(obj.func, table), *(_substituted(a, table) for a in obj.args),
                                  **{k: _substituted(v, table) for k, v in obj.keywords.items()})
     return table.get(obj, obj) if isinstance(obj, types.FunctionType) else obj
 
 
-def _partials_called(m: nn.Module, fn) -> list[tuple[str, functools.partial]]:
-    """(attribute, partial) for the `self.<attribute>(...)` calls in `fn` that reach a partial held on `m`."""
-    return [(name, m.__dict__[name]) for name in _calls(fn)[1] if isinstance(m.__dict__.get(name), functools.partial)]
+def _partials_called(m: nn.Module, fn) -> list[tuple[str, object]]:
+    """(attribute, value) for the `self.<attribute>(...)` calls in `fn` that reach a partial or a
+    plain function held on the instance `m` (`self.kernel = partial(f, ...)`, `self.fn = f`)."""
+    return [(name, m.__dict__[name]) for name in _calls(fn)[1]
+            if type(m.__dict__.get(name)) is functools.partial or isinstance(m.__dict__.get(name), types.FunctionType)]
 
 
 def _reached_from_forward(cls: type) -> set[str]:
@@ -266,15 +268,16 @@ class LoopLiftedModel(Optimized):
                     m.__dict__[lf.name] = lf.function.__get__(m)
                     installed.append((m, lf.name))
             for slot, table in partials.values():
-                slot.module.__dict__[slot.attribute] = _substituted(slot.original, table)
-                installed.append((slot, None))
+                rebuilt = _substituted(slot.original, table)
+                slot.module.__dict__[slot.attribute] = rebuilt
+                installed.append((slot, rebuilt))
             yield
         finally:
             for m, name in installed:
-                if isinstance(m, PartialSlot):
-                    m.module.__dict__[m.attribute] = m.original
-                else:
+                if not isinstance(m, PartialSlot):
                     del m.__dict__[name]
+                elif m.module.__dict__.get(m.attribute) is name:  # unless the call itself set the attribute anew
+                    m.module.__dict__[m.attribute] = m.original
             for slot in swapped:
                 slot.namespace[slot.name] = slot.original
 

@@ -32,6 +32,7 @@ from wavefront.backends.scans.linear.dispatch import linear_scan
 from wavefront.backends.scans.logspace.chunked import chunked_wkv, maxplus_scan
 from wavefront.backends.scans.matrix.dispatch import matrix_scan
 from wavefront.time_loops.affine_carry import (
+    VALUE_META,
     AffineStep,
     NotAffine,
     analyse_step,
@@ -103,7 +104,15 @@ class LoopRunner:
         # symbolic: under torch.export with a dynamic length (a fixed one leaves the bounds ints)
         symbolic = torch.compiler.is_exporting() and not all(isinstance(b, int) for b in bounds)
         try:
-            values = self._run(site, env, _Steps(bounds, reverse, symbolic))
+            try:
+                values = self._run(site, env, _Steps(bounds, reverse, symbolic))
+            except (RuntimeError, ValueError, IndexError, TypeError) as e:
+                if symbolic or isinstance(e, LoopExportError):
+                    raise
+                # evaluating it as a scan failed (a body vmap cannot run, inputs the loop itself rejects):
+                # nothing was written yet, so the loop runs as written (and raises its own error if any)
+                raise _Decline(f"running it as a scan failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
+                    from e
         except (NotAffine, _Decline) as e:
             reason = e.reason if isinstance(e, NotAffine) else str(e)
             self._record(k, env, f"left as a loop: {reason}")
@@ -161,6 +170,8 @@ class LoopRunner:
             return "decided at the first call (the body branches on its tensors' shapes)"
         except _Decline:
             return "decided at the first call (the body reads values that are not tensors)"
+        if isinstance(plan, _SeveralCarriesPlan) and plan.max is None:
+            return f"{len(site.carries)} carries, each affine in itself: runs as {len(site.carries)} scans"
         if isinstance(plan, _SeveralCarriesPlan):
             return (f"a running max (`{site.carries[plan.max]}`, m' = max(m + a, b)) and values affine in themselves "
                     "once it is known: runs as a max-plus scan and linear scans")
@@ -175,13 +186,17 @@ class LoopRunner:
         return "affine in its carry: runs as a scan"
 
     def _plan(self, site: LoopSite, tensors: list[str], others: list[str], other_values: list,
-              metas: dict | None = None) -> _Plan:
+              metas: dict | None = None, first: tuple | None = None) -> _Plan:
         """Compile the body for these non-tensor values (closed over), prove it affine, and hoist
-        its indexed reads. Depends on which names are tensors and on the non-tensor values,
-        never on the tensors' values (nor on the length); with `metas` (the body branches on
-        shapes, see _trace) also on the tensors' shapes and dtypes."""
+        its indexed reads. Depends on which names are tensors, on the non-tensor values and the
+        tensors' dtypes, never on the tensors' values (nor on the length); with `metas` (the body
+        branches on shapes, see _trace) also on their shapes. `first` (the carries, the first
+        index, the tensors of a call): the step runs once on them to record every value's dtype
+        (a rounding inside the step is then seen whatever way its dtype is written)."""
         step, last = _compile_body(site, tensors, others, self.globals)(*other_values)
         traced = _trace(step, [(n, v) for n, v in zip(others, other_values) if isinstance(v, nn.Module)], metas)
+        if first is not None:
+            _record_dtypes(traced, first, len(site.carries), metas is not None)
         if len(site.carries) > 1:  # a running-max stabilised pair, a running max and values, or nothing we run
             logspace = match_logspace_step(traced, len(site.carries))
             if logspace is not None:
@@ -223,16 +238,20 @@ class LoopRunner:
         tensors = [n for n in site.free if isinstance(env[n], torch.Tensor)]
         others = [n for n in site.free if n not in tensors]
         key = (id(site), tuple(tensors), tuple(others), tuple(_value_key(env[n]) for n in others))
+        key = (*key, tuple(env[n].dtype for n in [*site.carries, *tensors]))
         shaped = id(site) in self._shaped  # its body branches on shapes: a plan per shape
         if shaped:
             key = (*key, _shapes_key(env, [*site.carries, *tensors]))
         if key not in self._plans:
             if len(self._plans) >= 16:  # non-tensor values that change every call (a length): keep a few
                 self._plans.pop(next(iter(self._plans)))
+            first = None
+            if steps.rng is not None:  # (under export the values are symbolic: dtypes as written)
+                first = ([env[c] for c in site.carries], steps.rng[0], [env[n] for n in tensors])
             try:
                 try:
                     self._plans[key] = self._plan(site, tensors, others, [_snapshot(env[n]) for n in others],
-                                                  _metas(env, site, tensors) if shaped else None)
+                                                  _metas(env, site, tensors) if shaped else None, first)
                 except _NeedsShapes:
                     self._shaped.add(id(site))
                     return self._run(site, env, steps)
@@ -257,8 +276,12 @@ class LoopRunner:
         if steps.rng is not None and need > _memory_budget():
             raise _Decline(f"running it as a scan would hold {need / 2**30:.1f} GiB of per-step coefficients and "
                            f"states (over WAVEFRONT_SCAN_MEMORY_GB={_memory_budget() / 2**30:g})")
-        H, h0 = _carry_scan((plan.a, plan.b, plan.ab, plan.affine.dtype), [idx, *xs], (0,) + (None,) * len(xs), steps, h0, self.method)
-        before_last = torch.cat([h0.unsqueeze(0), H])[-2]  # the carry entering the last iteration
+        given = h0
+        H, h0 = _carry_scan((plan.a, plan.b, plan.ab, plan.affine.dtype), [idx, *xs], (0,) + (None,) * len(xs),
+                            steps, h0, self.method)
+        if plan.reads_previous and site.outputs:
+            _check_first_step_shapes([given], [h0])
+        before_last = H[-2] if steps.n > 1 else given  # the carry entering the last iteration
         values_after, _ = plan.last(before_last, steps.last, *xs)  # what the loop leaves in its names, exactly
         writes, stacked = [], []
         if site.outputs:
@@ -284,7 +307,7 @@ def _carry_scan(coefficients: tuple, args: list, in_dims: tuple, steps: "_Steps"
         A, B = _over_steps(ab, args, in_dims, steps)
     else:
         A, B = (_over_steps(g, args, in_dims, steps) if c is None else None for g, c in ((a, ca), (b, cb)))
-    A, B = constant_coefficients(A, B, ca, cb, h0, steps.n)
+    A, B = constant_coefficients(A, B, ca, cb, h0, steps.n, declared)
     A, B = broadcast_coefficients(A, B, h0, steps.n)
     dtype = declared or torch.promote_types(torch.promote_types(A.dtype, B.dtype), h0.dtype)
     h0 = h0.to(dtype).expand(A.shape[1:])  # the carry may widen on its first step (h = a * 0-dim + b)
@@ -336,9 +359,13 @@ def _several_carries_scan(plan: _SeveralCarriesPlan, site: LoopSite, env: dict, 
         everything[k], firsts[k] = _carry_scan(coefficients, [*maxima, idx, *xs], (0,) * (len(maxima) + 1)
                                                + (None,) * len(xs), steps, h0s[k], method)
     previous = [torch.cat([h.unsqueeze(0), H[:-1]]) for h, H in zip(firsts, everything)]
-    values_after, _ = plan.last(*(P[-1] for P in previous), steps.last, *xs)  # exactly what the loop leaves
+    entering_last = [P[-1] for P in previous] if n > 1 else h0s  # one step: the carries as the loop got them
+    values_after, _ = plan.last(*entering_last, steps.last, *xs)  # exactly what the loop leaves
     writes, stacked = [], []
     if site.outputs:
+        read = [p for p in plan.ys.gm.graph.nodes if p.op == "placeholder"][:len(h0s)]
+        _check_first_step_shapes([h for h, p in zip(h0s, read) if p.users],
+                                 [f for f, p in zip(firsts, read) if p.users])
         Y = _over_steps(plan.ys, [*previous, *everything, idx, *xs], (0,) * (2 * len(h0s) + 1) + (None,) * len(xs),
                         steps)
         for o, y in zip(site.outputs, Y):
@@ -354,20 +381,33 @@ def _several_carries_scan(plan: _SeveralCarriesPlan, site: LoopSite, env: dict, 
 def _running_max(plan: _SeveralCarriesPlan, m0: torch.Tensor, idx, xs, steps: "_Steps"):
     """(the initial max as scanned, the max after every step [n, ...]) of m' = max(m + lw, lk)."""
     n, in_dims = steps.n, (0,) + (None,) * len(xs)
-    LW, LK = (_over_steps(g, [idx, *xs], in_dims, steps) if isinstance(g, HoistedReads)
-              else torch.full((n,), g, dtype=m0.dtype, device=m0.device) for g in (plan.lw, plan.lk))
+    parts = [_over_steps(g, [idx, *xs], in_dims, steps) if isinstance(g, HoistedReads) else g
+             for g in (plan.lw, plan.lk)]
+    dtype = plan.max_dtype or functools.reduce(torch.promote_types, [p.dtype for p in parts
+                                                                     if isinstance(p, torch.Tensor)], m0.dtype)
+    if not dtype.is_floating_point:
+        raise _Decline("its running max is not real-valued")
+    LW, LK = (p if isinstance(p, torch.Tensor) else torch.full((n,), p, dtype=dtype, device=m0.device)
+              for p in parts)  # a constant in the dtype the max is kept in (a Python float until then)
     try:
         shape = torch.broadcast_shapes(m0.shape, LW.shape[1:], LK.shape[1:])
     except RuntimeError as e:
         raise _Decline(f"its maxima do not broadcast together ({e})") from e
-    dtype = plan.max_dtype or torch.promote_types(torch.promote_types(LW.dtype, LK.dtype), m0.dtype)
-    if not dtype.is_floating_point:
-        raise _Decline("its running max is not real-valued")
 
     def per_step(x):  # [n, ...] with its own dims right-aligned to the max's
         return x.reshape(n, *([1] * (len(shape) - (x.dim() - 1))), *x.shape[1:]).to(dtype).expand(n, *shape)
-    M0 = m0.to(dtype).expand(shape)
-    return M0, maxplus_scan(per_step(LW), per_step(LK), M0, 0)
+    M0, LW, LK = m0.to(dtype).expand(shape), per_step(LW), per_step(LK)
+    M = maxplus_scan(LW, LK, M0, 0)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (M0, LW, LK)):
+        if bool((torch.cat([M0.unsqueeze(0), M[:-1]]) + LW == LK).any()):
+            # a tie: the loop's max splits its gradient there, which a scan composing maxima in another
+            # order does not reproduce; the max alone (a small tensor) then runs step by step, as written
+            steps_m, m = [], M0
+            for t in range(n):
+                m = torch.maximum(m + LW[t], LK[t])
+                steps_m.append(m)
+            M = torch.stack(steps_m)
+    return M0, M
 
 
 def _memory_budget() -> float:
@@ -375,23 +415,36 @@ def _memory_budget() -> float:
 
 
 def _value_key(v):
-    """Plans are reused for equal hashable values, dicts and lists of equal contents (a function's
-    `**kwargs` is a new dict every call), and the very same object otherwise."""
-    if isinstance(v, dict):
+    """Plans are reused for equal hashable values (a float by its repr: 0.0 and -0.0 differ), plain
+    dicts and lists of equal contents (a function's `**kwargs` is a new dict every call), a module
+    whose train/eval flags and plain attributes are as they were (a body reads them as
+    constants), and the very same object otherwise."""
+    if type(v) is dict:
         return ("dict", tuple((k, _value_key(x)) for k, x in v.items()))
-    if isinstance(v, list):
+    if type(v) is list:
         return ("list", tuple(_value_key(x) for x in v))
+    if isinstance(v, nn.Module):
+        return ("module", id(v), tuple((m.training, tuple((k, _value_key(x)) for k, x in vars(m).items()
+                                                           if type(x) in _PLAIN)) for m in v.modules()))
+    if type(v) is float:
+        return (float, repr(v))
     try:
         hash(v)
-        return (type(v), v) if not isinstance(v, nn.Module) else ("id", id(v))
+        return (type(v), v)
     except TypeError:
         return ("id", id(v))
 
 
+_PLAIN = (bool, int, float, str, type(None))  # module attributes a traced body bakes in
+
+
 def _snapshot(v):
-    """What a plan closes over: a copy of a dict or list (its key is its contents now, so a later
-    change to the caller's object must not reach the plan), anything else as it is."""
-    return dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
+    """What a plan closes over: a copy of a plain dict or list, nested ones too (its key is its
+    contents now, so a later change to the caller's object must not reach the plan), anything
+    else as it is."""
+    if type(v) is dict:
+        return {k: _snapshot(x) for k, x in v.items()}
+    return [_snapshot(x) for x in v] if type(v) is list else v
 
 
 @dataclass
@@ -637,6 +690,47 @@ def _trace(fn, modules, metas: dict | None = None) -> fx.GraphModule:
         raise _Decline(f"the body could not be traced ({type(e).__name__}: {e})") from e
     except Exception as e:  # the body does something fx cannot follow
         raise _Decline(f"the body could not be traced ({type(e).__name__}: {e})") from e
+
+
+def _check_first_step_shapes(given: list, scanned: list) -> None:
+    """Outputs that read the carries before each step see the scan's carries, broadcast to the
+    shape they take after the first step: a carry that widens then would be read widened."""
+    for g, s in zip(given, scanned):
+        if tuple(g.shape) != tuple(s.shape):
+            raise _Decline(f"a carry widens from {tuple(g.shape)} to {tuple(s.shape)} on the first step and the "
+                           "outputs read it before each step")
+
+
+class _ValueRecorder(fx.Interpreter):
+    """Runs a graph and records each tensor value's dtype and shape in node.meta[VALUE_META] (like
+    torch.fx's ShapeProp, which prints a traceback when a node fails)."""
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta[VALUE_META] = types.SimpleNamespace(dtype=result.dtype, shape=tuple(result.shape))
+        return result
+
+
+def _record_dtypes(traced: fx.GraphModule, first: tuple, n_carries: int, shaped: bool) -> None:
+    """Run the step once on a call's values (carries cloned: a body may update them in place) and
+    record every node's dtype and shape (node.meta[VALUE_META]). A body
+    traced for its shapes must keep its carries' shapes and dtypes: a carry widened on its first
+    step would take another branch from the second step on."""
+    carries, index, xs = first
+    try:
+        with torch.no_grad():
+            _ValueRecorder(traced).run(*(c.clone() for c in carries), torch.tensor(index), *xs)
+    except Exception:  # noqa: BLE001 - a body that does not run on its own: dtypes as written
+        return
+    if shaped:
+        out = next(n for n in traced.graph.nodes if n.op == "output").args[0]
+        for c, node in zip(carries, out[:n_carries]):
+            meta = node.meta.get(VALUE_META) if isinstance(node, fx.Node) else None
+            if meta is None or tuple(meta.shape) != tuple(c.shape) or meta.dtype != c.dtype:
+                raise _Decline("its body branches on shapes and a carry changes its shape or dtype on the first step "
+                               f"({tuple(c.shape)} {c.dtype} -> {tuple(getattr(meta, 'shape', ()))} "
+                               f"{getattr(meta, 'dtype', '?')}): it was traced for the first step's only")
 
 
 def _metas(env: dict, site: LoopSite, tensors: list[str]) -> dict:

@@ -31,6 +31,7 @@ from wavefront.time_loops.affine_carry import (
     NotAffine,
     analyse_step,
     declared_dtype,
+    value_dtype,
 )
 
 _MAXIMA = {torch.max, torch.maximum}
@@ -154,7 +155,7 @@ def match_several_carries(traced: fx.GraphModule, n_carries: int) -> SeveralCarr
             return SeveralCarriesStep(None, None, None, others, ys_graph)
         lw, lk = parts
         return SeveralCarriesStep(mi, _part(traced, lw, free_inputs), _part(traced, lk, free_inputs), others,
-                                  ys_graph, declared_dtype(new[mi]))
+                                  ys_graph, value_dtype(new[mi]) or declared_dtype(new[mi]))
     return None
 
 
