@@ -52,14 +52,17 @@ def test_each_token_costs_one_run_of_its_current_segment():
     one segment's tokens, never the whole sequence."""
     model = _armt()
     fast = wavefront.optimize(model)
-    lengths = []
-    handle = fast.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    prefill, decode = [], []
+    handles = [fast.register_forward_pre_hook(lambda m, args: prefill.append(args[0].shape[1])),
+               model.register_forward_pre_hook(lambda m, args: decode.append(args[0].shape[1]))]
     try:
         fast.generate(torch.randint(0, 64, (1, 10)), max_new_tokens=7)
     finally:
-        handle.remove()
-    assert lengths[0] == 8  # the two finished prompt segments, under the schedule
-    assert lengths[1:] == [2, 3, 4, 1, 2, 3, 4]  # the current segment as it grows, a new one after each fill
+        for h in handles:
+            h.remove()
+    assert prefill == [8]  # the two finished prompt segments, under the schedule
+    # then the model's own forward on the current segment as it grows, a new one after each fill
+    assert decode == [2, 3, 4, 1, 2, 3, 4]
 
 
 def test_eos_finishes_a_row_and_pads_it_as_transformers_does():

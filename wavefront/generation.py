@@ -86,11 +86,12 @@ def _check_prompt(input_ids, attention_mask) -> None:
     check_attention_mask(attention_mask, input_ids)
 
 
-def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, attention_mask=None,
+def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, decode=None, attention_mask=None,
                      generation_config=None, logits_processor=None, **kwargs) -> torch.LongTensor:
     """The prompt and the generated tokens [batch, prompt + new] of a segment model `model`
     (called as model(input_ids, memory) -> .logits, .memory) that cuts its input into segments of
-    `segment_len` tokens. See the module docstring; OptimizedModel.generate calls this.
+    `segment_len` tokens; `decode` (the same call, default `model`) runs each token's current
+    segment. See the module docstring; OptimizedModel.generate calls this.
 
     >>> import wavefront
     >>> from wavefront.models import ARMT, ARMTConfig
@@ -124,7 +125,7 @@ def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, attent
         unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
         for step in range(budget):
             start = current * segment_len
-            out = model(ids[:, start:], memory)  # the current segment, from the memory before it
+            out = (decode or model)(ids[:, start:], memory)  # the current segment, from the memory before it
             scores = out.logits[:, -1, :]
             for p in processors:
                 scores = p(ids, scores)

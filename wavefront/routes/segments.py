@@ -124,7 +124,10 @@ class OptimizedModel(Optimized):
         torch.Size([1, 8])
         """
         kwargs.setdefault("generation_config", self.generation_config)
-        return segment_generate(self, self.rg.segment_len, input_ids, **kwargs)
+        # one segment at a time gains nothing from the schedule: the model's own forward runs each
+        # token's segment where it continues from a memory (else this model does, as the prefill)
+        own = self.bound.reference if self.bound.reference_takes_memory and self._unchanged_reason is None else None
+        return segment_generate(self, self.rg.segment_len, input_ids, decode=own, **kwargs)
 
     def _run(self, input_ids, memory=None):
         if self._unchanged_reason is not None:
