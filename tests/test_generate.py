@@ -114,6 +114,10 @@ def test_generate_says_what_it_cannot_take():
     with pytest.raises(ValueError, match="integer tensor"):
         fast.generate(ids.float())
     assert fast.generate(ids).shape == (2, 20)  # no length given: transformers' max_length of 20
+    with pytest.warns(UserWarning, match="nothing is generated"):
+        assert torch.equal(fast.generate(ids, max_length=3), ids)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        fast.generate(ids, max_new_tokens=-1)
 
 
 def _hf_loss(logits, labels):

@@ -473,3 +473,31 @@ def test_a_modules_train_eval_flag_read_in_the_body_is_not_baked_in():
     for mode in (True, False, True):
         model.train(mode)
         assert_close(fast(x, h0), model(x, h0), 1e-12, f"training={mode}")
+
+
+def test_planning_leaves_the_modules_buffers_and_the_rng_as_they_were():
+    """The runner runs a step once to record dtypes: a module in the body that updates a buffer
+    (BatchNorm in training) or draws numbers must not be advanced by it."""
+    class Normed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.BatchNorm1d(3).double()
+
+        def forward(self, x, h):
+            for t in range(x.shape[1]):
+                h = torch.sigmoid(self.norm(x[:, t])) * h + x[:, t]
+            return h
+    x, h0 = torch.randn(4, 6, 3, dtype=F64), torch.zeros(4, 3, dtype=F64)
+    model = Normed()
+    fast = wavefront.optimize(model)
+    before = model.norm.running_mean.clone()
+    torch.manual_seed(1)
+    fast(x, h0)
+    drawn = torch.rand(())
+    twin = Normed()
+    twin.load_state_dict({**model.state_dict(), "norm.running_mean": before,
+                          "norm.num_batches_tracked": model.norm.num_batches_tracked * 0})
+    torch.manual_seed(1)
+    twin(x, h0)
+    assert torch.equal(drawn, torch.rand(()))  # the RNG advanced as the loop alone advances it
+    assert_close(model.norm.running_mean, twin.norm.running_mean, 1e-12, "running mean")

@@ -110,6 +110,7 @@ def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, decode
         if budget <= 0:
             warnings.warn(f"the prompt has {prompt} tokens, not fewer than max_length: nothing is generated; set "
                           "max_new_tokens", stacklevel=3)
+            budget = 0  # as transformers: the prompt comes back
     if budget < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {budget}")
     eos, pad = s["eos_token_id"], s["pad_token_id"]

@@ -713,16 +713,21 @@ class _ValueRecorder(fx.Interpreter):
 
 
 def _record_dtypes(traced: fx.GraphModule, first: tuple, n_carries: int, shaped: bool) -> None:
-    """Run the step once on a call's values (carries cloned: a body may update them in place) and
-    record every node's dtype and shape (node.meta[VALUE_META]). A body
-    traced for its shapes must keep its carries' shapes and dtypes: a carry widened on its first
-    step would take another branch from the second step on."""
+    """Run the step once on a call's values (carries cloned: a body may update them in place; the
+    modules' buffers and the RNG put back after) and record every node's dtype and shape
+    (node.meta[VALUE_META]). A body traced for its shapes must keep its carries' shapes and dtypes:
+    a carry widened on its first step would take another branch from the second step on."""
     carries, index, xs = first
+    buffers = [(b, b.clone()) for b in traced.buffers()]  # a module in the body may update its own (BatchNorm)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # nor may it draw from the caller's RNG
             _ValueRecorder(traced).run(*(c.clone() for c in carries), torch.tensor(index), *xs)
     except Exception:  # noqa: BLE001 - a body that does not run on its own: dtypes as written
         return
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
     if shaped:
         out = next(n for n in traced.graph.nodes if n.op == "output").args[0]
         for c, node in zip(carries, out[:n_carries]):
