@@ -111,7 +111,7 @@ def test_generate_says_what_it_cannot_take():
         fast.generate(ids, attention_mask=torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]))
     assert torch.equal(fast.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3),
                        fast.generate(ids, max_new_tokens=3))
-    with pytest.raises(ValueError, match="integer tensor"):
+    with pytest.raises(TypeError, match="must hold integer token ids"):  # as forward says it
         fast.generate(ids.float())
     assert fast.generate(ids).shape == (2, 20)  # no length given: transformers' max_length of 20
     with pytest.warns(UserWarning, match="nothing is generated"):

@@ -43,6 +43,17 @@ def mlstm_sequence(q, k, v, i, f, state=None, **kwargs):
     return torch.stack(hs, dim=-2), (C, n, m)
 
 
+class Call(torch.nn.Module):
+    """A module whose forward calls a module-level function (where the loop is)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
 class MLSTM(torch.nn.Module):
     def forward(self, *args, **kwargs):
         return mlstm_sequence(*args, **kwargs)
@@ -148,21 +159,11 @@ def coupled(x, h, g):
     return h, g
 
 
-class Independent(torch.nn.Module):
-    def forward(self, *args):
-        return two_independent(*args)
-
-
-class Coupled(torch.nn.Module):
-    def forward(self, *args):
-        return coupled(*args)
-
-
 def test_carries_each_affine_in_itself_run_as_separate_scans_with_gradients():
     torch.manual_seed(0)
     x, y = (torch.randn(3, 50, 4, dtype=F64, requires_grad=True) for _ in range(2))
     h0, g0 = (torch.randn(3, 4, dtype=F64, requires_grad=True) for _ in range(2))
-    model = Independent()
+    model = Call(two_independent)
     ref = model(x, y, h0, g0)
     ref_grads = torch.autograd.grad(ref[0].sum() + ref[1].sum(), [x, y, h0, g0])
     fast = wavefront.optimize(model)
@@ -176,7 +177,7 @@ def test_carries_each_affine_in_itself_run_as_separate_scans_with_gradients():
 
 def test_carries_that_feed_each_other_are_left_as_a_loop_with_the_reason():
     x, h0, g0 = torch.randn(2, 9, 3, dtype=F64), torch.randn(2, 3, dtype=F64), torch.randn(2, 3, dtype=F64)
-    model = Coupled()
+    model = Call(coupled)
     fast = wavefront.optimize(model)
     assert all(torch.equal(a, b) for a, b in zip(fast(x, h0, g0), model(x, h0, g0)))
     assert "2 carries (g, h) that are not each affine in itself" in str(wavefront.explain(fast))
@@ -194,19 +195,9 @@ def kept_in_float32(x, h):
     return h
 
 
-class Rounded(torch.nn.Module):
-    def forward(self, *args):
-        return rounded(*args)
-
-
-class KeptInFloat32(torch.nn.Module):
-    def forward(self, *args):
-        return kept_in_float32(*args)
-
-
 def test_a_carry_rounded_inside_its_step_is_left_as_a_loop():
     x, h0 = torch.randn(2, 12, 3, dtype=F64), torch.zeros(2, 3, dtype=F64)
-    model = Rounded()
+    model = Call(rounded)
     fast = wavefront.optimize(model)
     assert torch.equal(fast(x, h0), model(x, h0))
     assert "converted to torch.bfloat16" in str(wavefront.explain(fast))
@@ -217,7 +208,7 @@ def test_a_carry_the_loop_keeps_in_float32_is_scanned_in_float32():
     silently in float64), so it agrees with the loop to float32 rounding and returns float32."""
     torch.manual_seed(0)
     x, h0 = torch.randn(2, 300, 3, dtype=F64), torch.zeros(2, 3, dtype=F64)
-    model = KeptInFloat32()
+    model = Call(kept_in_float32)
     fast = wavefront.optimize(model)
     out, ref = fast(x, h0), model(x, h0)
     assert out.dtype == ref.dtype == torch.float32
@@ -306,15 +297,6 @@ def prefix_mean(x, h):
     for t in range(x.shape[1]):
         h = _prefix_step(h, x[:, :t + 1])
     return h
-
-
-class Call(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def test_a_shape_branching_body_whose_carry_widens_on_the_first_step_is_left_as_a_loop():

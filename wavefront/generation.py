@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from wavefront.contract.segment import check_attention_mask
+from wavefront.contract.segment import check_attention_mask, check_input_ids
 
 # The generation settings this generate() reads (from keyword arguments, else `generation_config`).
 SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
@@ -78,14 +78,6 @@ def _processors(s: dict, logits_processor):
     return steps, warpers
 
 
-def _check_prompt(input_ids, attention_mask) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0 \
-            or input_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError("generate() takes input_ids as a [batch, tokens] integer tensor with at least one token, "
-                         f"got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
-    check_attention_mask(attention_mask, input_ids)
-
-
 def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, decode=None, attention_mask=None,
                      generation_config=None, logits_processor=None, **kwargs) -> torch.LongTensor:
     """The prompt and the generated tokens [batch, prompt + new] of a segment model `model`
@@ -100,7 +92,8 @@ def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, decode
     >>> fast.generate(torch.tensor([[1, 2, 3, 4, 5]]), max_new_tokens=6).shape
     torch.Size([1, 11])
     """
-    _check_prompt(input_ids, attention_mask)
+    check_input_ids(input_ids)  # the segment models' own checks and messages
+    check_attention_mask(attention_mask, input_ids)
     s = _settings(generation_config, kwargs)
     prompt = input_ids.shape[1]
     if s["max_new_tokens"] is not None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from wavefront.time_loops.affine_carry import _ancestors
+
 MUL = (operator.mul, torch.mul)
 MATMUL = (operator.matmul, torch.matmul)
 
@@ -110,16 +112,6 @@ def _readout(node, state: fx.Node):
         if _is(inner, MATMUL, "matmul") and inner.args[1] is state:
             return _unsqueezed(inner.args[0], -2)
     return None
-
-
-def _ancestors(node: fx.Node) -> set:
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    return seen
 
 
 def _subgraph(gm: fx.GraphModule, node: fx.Node, drop: int = 0) -> fx.GraphModule:

@@ -197,6 +197,14 @@ def model_time_loops(model: nn.Module) -> list[tuple[nn.Module | FunctionSlot, L
     (PartialSlot, lifted function) for every function bound in a partial they call as
     `self.<attribute>(...)` that holds one."""
     found, slots, reach = [], set(), {}
+
+    def functions_called_by(fn):  # the module-level functions `fn` reaches, each slot once
+        for namespace, fname, callee in _called_functions(fn):
+            lifted = _lift(callee.__module__, fname, callee) if (id(namespace), fname) not in slots else None
+            if lifted is not None:
+                slots.add((id(namespace), fname))
+                found.append((FunctionSlot(namespace, fname, callee), lifted))
+
     for m, cls, name, fn in _methods(model):
         lifted = _lift(cls, name, fn)
         if lifted is not None:
@@ -205,11 +213,7 @@ def model_time_loops(model: nn.Module) -> list[tuple[nn.Module | FunctionSlot, L
             reach[type(m)] = _reached_from_forward(type(m))
         if name not in reach[type(m)]:
             continue  # functions only from what a call runs (not weight tying, init, ...)
-        for namespace, fname, callee in _called_functions(fn):
-            lifted = _lift(callee.__module__, fname, callee) if (id(namespace), fname) not in slots else None
-            if lifted is not None:
-                slots.add((id(namespace), fname))
-                found.append((FunctionSlot(namespace, fname, callee), lifted))
+        functions_called_by(fn)
         for attribute, bound in _partials_called(m, fn):
             for f in _bound_functions(bound):
                 if (id(m), attribute, f) in slots:
@@ -218,11 +222,7 @@ def model_time_loops(model: nn.Module) -> list[tuple[nn.Module | FunctionSlot, L
                 lifted = _lift(f.__module__, f.__qualname__, f)
                 if lifted is not None:
                     found.append((PartialSlot(m, attribute, bound, f), lifted))
-                for namespace, fname, callee in _called_functions(f):
-                    lifted = _lift(callee.__module__, fname, callee) if (id(namespace), fname) not in slots else None
-                    if lifted is not None:
-                        slots.add((id(namespace), fname))
-                        found.append((FunctionSlot(namespace, fname, callee), lifted))
+                functions_called_by(f)
     return found
 
 

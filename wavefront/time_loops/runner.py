@@ -272,10 +272,8 @@ class LoopRunner:
             routed = _matrix_state_scan(plan, site, env, steps, h0, idx, xs)
             if routed is not None:
                 return routed, "chunked matrix-state scan"
-        need = 3 * steps.n * h0.numel() * h0.element_size()  # a, b and all carries, at least
-        if steps.rng is not None and need > _memory_budget():
-            raise _Decline(f"running it as a scan would hold {need / 2**30:.1f} GiB of per-step coefficients and "
-                           f"states (over WAVEFRONT_SCAN_MEMORY_GB={_memory_budget() / 2**30:g})")
+        if steps.rng is not None:
+            _check_memory(steps.n, [h0])
         given = h0
         H, h0 = _carry_scan((plan.a, plan.b, plan.ab, plan.affine.dtype), [idx, *xs], (0,) + (None,) * len(xs),
                             steps, h0, self.method)
@@ -283,17 +281,11 @@ class LoopRunner:
             _check_first_step_shapes([given], [h0])
         before_last = H[-2] if steps.n > 1 else given  # the carry entering the last iteration
         values_after, _ = plan.last(before_last, steps.last, *xs)  # what the loop leaves in its names, exactly
-        writes, stacked = [], []
+        stacked = []
         if site.outputs:
             H_prev = torch.cat([h0.unsqueeze(0), H[:-1]]) if plan.reads_previous else H  # (else unused)
             Y = _over_steps(plan.ys, [H_prev, H, idx, *xs], (0, 0, 0) + (None,) * len(xs), steps)
-            for o, y in zip(site.outputs, Y):
-                if o.stacked:  # a list only ever stacked after the loop: its stack, without T tensors
-                    stacked.append(y)
-                else:
-                    writes.append(_writer(o, env[o.container], y, idx))
-        for write in writes:  # only now change what the caller can see
-            write()
+            stacked = _stack_or_write(site, env, Y, idx)
         return (*values_after, steps.last, *stacked), "scan"
 
 
@@ -345,10 +337,7 @@ def _several_carries_scan(plan: _SeveralCarriesPlan, site: LoopSite, env: dict, 
         raise _Decline("a loop of several carries does not export with a dynamic length yet")
     n = steps.n
     h0s = [env[c] for c in site.carries]
-    need = 3 * n * sum(h.numel() * h.element_size() for h in h0s)
-    if need > _memory_budget():
-        raise _Decline(f"running it as a scan would hold {need / 2**30:.1f} GiB of per-step coefficients and "
-                       f"states (over WAVEFRONT_SCAN_MEMORY_GB={_memory_budget() / 2**30:g})")
+    _check_memory(n, h0s)
     everything, firsts = [None] * len(h0s), list(h0s)  # every step's carries [n, ...]; the first as scanned
     maxima = []
     if plan.max is not None:
@@ -361,20 +350,14 @@ def _several_carries_scan(plan: _SeveralCarriesPlan, site: LoopSite, env: dict, 
     previous = [torch.cat([h.unsqueeze(0), H[:-1]]) for h, H in zip(firsts, everything)]
     entering_last = [P[-1] for P in previous] if n > 1 else h0s  # one step: the carries as the loop got them
     values_after, _ = plan.last(*entering_last, steps.last, *xs)  # exactly what the loop leaves
-    writes, stacked = [], []
+    stacked = []
     if site.outputs:
         read = [p for p in plan.ys.gm.graph.nodes if p.op == "placeholder"][:len(h0s)]
         _check_first_step_shapes([h for h, p in zip(h0s, read) if p.users],
                                  [f for f, p in zip(firsts, read) if p.users])
         Y = _over_steps(plan.ys, [*previous, *everything, idx, *xs], (0,) * (2 * len(h0s) + 1) + (None,) * len(xs),
                         steps)
-        for o, y in zip(site.outputs, Y):
-            if o.stacked:
-                stacked.append(y)
-            else:
-                writes.append(_writer(o, env[o.container], y, idx))
-    for write in writes:  # only now change what the caller can see
-        write()
+        stacked = _stack_or_write(site, env, Y, idx)
     return (*values_after, steps.last, *stacked)
 
 
@@ -412,6 +395,29 @@ def _running_max(plan: _SeveralCarriesPlan, m0: torch.Tensor, idx, xs, steps: "_
 
 def _memory_budget() -> float:
     return float(os.environ.get("WAVEFRONT_SCAN_MEMORY_GB", "4")) * 2**30
+
+
+def _check_memory(n: int, carries: list) -> None:
+    """Declines when a scan would hold more than the budget: a, b and every step's carries, at least."""
+    need = 3 * n * sum(h.numel() * h.element_size() for h in carries)
+    if need > _memory_budget():
+        raise _Decline(f"running it as a scan would hold {need / 2**30:.1f} GiB of per-step coefficients and "
+                       f"states (over WAVEFRONT_SCAN_MEMORY_GB={_memory_budget() / 2**30:g})")
+
+
+def _stack_or_write(site: LoopSite, env: dict, Y, idx) -> list:
+    """Every step's outputs Y (one [n, ...] per output of the site): the stacks of lists only ever
+    stacked after the loop (returned, no T tensors made), the others written into their containers,
+    all checked first and written last, so that a write that cannot happen changes nothing."""
+    writes, stacked = [], []
+    for o, y in zip(site.outputs, Y):
+        if o.stacked:
+            stacked.append(y)
+        else:
+            writes.append(_writer(o, env[o.container], y, idx))
+    for write in writes:  # only now change what the caller can see
+        write()
+    return stacked
 
 
 def _value_key(v):
@@ -684,11 +690,9 @@ def _trace(fn, modules, metas: dict | None = None) -> fx.GraphModule:
             warnings.simplefilter("ignore")
             graph = tracer.trace(holder) if metas is None else tracer.trace(holder, meta_args=metas)
         return fx.GraphModule(holder, graph)
-    except TraceError as e:  # a Python decision on a traced value: a shape, if anything we can answer
-        if metas is None and not torch.compiler.is_exporting():
-            raise _NeedsShapes(str(e)) from e
-        raise _Decline(f"the body could not be traced ({type(e).__name__}: {e})") from e
     except Exception as e:  # the body does something fx cannot follow
+        if isinstance(e, TraceError) and metas is None and not torch.compiler.is_exporting():
+            raise _NeedsShapes(str(e)) from e  # a Python decision on a traced value: a shape, if anything
         raise _Decline(f"the body could not be traced ({type(e).__name__}: {e})") from e
 
 
@@ -747,7 +751,7 @@ def _metas(env: dict, site: LoopSite, tensors: list[str]) -> dict:
 
 
 def _shapes_key(env: dict, names: list[str]) -> tuple:
-    return tuple((tuple(env[n].shape), env[n].dtype) for n in names)
+    return tuple(tuple(env[n].shape) for n in names)  # (their dtypes are in every plan's key)
 
 
 def _over_steps(h: HoistedReads | None, args: list, in_dims: tuple, steps: "_Steps"):

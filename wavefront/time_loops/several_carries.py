@@ -29,6 +29,7 @@ from torch import fx
 from wavefront.time_loops.affine_carry import (
     AffineStep,
     NotAffine,
+    _ancestors,
     analyse_step,
     declared_dtype,
     value_dtype,
@@ -66,20 +67,7 @@ def _through(node):
     return node
 
 
-def _carries_reaching(node, carries: set) -> set:
-    seen, todo, found = {node}, [node], set()
-    while todo:
-        n = todo.pop()
-        if n in carries:
-            found.add(n)
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return found
-
-
-def _graph(traced: fx.GraphModule, inputs: list, output, substitute: dict | None = None) -> fx.GraphModule:
+def _graph(traced: fx.GraphModule, inputs: list, output) -> fx.GraphModule:
     """A graph of `inputs` (placeholders of `traced`, in this order; or (name, node) pairs whose
     node's value becomes a new input) computing `output` (a node, number or tuple of them) with
     traced's ops."""
@@ -132,7 +120,7 @@ def match_several_carries(traced: fx.GraphModule, n_carries: int) -> SeveralCarr
     carry_set = set(carries)
     candidates = [(mi, _max_update(_through(new[mi]), carries[mi], carry_set)) for mi in range(n_carries)]
     candidates = [(mi, parts) for mi, parts in candidates
-                  if parts is not None and _carries_reaching(new[mi], carry_set) == {carries[mi]}]
+                  if parts is not None and (_ancestors(new[mi]) & carry_set) == {carries[mi]}]
     for mi, parts in [*candidates, (None, None)]:  # a running max, else none
         others = []
         try:
@@ -140,7 +128,7 @@ def match_several_carries(traced: fx.GraphModule, n_carries: int) -> SeveralCarr
                 if k == mi:
                     continue
                 allowed = {carries[k]} | ({carries[mi]} if mi is not None else set())
-                if not _carries_reaching(new[k], carry_set) <= allowed:
+                if not (_ancestors(new[k]) & carry_set) <= allowed:
                     raise NotAffine("reads another value carry")
                 previous_max = [("wf_previous_max", carries[mi])] if mi is not None else []
                 step = _graph(traced, [carries[k], *previous_max, *free_inputs], new[k])
@@ -173,7 +161,7 @@ def _max_update(node, m: fx.Node, carries: set):
     if not (isinstance(u, fx.Node) and isinstance(v, fx.Node)):
         return None  # torch.max(x, dim) is a reduction
     for decayed, incoming in ((u, v), (v, u)):
-        if _carries_reaching(incoming, carries):
+        if (_ancestors(incoming) & carries):
             continue
         d = _through(decayed)
         if d is m:  # max(m, lk): a running max without decay
@@ -183,7 +171,7 @@ def _max_update(node, m: fx.Node, carries: set):
             continue
         a, b = d.args
         for mine, lw in ((a, b), (b, a)):
-            if _through(mine) is m and not (isinstance(lw, fx.Node) and _carries_reaching(lw, carries)):
+            if _through(mine) is m and not (isinstance(lw, fx.Node) and (_ancestors(lw) & carries)):
                 return lw, incoming
     return None
 
