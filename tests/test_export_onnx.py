@@ -54,58 +54,9 @@ def test_a_loop_that_is_not_a_scan_is_refused_with_the_reason(tmp_path):
             export_onnx(ElmanRNN(4), (torch.randn(1, 9, 4),), str(tmp_path / "e.onnx"))
 
 
-@pytest.fixture(scope="module")
-def exported_armt(tmp_path_factory):
-    from conftest import SEG, tiny_armt
-    model = tiny_armt(torch.float32)
-    path = str(tmp_path_factory.mktemp("onnx") / "armt.onnx")
-    proto = wavefront.export_onnx(wavefront.optimize(model), (torch.randint(0, 50, (2, 4 * SEG)),), path)
-    return model, path, proto
-
-
-@pytest.mark.parametrize("n_segments", [1, 2, 7])  # S < L, S = L - 1 ... and S > L (L = 3)
-def test_armt_diagonal_graph_runs_any_segment_count(exported_armt, n_segments):
-    from conftest import SEG
-    from wavefront.backends.onnx.segments import OnnxSegmentSession
-    model, path, _ = exported_armt
-    ids = torch.randint(0, 50, (2, n_segments * SEG))
-    out = OnnxSegmentSession(path)(ids)
-    with torch.no_grad():
-        ref = model(ids)
-    assert_close(out.logits, ref.logits, 1e-4, "logits")
-    for a, b in zip(out.memory.tensors, ref.memory.tensors):
-        assert_close(a, b, 1e-4, "memory")
-    assert out.memory.segments_seen == n_segments
-
-
-def test_armt_graph_streams_in_pieces_and_records_its_schedule(exported_armt):
-    from conftest import SEG
-    from wavefront.backends.onnx.segments import OnnxSegmentSession
-    from wavefront.scheduler.schedule import Schedule
-    model, path, proto = exported_armt
-    ops = {n.op_type for n in proto.graph.node}
-    assert "Scan" in ops
-    meta = {p.key: p.value for p in proto.metadata_props}
-    assert Schedule.from_json(meta["wavefront.schedule"]).num_steps == 3 + 4 - 1
-    assert (meta["wavefront.segment_len"], meta["wavefront.n_layers"]) == (str(SEG), "3")
-    session = OnnxSegmentSession(path)
-    ids = torch.randint(0, 50, (2, 8 * SEG))
-    first = session(ids[:, :3 * SEG])
-    second = session(ids[:, 3 * SEG:], first.memory)
-    with torch.no_grad():
-        ref = model(ids)
-    assert_close(torch.cat([first.logits, second.logits], 1), ref.logits, 1e-4, "streamed logits")
-    with pytest.raises(ValueError, match=f"whole segments of {SEG} tokens; got {SEG + 2} tokens: pass {SEG} now"):
-        session(ids[:, :SEG + 2])
-    with pytest.raises(ValueError, match="exported for batch 2, got batch 1"):
-        session(ids[:1, :SEG])
-
-
 def test_segment_models_that_cannot_export_say_why(tmp_path):
     from conftest import SEG, tiny_armt, tiny_rmt
     ids = torch.randint(0, 50, (1, 2 * SEG))
-    with pytest.raises(ExportError, match="whole segments of 6 tokens"):
-        export_onnx(wavefront.optimize(tiny_armt(torch.float32)), (ids[:, :SEG + 1],), str(tmp_path / "p.onnx"))
     with pytest.raises(ExportError, match="only the diagonal schedule runs as one program"):
         export_onnx(wavefront.optimize(tiny_armt(torch.float32), schedule="sequential"), (ids,), str(tmp_path / "s.onnx"))
     with pytest.raises(ExportError, match="2 layer kinds"):
@@ -116,17 +67,22 @@ def test_segment_models_that_cannot_export_say_why(tmp_path):
 
 
 @pytest.mark.hf
-def test_armt_over_hf_llama_exports_too(tmp_path):
+def test_a_float64_armt_over_hf_llama_exports_checked_at_the_precision_it_computes_in(tmp_path):
+    """transformers' Llama computes its rotary tables in float32 even in a float64 model: the graph
+    says so in its metadata and is checked at float32's tolerance (onnxruntime's float32 cos is an
+    ulp from torch's); any batch and length still run."""
     from conftest import SEG, tiny_llama
     from wavefront.backends.onnx.segments import OnnxSegmentSession
     from wavefront.models import wrap_armt
-    model = wrap_armt(tiny_llama(torch.float32), SEG, 3, 4).eval()
+    model = wrap_armt(tiny_llama(torch.float64), SEG, 3, 4).eval()
     path = str(tmp_path / "llama_armt.onnx")
-    export_onnx(wavefront.optimize(model), (torch.randint(0, 50, (1, 4 * SEG)),), path)
-    for n_segments in (1, 5):
-        ids = torch.randint(0, 50, (1, n_segments * SEG))
+    proto = export_onnx(wavefront.optimize(model), (torch.randint(0, 50, (1, 2 * SEG)),), path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["wavefront.checked_at"].startswith("torch.float32: the model computes part of its math in float32")
+    for batch, tokens in ((1, 1), (2, 5 * SEG + 3)):
+        ids = torch.randint(0, 50, (batch, tokens))
         with torch.no_grad():
-            assert_close(OnnxSegmentSession(path)(ids).logits, model(ids).logits, 1e-4, f"S={n_segments}")
+            assert_close(OnnxSegmentSession(path)(ids).logits, model(ids).logits, 1e-6, f"{batch} x {tokens}")
 
 
 def test_a_missing_provider_is_an_error_not_a_silent_cpu_fallback(exported_recurrence):
@@ -156,17 +112,6 @@ def test_hf_mamba_exports_with_a_dynamic_length(tmp_path):
         (logits,) = run_onnx(path, (ids,))
         with torch.no_grad():
             assert_close(logits, model(ids, use_cache=False).logits, 1e-4, f"Mamba logits at T={T}")
-
-
-def test_export_leaves_the_models_train_eval_modes_as_they_were(tmp_path):
-    pytest.importorskip("onnxruntime")
-    import wavefront
-    from conftest import ids_for, tiny_armt
-    model = tiny_armt(torch.float32).train()
-    model.cell.norm.eval()  # a mixed state must come back exactly
-    modes = [m.training for m in model.modules()]
-    wavefront.export_onnx(wavefront.optimize(model), (ids_for(4),), str(tmp_path / "m.onnx"))
-    assert [m.training for m in model.modules()] == modes
 
 
 @pytest.mark.hf

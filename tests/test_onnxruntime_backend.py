@@ -18,16 +18,20 @@ def cache(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_armt_matches_torch_with_a_short_last_segment_and_streaming(cache):
+def test_armt_runs_every_batch_and_length_in_one_cached_graph(cache, monkeypatch):
+    """One graph for every batch and length (a short last segment, fewer tokens than a segment, S > L),
+    all in onnxruntime (torch never runs), exported once and opened from the disk cache after."""
     model = tiny_armt(torch.float32)
     fast = wavefront.optimize(model, backend="onnxruntime", verify=True)
     assert isinstance(fast, OnnxRuntimeModel)
-    for T in (SEG, 7 * SEG + 2, 2 * SEG - 1):  # S < L, S > L with a short tail, one whole + one short segment
-        ids = torch.randint(0, 50, (2, T))
+    torch_calls = []
+    monkeypatch.setattr(fast.optimized, "run", lambda *a, **k: torch_calls.append(a))
+    for B, T in ((2, SEG), (1, 7 * SEG + 2), (3, 2 * SEG - 1), (2, 1)):
+        ids = torch.randint(0, 50, (B, T))
         out = fast(ids)
         with torch.no_grad():
             ref = model(ids)
-        assert_close(out.logits, ref.logits, 1e-4, f"logits at T={T}")
+        assert_close(out.logits, ref.logits, 1e-4, f"logits at {B} x {T}")
         for a, b in zip(out.memory.tensors, ref.memory.tensors):
             assert_close(a, b, 1e-4, "memory")
     ids = torch.randint(0, 50, (2, 5 * SEG))
@@ -35,16 +39,11 @@ def test_armt_matches_torch_with_a_short_last_segment_and_streaming(cache):
     second = fast(ids[:, 2 * SEG:], first.memory)
     with torch.no_grad():
         assert_close(torch.cat([first.logits, second.logits], 1), model(ids).logits, 1e-4, "streamed")
+    assert fast.exports == 1 and not torch_calls and len(list(cache.glob("onnx/*.onnx"))) == 1
     text = str(wavefront.explain(fast))
     assert "on backend onnxruntime" in text and "CPUExecutionProvider" in text
-
-
-def test_the_export_is_cached_on_disk(cache):
-    model = tiny_armt(torch.float32)
-    ids = torch.randint(0, 50, (1, 3 * SEG))
-    first = wavefront.optimize(model, backend="onnxruntime")
-    first(ids)
-    assert first.export_time_s is not None and len(list(cache.glob("onnx/*.onnx"))) == 1
+    names = [s.name for s in wavefront.stages(fast)]
+    assert names[:5] == ["bind", "capture", "analyse", "rewrite", "program"] and names[-1] == "onnx export"
     again = wavefront.optimize(model, backend="onnxruntime")
     again(ids)
     assert again.export_time_s is None  # opened from the cache, not exported again

@@ -21,7 +21,8 @@ from wavefront.backends.onnx.model_key import model_key  # noqa: E402
 from wavefront.models import LinearRecurrence  # noqa: E402
 from wavefront.testing import assert_close  # noqa: E402
 
-IDS = ids_for(N_LAYERS + 1, batch=2, short_last=2)  # whole segments (the graph) and a short one (torch); one
+pytestmark = pytest.mark.xdist_group("onnxruntime_trust")  # one worker, so armt_cache exports the base model once
+IDS = ids_for(N_LAYERS + 1, batch=2, short_last=2)  # whole segments and a short one (all in the graph); one
 # batch for every ARMT test here, so the module's cache serves the base model's graph to them all
 
 

@@ -44,14 +44,44 @@ def save_with_metadata(proto, path: str, meta: dict) -> None:
     onnx.save(proto, path)
 
 
-def check_in_onnxruntime(path: str, example_inputs: tuple, expected, got=None) -> None:
+def check_in_onnxruntime(path: str, example_inputs: tuple, expected, got=None, precision=None) -> None:
+    """Compare the graph's outputs with `expected` at the tolerance of their dtype, or of
+    `precision` (working_precision: the coarsest dtype the model itself computes in)."""
     got = run_onnx(path, example_inputs) if got is None else got
     want = [t for t in tree_leaves(expected) if isinstance(t, torch.Tensor)]
     for k, (g, w) in enumerate(zip(got, want)):
-        err, tol = rel_err(g, w), VERIFY_RTOL.get(w.dtype, 1e-4)
+        err, tol = rel_err(g, w), max(VERIFY_RTOL.get(w.dtype, 1e-4), VERIFY_RTOL.get(precision, 0.0))
         if err > tol:
             raise ExportError(f"the exported graph differs from the eager model on the example inputs: output {k} "
                               f"relative error {err:.3e} > {tol:.0e}")
+
+
+_COARSER = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16}  # ONNX element types below float64
+
+
+def working_precision(proto, dtype: torch.dtype) -> tuple[torch.dtype, str]:
+    """(the coarsest float dtype the graph computes in, why) for a graph of a `dtype` model: a
+    float64 model whose own code casts to float32 (transformers' rotary embeddings compute
+    cos/sin in float32) is exact only to float32 rounding there, and onnxruntime's float32
+    cos differs from torch's by an ulp, so such a graph is checked at float32's tolerance."""
+    casts = []
+
+    def walk(graph):
+        for node in graph.node:
+            if node.op_type == "Cast":
+                to = next((a.i for a in node.attribute if a.name == "to"), None)
+                if to in _COARSER:
+                    casts.append(_COARSER[to])
+            for a in node.attribute:
+                if a.g.node:
+                    walk(a.g)
+    if dtype == torch.float64:
+        walk(proto.graph)
+    if not casts:
+        return dtype, ""
+    coarsest = max(casts, key=lambda d: VERIFY_RTOL.get(d, 0.0))
+    return coarsest, (f"the model computes part of its math in {str(coarsest).split('.')[-1]} ({len(casts)} casts to it "
+                      "in the graph): checked at that precision's tolerance")
 
 
 def run_onnx(path: str, inputs, providers=("CPUExecutionProvider",)) -> list[torch.Tensor]:
@@ -67,4 +97,4 @@ def run_onnx(path: str, inputs, providers=("CPUExecutionProvider",)) -> list[tor
     return [torch.from_numpy(o) for o in session.run(None, feed)]
 
 
-__all__ = ["ExportError", "check_in_onnxruntime", "run_onnx", "save_with_metadata", "to_onnx"]
+__all__ = ["ExportError", "check_in_onnxruntime", "run_onnx", "save_with_metadata", "to_onnx", "working_precision"]

@@ -66,14 +66,22 @@ class Session:
         self.session = open_session(path, providers, strict=strict)
         self.providers = self.session.get_providers()
         self.requested = list(providers)
-        self.inputs = [i.name for i in self.session.get_inputs()]
+        # inputs with a default (an initializer of the same name) come after the required ones
+        self.defaults = {i.name for i in self.session.get_overridable_initializers()}
+        self.inputs = [i.name for i in self.session.get_inputs()] + sorted(self.defaults)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
 
-    def run(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    def run(self, *tensors: torch.Tensor, names=None) -> list[torch.Tensor]:
+        """The outputs for `tensors`, bound to `names` (default: the inputs in order)."""
+        names = self.inputs if names is None else names
+        if self.defaults.intersection(names):  # IOBinding cannot bind inputs that have defaults: run() can
+            feed = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, tensors)}
+            outs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
+            return outs if self.device == "cpu" else [o.cuda() for o in outs]
         binding = self.session.io_binding()
         keep = []
-        for name, t in zip(self.inputs, tensors):
+        for name, t in zip(names, tensors):
             t = t.contiguous()
             if t.is_cuda and self.device == "cuda":  # by pointer: no copy off the device
                 keep.append(t)

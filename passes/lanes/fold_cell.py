@@ -87,7 +87,9 @@ class FoldLaneCell(OpaqueModule):
         """The folded graph's (args, kwargs, stacked parameters): lanes folded into the batch;
         per-lane values broadcast over the batch (masks, rotary tables: batch 1) given per row."""
         flag = self.signature.flag_lane
-        folded = [v.repeat_interleave(rows) if k == flag else
+        # the flag per row by expand, not repeat_interleave: torch.onnx (torch 2.13) translates the
+        # latter inside a scan body with a symbolic batch into an Expand that onnxruntime rejects
+        folded = [v[:, None].expand(v.shape[0], rows).flatten() if k == flag else
                   (v.expand(v.shape[0], rows, *v.shape[2:]) if v.shape[1] != rows else v).flatten(0, 1)
                   for k, v in enumerate(lane_values)]
         args, kwargs = self.signature.rebuild(folded)

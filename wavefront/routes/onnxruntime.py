@@ -16,8 +16,8 @@ through IOBinding: CUDA tensors are bound by pointer and stay on the device. Inp
 checked as the torch backend checks them (token ids in the vocabulary, memory of the right
 shape and dtype) before onnxruntime sees them.
 
-Segment models run their whole segments in the graph; a shorter last segment runs in the torch
-executor, continuing from the memory the graph returned.
+Segment models run in one graph for every batch and length (backends/onnx/segments.py): the
+whole segments under the diagonal schedule, a shorter last segment too, all in onnxruntime.
 """
 from __future__ import annotations
 
@@ -43,8 +43,6 @@ from wavefront.backends.onnx.session import (
     input_embedding,
 )
 from wavefront.contract.segment import (
-    MemoryState,
-    SegmentLMOutput,
     check_input_ids,
     check_memory,
     with_hf_conventions,
@@ -165,7 +163,7 @@ class OnnxRuntimeModel(Optimized):
                 entry = cached_entry(os.path.join(cache_dir("onnx"), key + ".onnx"), key, export_to)
                 if entry.built:
                     self.export_time_s, self.exports = time.perf_counter() - t0, self.exports + 1
-                make = OnnxSegmentSession if shape_key[0] == "segments" else Session  # the segment call over Session
+                make = OnnxSegmentSession if shape_key[0] == "segment graph" else Session  # the segment call over Session
                 session = self.sessions[shape_key] = make(entry.path, self.providers, strict=False)
             self.last_session = session
             return session
@@ -241,31 +239,18 @@ class OnnxRuntimeModel(Optimized):
 
     def _segments(self, input_ids: torch.Tensor, memory=None):
         check_input_ids(input_ids)  # the torch backend's checks and messages, before onnxruntime sees anything
-        rg, opt = self.optimized.rg, self.optimized
-        seg = rg.segment_len
+        rg = self.optimized.rg
         weight = next(rg.cell.parameters())
         dtype, device = weight.dtype, weight.device
         if input_ids.device != device:
             raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}: move one of them")
         check_token_ids(input_ids, self._vocab)
-        B, T = input_ids.shape
-        fresh = rg.initial_state(B, dtype, device)
-        if memory is None:
-            memory = MemoryState(fresh, 0)
-        else:
-            check_memory(memory, fresh)
-        input_ids = input_ids.long()  # the graph takes int64 ids (torch accepts int32 too)
-        whole = (T // seg) * seg
-        pieces = []
-        if whole:
-            out = self._session((input_ids[:, :seg],), ("segments", B, dtype))(input_ids[:, :whole], memory)
-            pieces.append(out.logits)
-            memory = out.memory
-        if whole < T:  # the shorter last segment: torch, from the graph's memory
-            tail = opt(input_ids[:, whole:], memory)
-            pieces.append(tail.logits)
-            memory = tail.memory
-        return SegmentLMOutput(torch.cat(pieces, dim=1), memory)
+        if memory is not None:
+            check_memory(memory, rg.initial_state(input_ids.shape[0], dtype, device))
+        # one graph for every batch and length (a short last segment included), exported once per dtype
+        # and checked on (a piece of) this call's input
+        session = self._session((input_ids[:, :3 * rg.segment_len].long(),), ("segment graph", dtype))
+        return session(input_ids.long(), memory)
 
     def describe(self) -> str:
         if self.last_session is None:
