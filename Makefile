@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m wavefront.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -n 2
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 # The Hugging Face tests under transformers 4.51.3 (the version the published ARMT code pins).
 test-hf4:

@@ -23,6 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("scan_matrix.py", ["--T", "40", "--heads", "2", "--dk", "4", "--dv", "4", "--repeats", "1"], ["loop_s", "chunked_s"]),
     ("generate.py", ["--preset", "tiny", "--segments", "2", "--new", "3", "--repeats", "1"],
      ["recompute_s", "generate_s", "tokens_per_s"]),
+    ("distributed.py", ["--layers", "2", "--d-model", "32", "--segment-len", "8", "--segments", "3", "--T-linear", "256",
+                        "--T-matrix", "64", "--width", "8", "--dk", "8", "--dv", "8", "--repeats", "1"],
+     ["seconds", "baseline_s"]),
 ])
 def test_script_prints_json_lines(script, args, fields):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,

@@ -4,7 +4,7 @@
 >>> from wavefront.models import ARMT, ARMTConfig
 >>> fast = wavefront.optimize(ARMT(ARMTConfig(n_layers=2)))
 """
-from wavefront import models
+from wavefront import distributed, models
 from wavefront.api import (
            Optimized,
            OptimizedModel,
@@ -21,5 +21,5 @@ from wavefront.profiling import profile
 from wavefront.scheduler.timings import Timings
 from wavefront.stages import stages
 
-__all__ = ["models", "optimize", "explain", "last_schedule", "Optimized", "OptimizedModel", "UnchangedModel",
+__all__ = ["distributed", "models", "optimize", "explain", "last_schedule", "Optimized", "OptimizedModel", "UnchangedModel",
            "VerificationError", "export_onnx", "ExportError", "from_pretrained", "profile", "Timings", "stages", "__version__"]
