@@ -1,7 +1,8 @@
 """optimize(model, backend="onnxruntime"): run the exported graph in an onnxruntime session.
 
-The model is exported (wavefront.export_onnx) on its first call for that call's fixed shapes
-(batch, and the sizes other than the length, which stays dynamic) and non-tensor arguments,
+The model is exported (wavefront.export_onnx) on its first call: a segment model once per dtype
+(its graph takes every batch and length), another model for that call's fixed shapes (batch,
+and the sizes other than the length, which stays dynamic) and non-tensor arguments,
 and cached on disk under $WAVEFRONT_CACHE_DIR/onnx (default ~/.cache/wavefront/onnx, checked
 before use by backends.disk_cache) by model_key: a hash of everything that enters the graph
 (weights, buffers, every module's class and plain attributes, a Hugging Face config), the
