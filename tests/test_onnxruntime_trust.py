@@ -21,7 +21,6 @@ from wavefront.backends.onnx.model_key import model_key  # noqa: E402
 from wavefront.models import LinearRecurrence  # noqa: E402
 from wavefront.testing import assert_close  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("onnxruntime_trust")  # one worker, so armt_cache exports the base model once
 IDS = ids_for(N_LAYERS + 1, batch=2, short_last=2)  # whole segments and a short one (all in the graph); one
 # batch for every ARMT test here, so the module's cache serves the base model's graph to them all
 
@@ -39,6 +38,11 @@ def armt_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WAVEFRONT_CACHE_DIR", str(tmp_path_factory.mktemp("armt_cache")))
         yield
+
+
+def small_armt(**kw):
+    """tiny_armt with 2 layers: each test here exports its graph, and export time grows with the layers."""
+    return tiny_armt(torch.float32, n_layers=2, **kw)
 
 
 def _same_as_torch(fast, model, ids, what):
@@ -76,15 +80,15 @@ def test_the_key_covers_a_hugging_face_config():
 
 def test_models_with_equal_weights_and_another_eps_do_not_share_a_graph(armt_cache):
     for eps in (1e-6, 0.3):
-        model = tiny_armt(torch.float32, norm_eps=eps)
+        model = small_armt(norm_eps=eps)
         _same_as_torch(wavefront.optimize(model, backend="onnxruntime"), model, IDS, f"eps {eps}")
 
 
 def test_segment_model_weights_replaced_or_changed_after_the_first_call_are_seen(armt_cache):
-    model = tiny_armt(torch.float32)
+    model = small_armt()
     fast = wavefront.optimize(model, backend="onnxruntime")
     _same_as_torch(fast, model, IDS, "first call")
-    model.load_state_dict(tiny_armt(torch.float32, seed=3).state_dict(), assign=True)
+    model.load_state_dict(small_armt(seed=3).state_dict(), assign=True)
     _same_as_torch(fast, model, IDS, "after load_state_dict(assign=True)")
     with torch.no_grad():  # stacked layer weights, after the assign replaced them
         model.cell.layers[1].block.mlp_norm.weight.mul_(1.5)
@@ -161,9 +165,9 @@ def _torch_error(call):
 
 
 def test_bad_input_is_refused_like_torch_before_onnxruntime(armt_cache):
-    model = tiny_armt(torch.float32)
+    model = small_armt()
     fast = wavefront.optimize(model, backend="onnxruntime")
-    ref_backend = wavefront.optimize(tiny_armt(torch.float32))  # the torch backend, on a copy of the model
+    ref_backend = wavefront.optimize(small_armt())  # the torch backend, on a copy of the model
     for bad, value in (("negative", -3), ("out of vocabulary", VOCAB)):
         ids = IDS.clone()
         ids[1, 4] = value
@@ -250,7 +254,7 @@ def test_a_truncated_onnx_entry_is_exported_again_with_a_warning(cache):
 
 def test_an_exported_segment_graph_checks_its_inputs_like_torch(tmp_path):
     from wavefront.backends.onnx.segments import OnnxSegmentSession
-    model = tiny_armt(torch.float32)
+    model = small_armt()
     ids = ids_for(4, batch=2)  # whole segments: what the graph runs
     wavefront.export_onnx(wavefront.optimize(model), (ids,), str(tmp_path / "armt.onnx"))
     session = OnnxSegmentSession(str(tmp_path / "armt.onnx"))
@@ -259,7 +263,7 @@ def test_an_exported_segment_graph_checks_its_inputs_like_torch(tmp_path):
     with pytest.raises(IndexError, match=rf"index out of range.*\[0, {VOCAB}\)"):
         session(bad)
     first = session(ids)
-    ref_backend = wavefront.optimize(tiny_armt(torch.float32))
+    ref_backend = wavefront.optimize(small_armt())
     one_row = ref_backend(ids[:1]).memory
     expected = _torch_error(lambda: ref_backend(ids, one_row))
     with pytest.raises(type(expected), match=re.escape(str(expected))):
@@ -272,7 +276,7 @@ def test_an_exported_segment_graph_checks_its_inputs_like_torch(tmp_path):
 
 def test_a_setting_changed_after_the_first_call_is_seen(armt_cache):
     """Not a tensor: eps, baked into the exported graph, must key the session too."""
-    model = tiny_armt(torch.float32)
+    model = small_armt()
     fast = wavefront.optimize(model, backend="onnxruntime")
     _same_as_torch(fast, model, IDS, "first call")
     for layer in model.cell.layers:
