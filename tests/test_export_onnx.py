@@ -78,7 +78,7 @@ def test_a_float64_armt_over_hf_llama_exports_checked_at_the_precision_it_comput
     path = str(tmp_path / "llama_armt.onnx")
     proto = export_onnx(wavefront.optimize(model), (torch.randint(0, 50, (1, 2 * SEG)),), path)
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert meta["wavefront.checked_at"].startswith("torch.float32: the model computes part of its math in float32")
+    assert meta["wavefront.checked_at"].startswith("torch.float32: the model computes part of its math in float32 (")
     for batch, tokens in ((1, 1), (2, 5 * SEG + 3)):
         ids = torch.randint(0, 50, (batch, tokens))
         with torch.no_grad():
@@ -131,3 +131,25 @@ def test_hf_mamba2_exports_through_the_kernel_seam_with_a_dynamic_length(tmp_pat
         (logits,) = run_onnx(path, (ids,))
         with torch.no_grad():
             assert_close(logits, model(ids, use_cache=False).logits, 1e-4, f"Mamba-2 logits at T={T}")
+
+
+def test_only_casts_of_float64_values_lower_the_precision_a_float64_graph_is_checked_at():
+    """A bool mask made float32 rounds nothing (the check stays at float64's); a float64 value cast
+    to float32 and computed on (transformers' rotary tables) is checked at float32's."""
+    from onnx import TensorProto, helper
+    from wavefront.backends.onnx.graphs import working_precision
+
+    def graph(nodes, inputs):
+        return helper.make_model(helper.make_graph(nodes, "g", inputs, [
+            helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2])]))
+    x = helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2])
+    mask = graph([helper.make_node("Cast", ["m"], ["mf"], to=TensorProto.FLOAT),
+                  helper.make_node("Cast", ["mf"], ["md"], to=TensorProto.DOUBLE),
+                  helper.make_node("Mul", ["x", "md"], ["y"])],
+                 [x, helper.make_tensor_value_info("m", TensorProto.BOOL, [2])])
+    assert working_precision(mask, torch.float64) == (torch.float64, "")
+    rounded = graph([helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT), helper.make_node("Cos", ["xf"], ["c"]),
+                     helper.make_node("Cast", ["c"], ["y"], to=TensorProto.DOUBLE)], [x])
+    precision, why = working_precision(rounded, torch.float64)
+    assert precision == torch.float32 and "1 casts of float64 values" in why
+    assert working_precision(rounded, torch.float32) == (torch.float32, "")

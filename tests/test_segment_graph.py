@@ -51,6 +51,8 @@ def test_inputs_and_outputs_are_named_like_transformers_exports(exported):
     assert [o.name for o in session.get_outputs()] == ["logits", "present_segments_seen", "present_memory.0",
                                                       "present_memory.1"]
     assert session.get_inputs()[0].shape == ["batch", "tokens"]
+    shapes = {o.name: o.shape for o in session.get_outputs()}
+    assert shapes["logits"][:2] == ["batch", "tokens"] and shapes["present_memory.0"][:2] == [N_LAYERS, "batch"]
 
 
 @pytest.mark.parametrize("batch,tokens", [(1, 1), (2, SEG - 1), (2, SEG), (3, SEG + 1), (2, (2 * N_LAYERS + 1) * SEG + 3),

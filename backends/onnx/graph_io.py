@@ -13,7 +13,8 @@ initializers of the same name (ONNX's optional inputs), the memory expanded to t
 input_ids. Outputs: `logits`, `present_memory.<p>` [L, batch, ...], `present_segments_seen`.
 Names follow transformers' ONNX exports (input_ids, logits; past_* in, present_* out). T >= 1.
 Memory given without past_segments_seen reads as a fresh start (the first segment's flag is set
-from the count alone): streaming hands every present_* back.
+from the count alone): streaming hands every present_* back. A memory of batch 1 is broadcast to
+every row (that is how the default works; ONNX cannot tell a default from a given input).
 """
 from __future__ import annotations
 
@@ -79,10 +80,14 @@ def give_plain_io(proto: onnx.ModelProto, segment_len: int, n_layers: int, state
     tail_nodes = [helper.make_node("Identity", [a], [b]) for a, b in renames]
     shapes = {o.name: o for o in g.output}
     outputs = []
-    for a, b in renames:
+    names = {0: ["batch", "tokens"]} | {2 + p: [None, "batch"] for p in range(n_state)}  # the inputs' dim names
+    for k, (a, b) in enumerate(renames):
         info = onnx.ValueInfoProto()
         info.CopyFrom(shapes[a])
         info.name = b
+        for dim, name in zip(info.type.tensor_type.shape.dim, names.get(k, [])):
+            if name is not None:
+                dim.dim_param = name
         outputs.append(info)
     new_nodes = nodes + list(g.node) + tail_nodes
     del g.node[:]

@@ -61,27 +61,39 @@ _COARSER = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16}  # ONNX ele
 
 def working_precision(proto, dtype: torch.dtype) -> tuple[torch.dtype, str]:
     """(the coarsest float dtype the graph computes in, why) for a graph of a `dtype` model: a
-    float64 model whose own code casts to float32 (transformers' rotary embeddings compute
-    cos/sin in float32) is exact only to float32 rounding there, and onnxruntime's float32
-    cos differs from torch's by an ulp, so such a graph is checked at float32's tolerance."""
+    float64 model whose own code casts float64 values to float32 (transformers' rotary embeddings
+    compute cos/sin in float32) is exact only to float32 rounding there, and onnxruntime's float32
+    cos differs from torch's by an ulp, so such a graph is checked at float32's tolerance. Only
+    casts of float64 values count (a bool mask made float32 rounds nothing); a cast whose input
+    type shape inference cannot tell is not counted, so the check stays strict."""
+    import onnx
     casts = []
 
-    def walk(graph):
+    def walk(graph, types):
+        types = dict(types)
+        for v in [*graph.input, *graph.value_info, *graph.output]:
+            types[v.name] = v.type.tensor_type.elem_type
+        for t in graph.initializer:
+            types[t.name] = t.data_type
         for node in graph.node:
             if node.op_type == "Cast":
                 to = next((a.i for a in node.attribute if a.name == "to"), None)
-                if to in _COARSER:
+                if to in _COARSER and types.get(node.input[0]) == onnx.TensorProto.DOUBLE:
                     casts.append(_COARSER[to])
             for a in node.attribute:
                 if a.g.node:
-                    walk(a.g)
+                    walk(a.g, types)
     if dtype == torch.float64:
-        walk(proto.graph)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto)
+        except Exception:  # no types to tell casts of float64 apart: count none, the check stays strict
+            inferred = proto
+        walk(inferred.graph, {})
     if not casts:
         return dtype, ""
     coarsest = max(casts, key=lambda d: VERIFY_RTOL.get(d, 0.0))
-    return coarsest, (f"the model computes part of its math in {str(coarsest).split('.')[-1]} ({len(casts)} casts to it "
-                      "in the graph): checked at that precision's tolerance")
+    return coarsest, (f"the model computes part of its math in {str(coarsest).split('.')[-1]} ({len(casts)} casts of "
+                      "float64 values to it in the graph): checked at that precision's tolerance")
 
 
 def run_onnx(path: str, inputs, providers=("CPUExecutionProvider",)) -> list[torch.Tensor]:
