@@ -45,7 +45,7 @@ def give_plain_io(proto: onnx.ModelProto, segment_len: int, n_layers: int, state
     seg_in, tail_in, seen_in, *state_in = old_in
     elem = {i.name: i.type.tensor_type.elem_type for i in g.input}
     state_elem = elem[state_in[0]] if state_in else TensorProto.FLOAT
-    consts = {"seg": [segment_len], "one": [1], "zero": [0], "big": [np.iinfo(np.int64).max]}
+    consts = {"seg": [segment_len], "one": [1], "zero": [0], "big": [np.iinfo(np.int64).max], "L": [n_layers]}
     nodes = [helper.make_node("Constant", [], [f"wf.{k}"], value=numpy_helper.from_array(np.array(v, np.int64)))
              for k, v in consts.items()]
     nodes += [
@@ -66,9 +66,8 @@ def give_plain_io(proto: onnx.ModelProto, segment_len: int, n_layers: int, state
     for p, (name, shape) in enumerate(zip(state_in, state_shapes)):
         rest = [int(s) for s in shape]
         nodes += [
-            helper.make_node("Constant", [], [f"wf.L{p}"], value=numpy_helper.from_array(np.array([n_layers], np.int64))),
             helper.make_node("Constant", [], [f"wf.rest{p}"], value=numpy_helper.from_array(np.array(rest, np.int64))),
-            helper.make_node("Concat", [f"wf.L{p}", "wf.B", f"wf.rest{p}"], [f"wf.mem_shape{p}"], axis=0),
+            helper.make_node("Concat", ["wf.L", "wf.B", f"wf.rest{p}"], [f"wf.mem_shape{p}"], axis=0),
             helper.make_node("Expand", [past_name(p), f"wf.mem_shape{p}"], [name]),  # batch 1 -> B; B stays B
         ]
         inputs.append(helper.make_tensor_value_info(past_name(p), state_elem, [n_layers, "memory_batch", *rest]))

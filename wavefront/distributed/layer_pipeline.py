@@ -87,6 +87,7 @@ from wavefront.distributed.pipeline_stage import (
     materialise,
     plan_stage,
 )
+from wavefront.distributed.process_group import position
 from wavefront.scheduler.capture import capture, get_attr_path
 
 
@@ -109,21 +110,11 @@ class PipelineOutput:
     loss: torch.Tensor | None = None
 
 
-def _position(group) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("wavefront.distributed.pipeline needs a process group: call "
-                         "torch.distributed.init_process_group(...) on every rank first")
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of `group`: build the pipeline on the group's ranks only")
-    return rank, dist.get_world_size(group)
-
-
 class Pipeline:
     """This rank's stage of a segment model run as a pipeline. Build it with pipeline()."""
 
     def __init__(self, model: nn.Module, group=None, split=None, weights=None, device=None, schedule=None):
-        self.rank, self.n_stages = _position(group)
+        self.rank, self.n_stages = position(group, "wavefront.distributed.pipeline needs", "build the pipeline")
         self.group, self.model, self.schedule = group, model, schedule
         rg = capture(model)
         sizes = check_split(split, rg.n_layers, self.n_stages) if split is not None else \

@@ -20,6 +20,7 @@ from wavefront.backends.scans.linear.dispatch import linear_scan as local_linear
 from wavefront.backends.scans.linear.dispatch import needs_grad
 from wavefront.backends.scans.matrix.dispatch import matrix_scan as local_matrix_scan
 from wavefront.backends.scans.shapes import check_h0, time_dim
+from wavefront.distributed.process_group import position
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 # The header every rank sends with its summary: these fields, then the state's shape. Ranks compare
@@ -30,17 +31,6 @@ SCANS = ("linear_scan", "matrix_scan")
 DECAYS = ("none", "scalar per step", "per key dim")
 # torch 2.13 renamed all_gather_into_tensor (the old name warns); the project supports torch >= 2.4
 ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _position(group) -> tuple[int, int]:
-    """(this process's rank in `group`, the group's size), refusing a missing process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("wavefront.distributed scans need a process group: call "
-                         "torch.distributed.init_process_group(...) on every rank first")
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of `group`: call the scan on the group's ranks only")
-    return rank, dist.get_world_size(group)
 
 
 def _header(scan, dtype, dim, init, grad, decay, state, device) -> torch.Tensor:
@@ -149,7 +139,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
         # rank 0: [[1.0, 1.5, 1.75, 1.875]]; rank 1: the same sequence continued,
         # [[1.9375, 1.96875, 1.984375, 1.9921875]]
     """
-    rank, _ = _position(group)
+    rank, _ = position(group, "wavefront.distributed scans need", "call the scan")
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     dim = time_dim(dim, a.dim())
@@ -197,7 +187,7 @@ def matrix_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.
         o, S = wavefront.distributed.matrix_scan(q, k, v)
         # rank 0: o[0, :, 0] == [2., 4., 6.]; rank 1: [8., 10., 12.]
     """
-    rank, _ = _position(group)
+    rank, _ = position(group, "wavefront.distributed scans need", "call the scan")
     if q.dim() < 2 or k.shape != q.shape or v.dim() != q.dim() or v.shape[:-1] != q.shape[:-1]:
         raise ValueError(f"q and k must be [..., T, dk] and v [..., T, dv] with the same leading dims, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
