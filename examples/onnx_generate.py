@@ -1,14 +1,17 @@
-"""Greedy generation with onnxruntime alone, from a segment model's exported graph.
+"""Greedy generation with onnxruntime alone, from a segment model's two exported graphs.
 
     python examples/onnx_generate.py [--onnx armt.onnx] [--new-tokens 16]
 
-The graph takes input_ids [batch, tokens] (any batch and length) and optionally the memory of
-the finished segments (past_memory.*, past_segments_seen); it returns the logits and the memory
-after the input (present_*). A segment model's next token depends only on the memory before the
-current segment and that segment's tokens, so `generate` below keeps the finished segments'
-memory and runs only the current segment per token; when it is full, that run's memory is the
-next segment's. It needs numpy and onnxruntime only; the end of the script checks its tokens
-against wavefront's torch generate().
+The segment graph (`wavefront.export_onnx(fast, (ids,), path)`) takes input_ids [batch, tokens]
+of any batch and length and returns the logits and the memory after them (present_memory.*,
+present_segments_seen). The decode-step graph (`export_onnx(..., decode=True)`) takes the next
+tokens of the current segment with that segment's key/value cache (past_key.*, past_value.*) and
+the memory before it, and returns their logits, the grown cache and, when the tokens fill the
+segment, the memory it wrote (and an empty cache). Both name their memory alike, so `generate`
+below prefills the prompt's finished segments with the first (the diagonal schedule inside),
+then feeds the rest of the prompt and every new token to the second, one token per step,
+handing each call's present_* back as the next call's past_*. It needs numpy and onnxruntime
+only; the end of the script checks its tokens against wavefront's torch generate().
 """
 import argparse
 
@@ -16,24 +19,26 @@ import numpy as np
 import onnxruntime as ort
 
 
-def generate(session: ort.InferenceSession, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
+def _presents(session, values) -> dict:
+    """A call's present_* outputs renamed as the next call's past_* inputs."""
+    out = dict(zip([o.name for o in session.get_outputs()], values))
+    return out, {name.replace("present_", "past_"): v for name, v in out.items() if name.startswith("present_")}
+
+
+def generate(segments: ort.InferenceSession, decode: ort.InferenceSession, prompt: np.ndarray,
+             new_tokens: int) -> np.ndarray:
     """Greedy decoding: prompt [batch, tokens] int64 -> [batch, tokens + new_tokens]."""
-    seg = int(session.get_modelmeta().custom_metadata_map["wavefront.segment_len"])
-    outputs = [o.name for o in session.get_outputs()]
-    ids = prompt
-    past = {}  # the memory of the finished segments: none yet (the graph's defaults: fresh memory)
-    current = (ids.shape[1] - 1) // seg  # the segment holding the last token
-    if current:  # prefill the prompt's finished segments in one call (the diagonal schedule inside)
-        out = dict(zip(outputs, session.run(None, {"input_ids": ids[:, :current * seg]})))
-        past = {name.replace("present_", "past_"): v for name, v in out.items() if name.startswith("present_")}
-    for _ in range(new_tokens):
-        start = current * seg
-        out = dict(zip(outputs, session.run(None, {"input_ids": ids[:, start:], **past})))
-        token = out["logits"][:, -1].argmax(-1)
-        ids = np.concatenate([ids, token[:, None].astype(np.int64)], axis=1)
-        if ids.shape[1] - start > seg:  # the new token opens a segment: the full one's memory is kept
-            past = {name.replace("present_", "past_"): v for name, v in out.items() if name.startswith("present_")}
-            current += 1
+    seg = int(decode.get_modelmeta().custom_metadata_map["wavefront.segment_len"])
+    ids, past = prompt, {}  # no memory yet: the graphs' defaults are fresh memory and an empty cache
+    finished = (ids.shape[1] - 1) // seg * seg  # the prompt's whole segments before its last one
+    if finished:  # prefill them in one call
+        _, past = _presents(segments, segments.run(None, {"input_ids": ids[:, :finished]}))
+    out, past = _presents(decode, decode.run(None, {"input_ids": ids[:, finished:], **past}))  # the rest
+    for step in range(new_tokens):
+        token = out["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        ids = np.concatenate([ids, token], axis=1)
+        if step + 1 < new_tokens:  # one token per call; a call that fills the segment writes its memory
+            out, past = _presents(decode, decode.run(None, {"input_ids": token, **past}))
     return ids
 
 
@@ -53,12 +58,14 @@ if __name__ == "__main__":
                             n_mem_tokens=2, d_mem=8)).eval()
     fast = wavefront.optimize(model)
     prompt = torch.randint(0, 64, (2, 19))  # two rows; the prompt ends inside its third segment
-    wavefront.export_onnx(fast, (prompt,), args.onnx)  # checked in onnxruntime against the model
+    step_path = args.onnx.replace(".onnx", "") + "_decode.onnx"
+    wavefront.export_onnx(fast, (prompt,), args.onnx)  # each graph is checked in onnxruntime against the model
+    wavefront.export_onnx(fast, (prompt,), step_path, decode=True)
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # onnxruntime notes at load that the memory inputs have defaults
-    session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])
-    tokens = generate(session, prompt.numpy(), args.new_tokens)
+    options.log_severity_level = 3  # onnxruntime notes at load that the memory and cache inputs have defaults
+    sessions = [ort.InferenceSession(p, options, providers=["CPUExecutionProvider"]) for p in (args.onnx, step_path)]
+    tokens = generate(*sessions, prompt.numpy(), args.new_tokens)
     expected = fast.generate(prompt, max_new_tokens=args.new_tokens).numpy()
     print("onnxruntime tokens:", tokens[:, prompt.shape[1]:].tolist())
     print("torch generate    :", expected[:, prompt.shape[1]:].tolist())

@@ -47,22 +47,64 @@ def test_greedy_tokens_equal_recomputing_the_model_across_segment_boundaries(pro
     assert torch.equal(got, want)
 
 
-def test_each_token_costs_one_run_of_its_current_segment():
-    """The prompt's finished segments run once (the prefill); then one call per token on at most
-    one segment's tokens, never the whole sequence."""
+def test_each_token_costs_one_cached_run_of_the_cell_on_that_token():
+    """The prompt's finished segments run once (the prefill, under the schedule); then the model's
+    own cell runs the current segment's prompt tokens once and every new token alone, in a
+    key/value window; the model's forward never runs the growing segment again."""
     model = _armt()
     fast = wavefront.optimize(model)
-    prefill, decode = [], []
+    assert fast.cached_decoder() is not None, fast._decoder.reason  # the one-off check runs the cell here
+    prefill, forward, cell = [], [], []
     handles = [fast.register_forward_pre_hook(lambda m, args: prefill.append(args[0].shape[1])),
-               model.register_forward_pre_hook(lambda m, args: decode.append(args[0].shape[1]))]
+               model.register_forward_pre_hook(lambda m, args: forward.append(args[0].shape[1])),
+               model.cell.register_forward_pre_hook(lambda m, args: cell.append(args[0].shape[1]))]
     try:
         fast.generate(torch.randint(0, 64, (1, 10)), max_new_tokens=7)
     finally:
         for h in handles:
             h.remove()
-    assert prefill == [8]  # the two finished prompt segments, under the schedule
-    # then the model's own forward on the current segment as it grows, a new one after each fill
-    assert decode == [2, 3, 4, 1, 2, 3, 4]
+    assert prefill == [8] and forward == []  # the two finished prompt segments, under the schedule
+    assert cell == [2, 1, 1, 1, 1, 1, 1]  # the prompt's 2 current tokens, then 6 tokens one by one
+
+
+def test_use_cache_false_runs_each_token_s_current_segment_whole_with_the_same_tokens():
+    model = _armt()
+    fast = wavefront.optimize(model)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    forward = []
+    handle = model.register_forward_pre_hook(lambda m, args: forward.append(args[0].shape[1]))
+    try:
+        plain = fast.generate(ids, max_new_tokens=5, use_cache=False)
+    finally:
+        handle.remove()
+    assert forward == [2, 3, 4, 1, 2]  # the current segment as it grows, a new one after each fill
+    assert torch.equal(plain, fast.generate(ids, max_new_tokens=5))
+
+
+def test_a_cell_that_ignores_the_window_runs_its_current_segment_whole_and_says_why():
+    """A cell whose blocks take no key/value cache fails the decoder's check: generate() then runs
+    each token's current segment through the model's own forward, with the same tokens."""
+    from wavefront.contract import kv_window
+
+    model = _armt()
+    fast = wavefront.optimize(model)
+    real = kv_window.active_window
+    try:  # the blocks see no window, as a foreign block that takes no cache would
+        import wavefront.models.decoder as decoder
+        decoder.active_window = lambda: None
+        assert fast.cached_decoder() is None
+    finally:
+        decoder.active_window = real
+    assert "no block of the cell took the key/value window" in fast._decoder.reason
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    forward = []
+    handle = model.register_forward_pre_hook(lambda m, args: forward.append(args[0].shape[1]))
+    try:
+        got = fast.generate(ids, max_new_tokens=5)
+    finally:
+        handle.remove()
+    assert forward == [2, 3, 4, 1, 2]  # the current segment as it grows, a new one after each fill
+    assert torch.equal(got, _recompute(model, ids, 5, choose=lambda s, _: s.argmax(-1)))
 
 
 def test_eos_finishes_a_row_and_pads_it_as_transformers_does():
@@ -191,14 +233,3 @@ def test_a_route_over_a_hugging_face_model_runs_its_own_generate(family):
     got = fast.generate(ids, max_new_tokens=8, do_sample=False)
     want = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(got, want)
-
-
-def test_the_onnxruntime_backend_generates_the_same_tokens_with_every_call_in_onnxruntime():
-    pytest.importorskip("onnxruntime")
-    model = _armt().float()
-    fast = wavefront.optimize(model)
-    ort = wavefront.optimize(model, backend="onnxruntime")
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
-    assert torch.equal(ort.generate(ids, max_new_tokens=6), fast.generate(ids, max_new_tokens=6))
-    out = ort(ids, labels=ids)
-    assert_close(out.loss, fast(ids, labels=ids).loss, 1e-5, "loss under onnxruntime")

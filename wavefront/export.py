@@ -17,7 +17,7 @@ from wavefront.routes.base import Optimized
 
 
 def export_onnx(model: nn.Module, example_inputs, path: str, *, dynamic: bool = True, time_dims=None,
-                dynamic_shapes=None, kwargs: dict | None = None, check: bool = True):
+                dynamic_shapes=None, kwargs: dict | None = None, check: bool = True, decode: bool = False):
     """Export `model` (optimized or not) to the ONNX file `path`; returns the onnx.ModelProto.
 
     dynamic=True keeps each input's time dim (`time_dims`, default dim 1 of inputs with 2+ dims)
@@ -26,6 +26,8 @@ def export_onnx(model: nn.Module, example_inputs, path: str, *, dynamic: bool = 
     {"use_cache": False} for HF models).
     check=True runs the exported graph in onnxruntime (CPU) on the example inputs and raises
     ExportError if it differs from the eager model by more than the dtype's tolerance.
+    decode=True (segment models) writes the decode step instead: a few tokens of the current
+    segment with its key/value cache and memory in and out (backends/onnx/decode_graph.py).
 
     >>> import os, tempfile, torch
     >>> from wavefront.models.loop_models import LinearRecurrence
@@ -37,7 +39,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str, *, dynamic: bool = 
     if not isinstance(model, Optimized):
         model = optimize(model)
     return model.export_onnx(example_inputs, path, dynamic=dynamic, time_dims=time_dims,
-                             dynamic_shapes=dynamic_shapes, kwargs=kwargs, check=check)
+                             dynamic_shapes=dynamic_shapes, kwargs=kwargs, check=check, decode=decode)
 
 
 __all__ = ["ExportError", "export_onnx", "run_onnx"]

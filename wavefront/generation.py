@@ -4,15 +4,18 @@ A segment model's logits for the last token of a sequence depend on two things o
 after the sequence's finished segments and the tokens of its current (last, maybe partial)
 segment; that is how the model itself cuts the sequence. So decoding never recomputes the
 sequence: the prompt's finished segments are prefilled once under the optimized schedule (the
-diagonal wavefront), and each new token costs one run of the current segment (at most
-segment_len tokens through the layers) from the memory before it. When that segment is full,
-the memory its run returns is the next segment's starting memory: the segment's memory write
-is that column of cells, computed once. Greedy tokens therefore equal those of recomputing the
-model on the growing sequence, exactly, across segment boundaries and for any batch.
+diagonal wavefront), then the current segment is decoded from the memory before it.
 
-Not done (yet): a key/value cache inside the current segment, which would cut a token's cost
-from a segment's tokens to one token per layer; it needs the attention of every block to take
-a cache. Unlike the public ARMT client's generate (which feeds the prompt's last partial segment
+With a key/value cache (wavefront/kv_decode.py, when the cell's blocks take one and the decoder's
+check proves it gives the cell's own results) each new token runs the model's own cell on that
+token alone: one token (and the memory rows) per layer, attending to the segment's cached
+keys/values. Each such run also returns the memory the segment would write if it ended there, so
+when the segment fills, its memory is already written: that column of cells, computed once.
+Otherwise each token runs its current segment whole (at most segment_len tokens) from the memory
+before it. Either way greedy tokens equal those of recomputing the model on the growing
+sequence, across segment boundaries and for any batch.
+
+Unlike the public ARMT client's generate (which feeds the prompt's last partial segment
 and every generated token to the base model with the memory read-only, so tokens past a segment
 boundary never see that segment written to memory), this generate writes memory at every
 segment boundary, exactly as the model's own forward on the longer sequence would.
@@ -30,7 +33,7 @@ from wavefront.contract.segment import check_attention_mask, check_input_ids
 
 # The generation settings this generate() reads (from keyword arguments, else `generation_config`).
 SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-            "eos_token_id", "pad_token_id")
+            "eos_token_id", "pad_token_id", "use_cache")
 _DEFAULT_MAX_LENGTH = 20  # transformers' GenerationConfig default
 
 
@@ -47,6 +50,7 @@ def _settings(generation_config, kwargs: dict) -> dict:
             value = getattr(generation_config, name, None)
         out[name] = value
     out["do_sample"] = bool(out["do_sample"])
+    out["use_cache"] = out["use_cache"] is None or bool(out["use_cache"])  # transformers' default: True
     for name, default in (("temperature", 1.0), ("top_k", None), ("top_p", 1.0), ("min_new_tokens", 0)):
         out[name] = default if out[name] is None else out[name]
     eos = out["eos_token_id"]
@@ -78,12 +82,14 @@ def _processors(s: dict, logits_processor):
     return steps, warpers
 
 
-def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, decode=None, attention_mask=None,
-                     generation_config=None, logits_processor=None, **kwargs) -> torch.LongTensor:
+def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, decode=None, cached=None, dtype=None,
+                     attention_mask=None, generation_config=None, logits_processor=None,
+                     **kwargs) -> torch.LongTensor:
     """The prompt and the generated tokens [batch, prompt + new] of a segment model `model`
     (called as model(input_ids, memory) -> .logits, .memory) that cuts its input into segments of
     `segment_len` tokens; `decode` (the same call, default `model`) runs each token's current
-    segment. See the module docstring; OptimizedModel.generate calls this.
+    segment, or `cached` (a checked CachedSegmentDecoder, with the model's `dtype`) feeds it one
+    token at a time. See the module docstring; OptimizedModel.generate calls this.
 
     >>> import wavefront
     >>> from wavefront.models import ARMT, ARMTConfig
@@ -110,17 +116,26 @@ def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, decode
     if eos and pad is None:
         pad = eos[0]  # as transformers does (it says so with a warning)
     processors, warpers = _processors(s, logits_processor)
+    if not s["use_cache"]:  # as transformers' use_cache=False: no key/value cache, the segment runs whole
+        cached = None
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
 
     ids = input_ids
     current = (prompt - 1) // segment_len  # the segment holding the last token
     with torch.no_grad():
         memory = model(ids[:, :current * segment_len]).memory if current else None  # prefill: the schedule
+        if cached is not None:  # the current segment's prompt tokens, then one token per step
+            stream = cached.stream(memory, ids.shape[0], dtype, ids.device)
+            logits = stream.feed(ids[:, current * segment_len:])
         unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
         for step in range(budget):
             start = current * segment_len
-            out = (decode or model)(ids[:, start:], memory)  # the current segment, from the memory before it
-            scores = out.logits[:, -1, :]
+            if cached is None:
+                out = (decode or model)(ids[:, start:], memory)  # the current segment, from the memory before it
+                logits = out.logits
+            elif step:
+                logits = stream.feed(ids[:, -1:])
+            scores = logits[:, -1, :]
             for p in processors:
                 scores = p(ids, scores)
             if step < s["min_new_tokens"] and eos:
@@ -136,7 +151,7 @@ def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, decode
                 token = torch.where(unfinished, token, torch.as_tensor(pad, dtype=token.dtype, device=token.device))
             ids = torch.cat([ids, token.to(ids.dtype)[:, None]], dim=1)
             if ids.shape[1] - start > segment_len:  # the new token opens a segment: the full one's memory is written
-                memory, current = out.memory, current + 1
+                memory, current = (out.memory if cached is None else None), current + 1
             if eos:
                 unfinished &= ~torch.isin(token, eos_t)
                 if not bool(unfinished.any()):

@@ -88,7 +88,15 @@ def give_plain_io(proto: onnx.ModelProto, segment_len: int, n_layers: int, state
             if name is not None:
                 dim.dim_param = name
         outputs.append(info)
-    new_nodes = nodes + list(g.node) + tail_nodes
+    replace_io(proto, nodes, tail_nodes, inputs, outputs, defaults)
+
+
+def replace_io(proto: onnx.ModelProto, before: list, after: list, inputs: list, outputs: list, defaults: list) -> None:
+    """Give `proto` new inputs and outputs: `before` nodes run ahead of the graph's own (from the
+    new inputs to the old ones), `after` nodes behind them (to the new outputs); `defaults` are
+    initializers named like inputs (ONNX's optional inputs)."""
+    g = proto.graph
+    new_nodes = before + list(g.node) + after
     del g.node[:]
     g.node.extend(new_nodes)
     del g.input[:]
@@ -100,4 +108,4 @@ def give_plain_io(proto: onnx.ModelProto, segment_len: int, n_layers: int, state
         proto.ir_version = 4
 
 
-__all__ = ["PAST_SEEN", "PRESENT_SEEN", "give_plain_io", "past_name", "present_name"]
+__all__ = ["PAST_SEEN", "PRESENT_SEEN", "give_plain_io", "past_name", "present_name", "replace_io"]

@@ -44,6 +44,21 @@ def save_with_metadata(proto, path: str, meta: dict) -> None:
     onnx.save(proto, path)
 
 
+def save_model_graph(proto, path: str, meta: dict, model, dtype: torch.dtype) -> torch.dtype:
+    """save_with_metadata for a language model's graph: the vocabulary size (lets a session refuse
+    ids outside it, as torch does) and the precision the graph is checked at join `meta`;
+    returns that precision (working_precision)."""
+    from wavefront.backends.onnx.session import input_embedding
+    embedding = input_embedding(model)
+    if embedding is not None:
+        meta["wavefront.vocab_size"] = str(embedding.num_embeddings)
+    precision, why = working_precision(proto, dtype)
+    if why:
+        meta["wavefront.checked_at"] = f"{precision}: {why}"
+    save_with_metadata(proto, path, meta)
+    return precision
+
+
 def check_in_onnxruntime(path: str, example_inputs: tuple, expected, got=None, precision=None) -> None:
     """Compare the graph's outputs with `expected` at the tolerance of their dtype, or of
     `precision` (working_precision: the coarsest dtype the model itself computes in)."""

@@ -29,12 +29,11 @@ from wavefront.backends.onnx.graph_io import PAST_SEEN, give_plain_io, past_name
 from wavefront.backends.onnx.graphs import (
     ExportError,
     check_in_onnxruntime,
-    save_with_metadata,
+    save_model_graph,
     to_onnx,
-    working_precision,
 )
 from wavefront.backends.onnx.segment_graph import SegmentGraph
-from wavefront.backends.onnx.session import Session, check_token_ids, input_embedding
+from wavefront.backends.onnx.session import Session, check_token_ids
 from wavefront.backends.segment_program import ProgramNotApplicable, SegmentProgram
 from wavefront.passes.segment_plan import stack_state, unstack_state
 from wavefront.scheduler.schedule import diagonal
@@ -147,13 +146,7 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
             "wavefront.state_shapes": json.dumps(state_shapes),
             "wavefront.state_spec": treespec_dumps(rg.state_spec), "wavefront.dtype": str(dtype),
             "wavefront.memory_inputs": json.dumps([past_name(p) for p in range(len(stacked))])}
-    embedding = input_embedding(optimized.model)
-    if embedding is not None:  # lets a session refuse ids outside the vocabulary, as torch does
-        meta["wavefront.vocab_size"] = str(embedding.num_embeddings)
-    precision, why = working_precision(proto, dtype)
-    if why:
-        meta["wavefront.checked_at"] = f"{precision}: {why}"
-    save_with_metadata(proto, path, meta)
+    precision = save_model_graph(proto, path, meta, optimized.model, dtype)
     if check:
         session = OnnxSegmentSession(path)
         for probe, mem in _probes(input_ids, memory, seg):

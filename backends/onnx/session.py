@@ -16,7 +16,9 @@ def open_session(path: str, providers, strict: bool = True):
     providers = list(providers)
     wanted = providers if strict else ([p for p in providers if p in ort.get_available_providers()]
                                         or ["CPUExecutionProvider"])
-    session = ort.InferenceSession(path, providers=wanted)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the note that inputs with defaults are initializers is by design
+    session = ort.InferenceSession(path, options, providers=wanted)
     missing = [p for p in providers if p not in session.get_providers()]
     if strict and missing:
         raise RuntimeError(f"onnxruntime did not give the providers {missing} (it gave {session.get_providers()})")

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wavefront.contract.kv_window import active_window
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm. >>> RMSNorm(4)(torch.ones(1, 4)).shape
@@ -33,7 +35,9 @@ class DecoderBlock(nn.Module):
     """Pre-norm causal self-attention + SwiGLU block. forward(h, ctx=()) -> h.
 
     `ctx` is the per-segment context some bases need (masks, rotary tables); this block
-    computes its own and ignores it.
+    computes its own and ignores it. Inside a key/value window (generate's cached decoding,
+    wavefront/contract/kv_window.py) its rows start at the window's offset and attend to the
+    cached keys/values too.
 
     >>> DecoderBlock(16, 2, 32)(torch.randn(1, 5, 16)).shape
     torch.Size([1, 5, 16])
@@ -64,13 +68,21 @@ class DecoderBlock(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        pos = torch.arange(t, device=h.device, dtype=torch.float64)
+        window = active_window()
+        if window is None:
+            pos = torch.arange(t, device=h.device, dtype=torch.float64)
+        else:
+            pos = window.positions(t, h.device).to(torch.float64)
         angles = torch.outer(pos, self.inv_freq)
         emb = torch.cat([angles, angles], dim=-1)
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if window is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = window.attend(k, v)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=window.allowed(t, h.device))
         h = h + self.o_proj(a.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
         x = self.mlp_norm(h)
         return h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -8,11 +8,13 @@ bases, the rotary tables. Two base layouts are recognised: LLaMA-like (`model.la
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from wavefront.contract.kv_window import active_window
 from wavefront.contract.segment import SegmentRecurrentLM
 
 from .armt import ARMTCell, ARMTLayer
@@ -73,17 +75,21 @@ class HFEmbedStage(OpaqueModule):
         x = self.embed(input_ids)
         b, n, m = x.shape[0], x.shape[1], memory_tokens.shape[0]
         h = torch.cat([x, memory_tokens.to(x.dtype).unsqueeze(0).expand(b, -1, -1)], dim=1)
+        window = active_window()  # generate's cached decoding: these tokens continue the segment
+        start = 0 if window is None else window.offset
         if self.mem_positions == "tail":
             p = self.wpe.weight.shape[0]
-            pos = torch.cat([torch.arange(n, device=h.device), torch.arange(p - m, p, device=h.device)])[None]
+            pos = torch.cat([torch.arange(start, start + n, device=h.device),
+                             torch.arange(p - m, p, device=h.device)])[None]
         else:
-            pos = torch.arange(n + m, device=h.device)[None]
-        return self.context(h, pos)
+            pos = torch.arange(start, start + n + m, device=h.device)[None]
+        mask = None if window is None else window.additive_mask(n + m, h.dtype, h.device)
+        return self.context(h, pos, mask)
 
-    def context(self, h, pos):
-        """(h, *ctx) for the blocks from the segment's rows and their positions: a causal mask,
-        and rotary tables (LLaMA-like) or learned positions added to h (GPT-2-like)."""
-        mask = causal_mask(h.shape[1], h.dtype, h.device)
+    def context(self, h, pos, mask=None):
+        """(h, *ctx) for the blocks from the segment's rows and their positions: a causal mask
+        (or the given one), and rotary tables (LLaMA-like) or learned positions added to h (GPT-2-like)."""
+        mask = causal_mask(h.shape[1], h.dtype, h.device) if mask is None else mask
         if self.family == "llama":
             cos, sin = self.rotary(h, pos)
             return h, mask, pos, cos, sin
@@ -115,18 +121,26 @@ class HFReadWriteEmbedStage(HFEmbedStage):
 
 class HFBlockCall(OpaqueModule):
     """Calls an unmodified Hugging Face decoder layer on (h, ctx) and returns the hidden states
-    (transformers 4.x layers return a tuple, 5.x a tensor)."""
+    (transformers 4.x layers return a tuple, 5.x a tensor). Inside a key/value window (generate's
+    cached decoding) the window goes in as the layer's cache, under the name its forward takes
+    (`past_key_values` in 5.x, `past_key_value` in 4.x); a layer taking neither (4.x GPT-2's
+    `layer_past` tuples) gets none, and the decoder's check then finds the window unused."""
 
     def __init__(self, layer: nn.Module, family: str):
         super().__init__()
         self.layer, self.family = layer, family
+        params = inspect.signature(layer.forward).parameters
+        self._cache_arg = next((n for n in ("past_key_values", "past_key_value") if n in params), None)
 
     def forward(self, h, ctx):
+        window = active_window()
+        cache = {self._cache_arg: window} if window is not None and self._cache_arg else {}
         if self.family == "llama":
             mask, pos, cos, sin = ctx
-            out = self.layer(h, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin), use_cache=False)
+            out = self.layer(h, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin), use_cache=False,
+                             **cache)
         else:
-            out = self.layer(h, attention_mask=ctx[0], use_cache=False)
+            out = self.layer(h, attention_mask=ctx[0], use_cache=False, **cache)
         return out[0] if isinstance(out, tuple) else out
 
 

@@ -151,13 +151,20 @@ class Optimized(nn.Module):
         return self.route
 
     def export_onnx(self, example_inputs, path: str, *, dynamic: bool = True, time_dims=None, dynamic_shapes=None,
-                    kwargs: dict | None = None, check: bool = True):
+                    kwargs: dict | None = None, check: bool = True, decode: bool = False):
         """This model as an ONNX graph (wavefront.export_onnx documents the arguments), exported in
         eval mode; the model's own train/eval flags come back after."""
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        how = dict(dynamic=dynamic, time_dims=time_dims, dynamic_shapes=dynamic_shapes, kwargs=dict(kwargs or {}),
+                   check=check)
+        if decode:
+            if self.export_kind() != "segments":
+                from wavefront.backends.onnx.graphs import ExportError
+                raise ExportError(f"decode=True exports a segment model's decode step; this model runs on the "
+                                  f"{self.route} route: export it without decode")
+            how["decode"] = True
         with eval_mode(self.modules()):
-            return self._export(example_inputs, path, dynamic=dynamic, time_dims=time_dims,
-                                dynamic_shapes=dynamic_shapes, kwargs=dict(kwargs or {}), check=check)
+            return self._export(example_inputs, path, **how)
 
     def _export(self, example_inputs: tuple, path: str, **how):
         """The module as it runs (loops lifted, kernels substituted), its time dims dynamic."""

@@ -18,7 +18,9 @@ checked as the torch backend checks them (token ids in the vocabulary, memory of
 shape and dtype) before onnxruntime sees them.
 
 Segment models run in one graph for every batch and length (backends/onnx/segments.py): the
-whole segments under the diagonal schedule, a shorter last segment too, all in onnxruntime.
+whole segments under the diagonal schedule, a shorter last segment too, all in onnxruntime;
+generate() decodes in a second graph, the decode step (backends/onnx/decode_graph.py: a token
+with the current segment's key/value cache), each exported once per dtype.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ import time
 import torch
 
 from wavefront.backends.disk_cache import cache_dir, cached_entry
+from wavefront.backends.onnx.decode_session import OnnxDecodeSession
+from wavefront.backends.onnx.graphs import ExportError
 from wavefront.backends.onnx.model_key import (
     content_digest,
     content_key,
@@ -111,6 +115,7 @@ class OnnxRuntimeModel(Optimized):
         self._content: str | None = None  # content_digest of those weights, computed when first needed
         self._vocab: int | None = None
         self._guard = None  # a CaptureGuard of the user's model, made on the first call
+        self.decode_reason: dict = {}  # dtype -> why the decode step does not export (generate then reruns)
 
     @property
     def is_segments(self) -> bool:
@@ -120,7 +125,7 @@ class OnnxRuntimeModel(Optimized):
         """Forget the sessions: the next call keys the graph by the weights' content again. Needed
         only after writes that bypass version counters (`p.data.copy_(...)`)."""
         with self._lock:
-            self._seen, self._pinned, self.sessions, self._content = None, [], {}, None
+            self._seen, self._pinned, self.sessions, self._content, self.decode_reason = None, [], {}, None, {}
 
     def _follow_the_model(self) -> None:
         """Drop the sessions when the model changed: its tensors' values (fingerprint, then content),
@@ -140,7 +145,7 @@ class OnnxRuntimeModel(Optimized):
                     return
             if self._guard is not None and why:
                 self.optimized = reoptimize(self.model, {**self.optimized.options, "backend": "torch"})
-            self.sessions, self._content = {}, None
+            self.sessions, self._content, self.decode_reason = {}, None, {}
             emb = input_embedding(self.model)
             self._vocab = emb.num_embeddings if emb is not None else None
             self._seen = parameter_fingerprint(self.optimized)
@@ -157,14 +162,16 @@ class OnnxRuntimeModel(Optimized):
                 key = content_key(self._content, type(self.optimized).__qualname__,
                            getattr(self.optimized, "schedule_kind", None), shape_key, sorted(self.kwargs.items()))
 
+                decode = shape_key[0] == "decode step"
+
                 def export_to(tmp):
                     with _EXPORT_LOCK:
-                        self.optimized.export_onnx(example, tmp, kwargs=self.kwargs)
+                        self.optimized.export_onnx(example, tmp, kwargs=self.kwargs, decode=decode)
                 t0 = time.perf_counter()
                 entry = cached_entry(os.path.join(cache_dir("onnx"), key + ".onnx"), key, export_to)
                 if entry.built:
                     self.export_time_s, self.exports = time.perf_counter() - t0, self.exports + 1
-                make = OnnxSegmentSession if shape_key[0] == "segment graph" else Session  # the segment call over Session
+                make = {"segment graph": OnnxSegmentSession, "decode step": OnnxDecodeSession}.get(shape_key[0], Session)
                 session = self.sessions[shape_key] = make(entry.path, self.providers, strict=False)
             self.last_session = session
             return session
@@ -178,13 +185,33 @@ class OnnxRuntimeModel(Optimized):
         return self._tensors(*args, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.LongTensor:
-        """A segment model: wavefront/generation.py with every call in onnxruntime (the prefill and
-        each token's current segment). Another model: the torch route's generate (the exported
-        graphs hold no cache)."""
+        """A segment model: wavefront/generation.py with every call in onnxruntime: the prefill in
+        the segment graph, then each token in the decode-step graph (one token with the current
+        segment's key/value cache), or, for a model whose decode step does not export (the reason
+        is in `decode_reason`), each token's current segment whole in the segment graph. Another
+        model: the torch route's generate (the exported graphs hold no cache)."""
         if not self.is_segments:
             return self.optimized.generate(input_ids, **kwargs)
         kwargs.setdefault("generation_config", self.generation_config)
-        return segment_generate(self, self.optimized.rg.segment_len, input_ids, **kwargs)
+        self.before_call()
+        check_input_ids(input_ids)
+        decoder = self._decode_session(input_ids)
+        if decoder is None:
+            return segment_generate(self, self.optimized.rg.segment_len, input_ids, **kwargs)
+        return segment_generate(self, self.optimized.rg.segment_len, input_ids, cached=decoder,
+                                dtype=next(self.optimized.rg.cell.parameters()).dtype, **kwargs)
+
+    def _decode_session(self, input_ids):
+        """The decode-step graph's session for the model's dtype (exported once per dtype), or None
+        with `decode_reason` saying why it does not export."""
+        dtype = next(self.optimized.rg.cell.parameters()).dtype
+        if self.decode_reason.get(dtype):
+            return None
+        try:
+            return self._session((input_ids.long(),), ("decode step", dtype))
+        except ExportError as e:
+            self.decode_reason[dtype] = str(e)
+            return None
 
     def reference(self, *args, **kwargs):
         if self.is_segments:

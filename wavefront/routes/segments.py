@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from wavefront.backends.inductor import compile_batched
+from wavefront.backends.onnx.decode_export import export_decode
 from wavefront.backends.onnx.segments import export_segments
 from wavefront.backends.step_timer import StepTimer
 from wavefront.backends.torch_executor import TorchExecutor
@@ -23,6 +24,7 @@ from wavefront.contract.segment import (
     with_hf_conventions,
 )
 from wavefront.generation import segment_generate
+from wavefront.kv_decode import CachedSegmentDecoder
 from wavefront.passes.dependence import analyse
 from wavefront.passes.diagonal import diagonal_batching
 from wavefront.routes.base import SKIP, Optimized
@@ -81,6 +83,7 @@ class OptimizedModel(Optimized):
         self._guard = CaptureGuard(bound.source if bound.source is not None else self.model, rg.traced_modules,
                                    bound.volatile)
         self._schedules: dict[int, Schedule] = {}
+        self._decoder = CachedSegmentDecoder(bound.cell, rg.segment_len)  # generate(): checked on first use
         object.__setattr__(self, "stage_log", log)
         if self.backend in COMPILING and executor.program is not None:
             self.compile_time_s = log[-1].seconds  # the program's check compiled the cell at every lane width
@@ -112,10 +115,12 @@ class OptimizedModel(Optimized):
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.LongTensor:
         """Hugging Face's generate() for this segment model: the prompt's finished segments are
-        prefilled under the schedule, then each token costs one run of the current segment
-        (wavefront/generation.py); greedy tokens equal recomputing the model on the growing
-        sequence. Settings come from keywords (max_new_tokens, do_sample, temperature, top_k,
-        top_p, eos_token_id, pad_token_id, ...) or `generation_config` (default: the model's).
+        prefilled under the schedule, then each token runs the model's own cell on that token with
+        the current segment's key/value cache (wavefront/kv_decode.py; use_cache=False, or a cell
+        whose blocks take no cache: the current segment whole); greedy tokens equal recomputing
+        the model on the growing sequence. Settings come from keywords (max_new_tokens, do_sample,
+        temperature, top_k, top_p, eos_token_id, pad_token_id, use_cache, ...) or
+        `generation_config` (default: the model's).
 
         >>> import wavefront
         >>> from wavefront.models import ARMT, ARMTConfig
@@ -124,10 +129,24 @@ class OptimizedModel(Optimized):
         torch.Size([1, 8])
         """
         kwargs.setdefault("generation_config", self.generation_config)
-        # one segment at a time gains nothing from the schedule: the model's own forward runs each
-        # token's segment where it continues from a memory (else this model does, as the prefill)
+        self.before_call()  # a model changed since the last call is captured again first
+        cached = self.cached_decoder() if self._unchanged_reason is None else None
+        # without the cache (use_cache=False, or a cell that takes none) one segment at a time gains
+        # nothing from the schedule: the model's own forward runs each token's segment where it
+        # continues from a memory (else this model does, as the prefill)
         own = self.bound.reference if self.bound.reference_takes_memory and self._unchanged_reason is None else None
-        return segment_generate(self, self.rg.segment_len, input_ids, decode=own, **kwargs)
+        return segment_generate(self, self.rg.segment_len, input_ids, decode=own, cached=cached,
+                                dtype=self._param_dtype(), **kwargs)
+
+    def cached_decoder(self) -> CachedSegmentDecoder | None:
+        """The key/value-cached decoder generate() uses, if it gives the cell's own results for the
+        model's dtype (checked once per capture and dtype; else None, and `.reason` says why)."""
+        p = self._param_dtype()
+        device = next(self.model.parameters()).device
+        return self._decoder if self._decoder.check(p, device) else None
+
+    def _param_dtype(self):
+        return next(self.model.parameters()).dtype
 
     def _run(self, input_ids, memory=None):
         if self._unchanged_reason is not None:
@@ -185,8 +204,12 @@ class OptimizedModel(Optimized):
     def export_kind(self) -> str:
         return "segments"
 
-    def _export(self, example_inputs: tuple, path: str, *, dynamic: bool = True, check: bool = True, **unused):
-        """The one program under the diagonal schedule: one ONNX Scan over the steps, any segment count."""
+    def _export(self, example_inputs: tuple, path: str, *, dynamic: bool = True, check: bool = True,
+                decode: bool = False, **unused):
+        """The one program under the diagonal schedule: one ONNX Scan over the steps, any segment
+        count; decode=True: the decode step (backends/onnx/decode_export.py)."""
+        if decode:
+            return export_decode(self, example_inputs, path, check=check)
         return export_segments(self, example_inputs, path, dynamic=dynamic, check=check)
 
     def explain(self, n_segments: int | None = None) -> Explanation:

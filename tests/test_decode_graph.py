@@ -1,0 +1,125 @@
+"""The decode step as an ONNX graph (backends/onnx/decode_graph.py, decode_export.py): a plain
+onnxruntime session fed a stream a few tokens at a time, every present_* handed back as past_*,
+gives the model's own forward's logits for every token and, when a segment fills, its memory
+(float64, 1e-9), at batch sizes the trace did not see; the cache empties at each segment's end;
+what cannot export says why."""
+import numpy as np
+import pytest
+import torch
+
+import wavefront
+from wavefront.models import ARMT, ARMTConfig
+from wavefront.testing import assert_close
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+pytestmark = pytest.mark.xdist_group("decode_graph")  # one export serves the module's tests
+
+F64 = torch.float64
+SEG = 4
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = ARMT(ARMTConfig(n_layers=2, d_model=16, n_heads=2, d_ff=32, segment_len=SEG, n_mem_tokens=2, d_mem=4,
+                            vocab_size=64)).to(F64).eval()
+    fast = wavefront.optimize(model)
+    path = str(tmp_path_factory.mktemp("decode") / "step.onnx")
+    wavefront.export_onnx(fast, (torch.randint(0, 64, (1, 6)),), path, decode=True)
+    return model, fast, ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def _feed(session, ids, pieces):
+    from wavefront.backends.onnx.decode_export import decode_stream
+    outs, at, past = [], 0, {}
+    names = [o.name for o in session.get_outputs()]
+    for n in pieces:
+        out = dict(zip(names, session.run(None, {"input_ids": ids[:, at:at + n].numpy(), **past})))
+        past = {k.replace("present_", "past_"): v for k, v in out.items() if k.startswith("present_")}
+        outs.append(out)
+        at += n
+    logits, _ = decode_stream(session, ids.numpy(), pieces)  # the helper the export's check uses: the same
+    np.testing.assert_array_equal(logits, np.concatenate([o["logits"] for o in outs], axis=1))
+    return outs
+
+
+@pytest.mark.parametrize("batch,pieces", [(1, [1, 1, 1, 1, 1, 2, 1, 3]), (3, [3, 1, 2, 2, 4, 1])])
+def test_a_plain_session_decodes_a_stream_exactly(exported, batch, pieces):
+    model, _, session = exported
+    ids = torch.randint(0, 64, (batch, sum(pieces)), generator=torch.Generator().manual_seed(batch))
+    outs = _feed(session, ids, pieces)
+    with torch.no_grad():
+        want = model(ids)
+    assert_close(torch.from_numpy(np.concatenate([o["logits"] for o in outs], axis=1)), want.logits, 1e-9,
+                 "logits of the decoded stream")
+    at = 0
+    for n, out in zip(pieces, outs):
+        at += n
+        full = at % SEG == 0
+        assert int(out["present_segments_seen"]) == at // SEG
+        assert out["present_key.0"].shape[2] == (0 if full else at % SEG)  # emptied when the segment ends
+        if full:  # the memory the segment wrote, in the segment graph's layout [L, batch, ...]
+            with torch.no_grad():
+                memory = model(ids[:, :at]).memory
+            A = torch.stack([memory.tensors[0], memory.tensors[2]])
+            assert_close(torch.from_numpy(out["present_memory.0"]), A, 1e-9, f"memory after {at} tokens")
+
+
+def test_the_decode_graph_continues_the_optimized_model_s_memory(exported):
+    """A stream prefilled by the optimized model (its memory stacked as the graphs name it)."""
+    from wavefront.backends.onnx.decode_session import OnnxDecodeSession  # noqa: F401 (the same layout)
+    from wavefront.passes.segment_plan import stack_state
+    model, fast, session = exported
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        memory = fast(ids[:, :8]).memory
+        want = model(ids).logits[:, 8:]
+    layout = fast.executor.program.plan.state_index
+    past = {f"past_memory.{p}": t.numpy() for p, t in enumerate(stack_state(memory.leaves(), layout))}
+    past["past_segments_seen"] = np.array(2, np.int64)
+    out = session.run(["logits"], {"input_ids": ids[:, 8:].numpy(), **past})[0]
+    assert_close(torch.from_numpy(out), want, 1e-9, "logits after a prefilled memory")
+
+
+def test_the_onnxruntime_backend_decodes_in_the_decode_graph(exported, tmp_path, monkeypatch):
+    """generate() on backend="onnxruntime": the prefill in the segment graph, every token in the
+    decode step; torch's cell never runs a token; the tokens are torch's, labels give its loss."""
+    monkeypatch.setenv("WAVEFRONT_CACHE_DIR", str(tmp_path))
+    model, fast, _ = exported
+    ort_model = wavefront.optimize(model, backend="onnxruntime")
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(2))
+    calls = []
+    handle = model.cell.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
+    try:
+        got = ort_model.generate(ids, max_new_tokens=7)
+        exported_calls = len(calls)  # the exports' traces and checks ran the cell; the tokens must not
+        again = ort_model.generate(ids, max_new_tokens=7)
+    finally:
+        handle.remove()
+    assert len(calls) == exported_calls, "a token ran through torch"
+    assert not ort_model.decode_reason and {k[0] for k in ort_model.sessions} == {"segment graph", "decode step"}
+    assert torch.equal(got, fast.generate(ids, max_new_tokens=7)) and torch.equal(again, got)
+    assert_close(ort_model(ids, labels=ids).loss, fast(ids, labels=ids).loss, 1e-9, "loss under onnxruntime")
+
+
+def test_what_cannot_export_a_decode_step_says_why(exported, tmp_path):
+    from wavefront.backends.onnx.graphs import ExportError
+    from wavefront.models.loop_models import LinearRecurrence
+    with pytest.raises(ExportError, match="decode=True exports a segment model's decode step"):
+        wavefront.export_onnx(LinearRecurrence(4), (torch.randn(1, 5, 4),), str(tmp_path / "a.onnx"), decode=True)
+    torch.manual_seed(0)
+    short = ARMT(ARMTConfig(n_layers=2, d_model=16, n_heads=2, d_ff=32, segment_len=3, n_mem_tokens=2, d_mem=4))
+    with pytest.raises(ExportError, match="segments of 4 tokens or more"):
+        wavefront.export_onnx(short, (torch.zeros(1, 5, dtype=torch.long),), str(tmp_path / "b.onnx"), decode=True)
+    _, fast, _ = exported
+    fast._decoder._checked[(F64, "cpu")] = False  # as for a cell whose blocks take no cache
+    fast._decoder.reason = "no block of the cell took the key/value window"
+    try:
+        with pytest.raises(ExportError, match="decode step does not export: no block of the cell took"):
+            wavefront.export_onnx(fast, (torch.zeros(1, 5, dtype=torch.long),), str(tmp_path / "c.onnx"), decode=True)
+    finally:
+        fast._decoder._checked.clear()
+        fast._decoder.reason = ""

@@ -1,0 +1,104 @@
+"""Cached decoding of a segment model's current segment: the model's own cell, run on the new
+tokens only, inside a key/value window (wavefront/contract/kv_window.py).
+
+`CachedSegmentDecoder.check()` proves, once per cell and dtype, that the cell honours the window:
+the same tokens run as one segment and as pieces of 1, 1 and the rest must give the same logits
+and the same written memory (the cell's own run is the reference, at verify's tolerance), from
+fresh memory and from a written one. A cell whose blocks ignore the window (foreign code, a
+layer that takes no cache) fails that check and generate() runs the current segment whole per
+token instead, with the reason kept in `reason`.
+
+>>> import torch
+>>> from wavefront.models import ARMT, ARMTConfig
+>>> armt = ARMT(ARMTConfig(n_layers=2, d_model=16, n_heads=2, d_ff=32, segment_len=4, n_mem_tokens=2, d_mem=4))
+>>> decoder = CachedSegmentDecoder(armt.cell, 4)
+>>> decoder.check(torch.float32, "cpu")
+True
+"""
+from __future__ import annotations
+
+import torch
+
+from wavefront.contract.checks import VerificationError, check_outputs
+from wavefront.contract.kv_window import KVWindow
+from wavefront.contract.segment import MemoryState, as_memory_tensors
+
+
+class CachedSegmentDecoder:
+    """Cached decoding for one segment cell: `check()` once, then one `stream()` per generate call."""
+
+    def __init__(self, cell, segment_len: int):
+        self.cell, self.segment_len = cell, segment_len
+        self.reason = ""  # why cached decoding is not used ("" when it is, or not checked yet)
+        self._checked: dict = {}  # (dtype, device) -> bool
+
+    def stream(self, memory: MemoryState | None, batch: int, dtype, device) -> "DecodeStream":
+        """A stream starting at the segment after `memory` (None: fresh memory of `batch` rows)."""
+        if memory is None:
+            memory = MemoryState(as_memory_tensors(self.cell.initial_state(batch, dtype, device)), 0)
+        return DecodeStream(self.cell, self.segment_len, memory)
+
+    # -- the proof --------------------------------------------------------------------------
+    def check(self, dtype, device) -> bool:
+        """Whether cached decoding gives the cell's own results for this dtype (checked once)."""
+        key = (dtype, str(device))
+        if key not in self._checked:
+            try:
+                with torch.no_grad():
+                    self._prove(dtype, device)
+                self._checked[key] = True
+            except Exception as e:  # any failure means: run the segment whole, and say why
+                self.reason = f"cached decoding differs from the cell's own run of a segment: {e}"
+                self._checked[key] = False
+        return self._checked[key]
+
+    def _prove(self, dtype, device) -> None:
+        seg = self.segment_len
+        state = self.cell.initial_state(1, dtype, device)
+        probe = torch.zeros(1, seg, dtype=torch.long, device=device)
+        vocab = self.cell(probe, torch.tensor(True, device=device), state)[0].shape[-1]
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (2, 1, seg), generator=gen).to(device)
+        pieces = [p for p in (1, 1, seg - 2) if p > 0][:seg]
+        for s in range(2):  # a first segment, then one reading the memory the first wrote
+            start = MemoryState(as_memory_tensors(state), s)
+            want_logits, state = self.cell(ids[s], torch.tensor(s == 0, device=device), state)
+            stream, got, at = self.stream(start, 1, dtype, device), [], 0
+            for n in pieces:
+                got.append(stream.feed(ids[s][:, at:at + n]))
+                at += n
+            check_outputs((torch.cat(got, dim=1), stream.memory.tensors), (want_logits, state),
+                          f"segment {s} decoded in pieces {pieces}")
+
+
+class DecodeStream:
+    """One generate call's position in the stream: the memory before the current segment, the
+    segment's cached keys/values, and how many of its tokens have run.
+
+    feed(ids) runs the next tokens and returns their logits; when the segment is full, `memory`
+    is the memory it wrote and the next feed starts the next segment.
+    """
+
+    def __init__(self, cell, segment_len: int, memory: MemoryState):
+        self.cell, self.segment_len, self.memory = cell, segment_len, memory
+        self._cache, self._offset, self._written = [], 0, None
+
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, n, vocab] of the next n tokens of the stream (n <= what the segment has left)."""
+        if self._offset == self.segment_len:  # the segment is full: its written memory starts the next
+            self._cache, self._offset = [], 0
+        n = ids.shape[1]
+        if not 1 <= n <= self.segment_len - self._offset:
+            raise ValueError(f"feed() takes 1 to {self.segment_len - self._offset} tokens here, got {n}")
+        first = torch.tensor(self.memory.segments_seen == 0, device=ids.device)
+        with KVWindow(self._cache, self._offset, n) as window:
+            logits, written = self.cell(ids, first, self.memory.tensors)
+        if not window.present:
+            raise VerificationError("no block of the cell took the key/value window")
+        self._cache, self._offset = window.present, self._offset + n
+        if self._offset == self.segment_len:
+            self.memory = MemoryState(as_memory_tensors(written), self.memory.segments_seen + 1)
+        return logits
+
+
+__all__ = ["CachedSegmentDecoder", "DecodeStream"]
