@@ -55,11 +55,13 @@ def bench_armt(preset: str, repeats: int, device: str):
 
 
 def bench_scan(channels: list[int], Ts: list[int], repeats: int, device: str):
+    import onnx
+
     from wavefront.backends.onnx.graphs import to_onnx as _to_onnx
     path = os.path.join(tempfile.mkdtemp(), "scan.onnx")
     a, b = torch.rand(1024, 8), torch.randn(1024, 8)
     shapes = ({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC},) * 2
-    _to_onnx(FirstOrderScan(), (a, b), shapes).save(path)
+    onnx.save(_to_onnx(FirstOrderScan(), (a, b), shapes), path)
     session = Session(path, PROVIDERS if device == "cuda" else ("CPUExecutionProvider",))
     for C in channels:
         for T in Ts:

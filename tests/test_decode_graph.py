@@ -29,7 +29,7 @@ def exported(tmp_path_factory):
     fast = wavefront.optimize(model)
     path = str(tmp_path_factory.mktemp("decode") / "step.onnx")
     wavefront.export_onnx(fast, (torch.randint(0, 64, (1, 6)),), path, decode=True)
-    return model, fast, ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return model, fast, ort.InferenceSession(path, providers=["CPUExecutionProvider"]), path
 
 
 def _feed(session, ids, pieces):
@@ -48,7 +48,7 @@ def _feed(session, ids, pieces):
 
 @pytest.mark.parametrize("batch,pieces", [(1, [1, 1, 1, 1, 1, 2, 1, 3]), (3, [3, 1, 2, 2, 4, 1])])
 def test_a_plain_session_decodes_a_stream_exactly(exported, batch, pieces):
-    model, _, session = exported
+    model, _, session, _ = exported
     ids = torch.randint(0, 64, (batch, sum(pieces)), generator=torch.Generator().manual_seed(batch))
     outs = _feed(session, ids, pieces)
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_the_decode_graph_continues_the_optimized_model_s_memory(exported):
     """A stream prefilled by the optimized model (its memory stacked as the graphs name it)."""
     from wavefront.backends.onnx.decode_session import OnnxDecodeSession  # noqa: F401 (the same layout)
     from wavefront.passes.segment_plan import stack_state
-    model, fast, session = exported
+    model, fast, session, _ = exported
     ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         memory = fast(ids[:, :8]).memory
@@ -88,7 +88,7 @@ def test_the_onnxruntime_backend_decodes_in_the_decode_graph(exported, tmp_path,
     """generate() on backend="onnxruntime": the prefill in the segment graph, every token in the
     decode step; torch's cell never runs a token; the tokens are torch's, labels give its loss."""
     monkeypatch.setenv("WAVEFRONT_CACHE_DIR", str(tmp_path))
-    model, fast, _ = exported
+    model, fast, _, _ = exported
     ort_model = wavefront.optimize(model, backend="onnxruntime")
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(2))
     calls = []
@@ -114,7 +114,7 @@ def test_what_cannot_export_a_decode_step_says_why(exported, tmp_path):
     short = ARMT(ARMTConfig(n_layers=2, d_model=16, n_heads=2, d_ff=32, segment_len=3, n_mem_tokens=2, d_mem=4))
     with pytest.raises(ExportError, match="segments of 4 tokens or more"):
         wavefront.export_onnx(short, (torch.zeros(1, 5, dtype=torch.long),), str(tmp_path / "b.onnx"), decode=True)
-    _, fast, _ = exported
+    _, fast, _, _ = exported
     fast._decoder._checked[(F64, "cpu")] = False  # as for a cell whose blocks take no cache
     fast._decoder.reason = "no block of the cell took the key/value window"
     try:
@@ -123,3 +123,49 @@ def test_what_cannot_export_a_decode_step_says_why(exported, tmp_path):
     finally:
         fast._decoder._checked.clear()
         fast._decoder.reason = ""
+
+
+def test_a_float64_graph_keeps_the_model_s_epsilons_at_float64(exported):
+    """torch.onnx writes Python-float operands through float32 (1e-05 as 9.99999975e-06);
+    backends/onnx/float_scalars.py puts the model's values back."""
+    import onnx
+    from onnx import numpy_helper
+    graph = onnx.load(exported[3]).graph
+    tensors = [*graph.initializer, *(a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute
+                                     if a.HasField("t"))]
+    consts = {float(numpy_helper.to_array(t).reshape(-1)[0]) for t in tensors
+              if t.data_type == onnx.TensorProto.DOUBLE and numpy_helper.to_array(t).size == 1}
+    assert 1e-05 in consts  # ARMT's memory epsilon
+    assert float(np.float32(1e-05)) not in consts and float(np.float32(1e-06)) not in consts
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("gpt2", F64)])
+def test_hugging_face_layers_export_their_decode_step(family, dtype, tmp_path):
+    """The layers' cache seam inside the graph; GPT-2's learned positions at the window's offset
+    (float64: its epsilons and GELU constants kept, checked at 1e-9 by the export itself)."""
+    pytest.importorskip("transformers")
+    import onnxruntime as ort
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from wavefront.models import wrap_armt
+    torch.manual_seed(0)
+    lm = (LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1)) if family == "llama" else
+          GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0,
+                                     eos_token_id=0)))
+    model = wrap_armt(lm.to(dtype).eval(), segment_len=5, n_mem_tokens=2, d_mem=4)
+    fast = wavefront.optimize(model)
+    if fast.cached_decoder() is None:  # transformers 4.x GPT-2 takes layer_past tuples, not a Cache
+        import transformers
+        assert family == "gpt2" and transformers.__version__.startswith("4."), fast.decode_reason
+        return
+    path = str(tmp_path / "step.onnx")
+    wavefront.export_onnx(fast, (torch.randint(0, 64, (1, 7)),), path, decode=True)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    outs = _feed(session, ids, [1, 4, 1, 3])
+    with torch.no_grad():
+        want = model(ids).logits
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    assert_close(torch.from_numpy(np.concatenate([o["logits"] for o in outs], axis=1)), want, tol, "logits")

@@ -53,7 +53,7 @@ def test_each_token_costs_one_cached_run_of_the_cell_on_that_token():
     key/value window; the model's forward never runs the growing segment again."""
     model = _armt()
     fast = wavefront.optimize(model)
-    assert fast.cached_decoder() is not None, fast._decoder.reason  # the one-off check runs the cell here
+    assert fast.cached_decoder() is not None, fast.decode_reason  # the one-off check runs the cell here
     prefill, forward, cell = [], [], []
     handles = [fast.register_forward_pre_hook(lambda m, args: prefill.append(args[0].shape[1])),
                model.register_forward_pre_hook(lambda m, args: forward.append(args[0].shape[1])),
@@ -95,7 +95,8 @@ def test_a_cell_that_ignores_the_window_runs_its_current_segment_whole_and_says_
         assert fast.cached_decoder() is None
     finally:
         decoder.active_window = real
-    assert "no block of the cell took the key/value window" in fast._decoder.reason
+    assert "no block of the cell took the key/value window" in fast.decode_reason
+    assert "generate(): no key/value cache (cached decoding differs" in str(fast.explain())
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
     forward = []
     handle = model.register_forward_pre_hook(lambda m, args: forward.append(args[0].shape[1]))

@@ -86,7 +86,7 @@ def test_hugging_face_layers_take_the_window_as_their_cache(family):
 def test_generate_over_hugging_face_layers_equals_recomputing():
     model = _hf_armt("llama")
     fast = wavefront.optimize(model)
-    assert fast.cached_decoder() is not None, fast._decoder.reason
+    assert fast.cached_decoder() is not None, fast.decode_reason
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
     want = ids
     with torch.no_grad():

@@ -36,7 +36,7 @@ def export_decode(optimized, example_inputs: tuple, path: str, *, check: bool = 
     The example's token ids seed the check (any batch and length work in the graph)."""
     decoder = optimized.cached_decoder()
     if decoder is None:
-        raise ExportError(f"this model's decode step does not export: {optimized._decoder.reason}")
+        raise ExportError(f"this model's decode step does not export: {optimized.decode_reason}")
     executor, rg = optimized.executor, optimized.rg
     if executor.program is None:
         raise ExportError(f"this model's decode step does not export: its memory has no program layout "
@@ -49,14 +49,14 @@ def export_decode(optimized, example_inputs: tuple, path: str, *, check: bool = 
     with torch.no_grad():
         stream = decoder.stream(None, 2, dtype, device)
         stream.feed(ids[:, :2])
-    past = [t for pair in stream._cache for t in pair]
+    past = [t.clone() for pair in stream._cache for t in pair]  # not views: torch.export guards on a view's base
     stacked = plan.stack_state(tree_leaves(rg.initial_state(2, dtype, device)))
     graph = DecodeGraph(rg.cell, plan, rg.state_from_leaves, len(stacked), len(stream._cache), SEQ_DIM).eval()
     batch, tokens, cached = Dim.DYNAMIC, Dim("tokens", min=1, max=seg), Dim("past_tokens", min=0, max=seg - 1)
     shapes = ({0: batch, 1: tokens}, None, tuple({1: batch} for _ in stacked),
               tuple({0: batch, t.dim() + SEQ_DIM: cached} for t in past))
-    args = (ids[:, 2:], torch.tensor(0), *stacked, *past)
-    proto = to_onnx(graph, args, (shapes[0], shapes[1], (*shapes[2], *shapes[3]))).model_proto
+    args = (ids[:, 2:].clone(), torch.tensor(0), *stacked, *past)
+    proto = to_onnx(graph, args, (shapes[0], shapes[1], (*shapes[2], *shapes[3])))
     state_shapes = [list(t.shape[2:]) for t in stacked]
     give_decode_io(proto, seg, L, state_shapes, [list(t.shape) for t in past], SEQ_DIM)
     meta = {"wavefront.kind": "decode step", "wavefront.family": rg.family, "wavefront.segment_len": str(seg),

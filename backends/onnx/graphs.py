@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
+from wavefront.backends.onnx.float_scalars import python_floats, restore_float64_scalars
 from wavefront.backends.onnx.session import open_session
 
 from wavefront.contract.checks import VERIFY_RTOL, rel_err
@@ -19,13 +20,16 @@ class LoopExportError(RuntimeError):
 
 
 def to_onnx(module: nn.Module, args: tuple, dynamic_shapes):
-    """torch.export (non-strict: our Python runs, with symbolic sizes) then torch.onnx; a
-    LoopExportError inside is reported as itself, not as the exporter's generic failure."""
+    """torch.export (non-strict: our Python runs, with symbolic sizes) then torch.onnx -> the
+    onnx.ModelProto (float_scalars.py mends its float64 constants); a LoopExportError inside is
+    reported as itself, not as the exporter's generic failure."""
     torch._dynamo.reset()  # repeated exports in one process otherwise interfere
     try:
         with torch.no_grad():
             exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-            return torch.onnx.export(exported, dynamo=True, verbose=False)
+            proto = torch.onnx.export(exported, dynamo=True, verbose=False).model_proto
+        restore_float64_scalars(proto, python_floats(exported))  # a float64 graph's epsilons kept float64
+        return proto
     except Exception as e:
         cause = e
         while cause is not None and not isinstance(cause, LoopExportError):

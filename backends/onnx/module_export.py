@@ -82,7 +82,7 @@ def export_module(module: nn.Module, example_inputs: tuple, path: str, *, kind: 
         expected = wrapper(*example_inputs)  # also warms the loop plans up, outside the export trace
     shapes = dynamic_shapes if dynamic_shapes is not None else (
         _dynamic_shapes(example_inputs, time_dims) if dynamic else None)
-    proto = to_onnx(wrapper, example_inputs, shapes).model_proto
+    proto = to_onnx(wrapper, example_inputs, shapes)
     meta = {"wavefront.kind": kind, "wavefront.rewrites": json.dumps(rewrites),
             "wavefront.dynamic": json.dumps(bool(dynamic)),
             "wavefront.inputs": json.dumps([list(x.shape) if isinstance(x, torch.Tensor) else repr(x)

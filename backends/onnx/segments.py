@@ -133,8 +133,7 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
     args = (ids[:, :2 * seg].reshape(2, 2, seg), ids[:, 2 * seg:], torch.tensor(0), *stacked)
     batch, tail = Dim.DYNAMIC, Dim("tail", min=1, max=seg)
     shapes = ({0: batch, 1: Dim.DYNAMIC}, {0: batch, 1: tail}, None, tuple({1: batch} for _ in stacked))
-    onnx_program = to_onnx(graph, args, shapes)
-    proto = onnx_program.model_proto
+    proto = to_onnx(graph, args, shapes)
     state_shapes = [list(t.shape[2:]) for t in stacked]
     give_plain_io(proto, seg, L, state_shapes)
     meta = {"wavefront.kind": "segments", "wavefront.family": rg.family,

@@ -32,7 +32,11 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("wavefront_kv_window", 
 
 
 def active_window() -> "KVWindow | None":
-    """The window the current call runs in (None outside generate's cached decoding)."""
+    """The window the current call runs in (None outside generate's cached decoding, and inside
+    code torch's dynamo traces: the segment program's scan body, which never decodes; dynamo
+    cannot read a ContextVar)."""
+    if torch.compiler.is_dynamo_compiling():
+        return None
     return _ACTIVE.get()
 
 

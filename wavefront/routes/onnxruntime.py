@@ -115,7 +115,13 @@ class OnnxRuntimeModel(Optimized):
         self._content: str | None = None  # content_digest of those weights, computed when first needed
         self._vocab: int | None = None
         self._guard = None  # a CaptureGuard of the user's model, made on the first call
-        self.decode_reason: dict = {}  # dtype -> why the decode step does not export (generate then reruns)
+        self._decode_refused: dict = {}  # dtype -> why the decode step does not export (generate then reruns)
+
+    @property
+    def decode_reason(self) -> str:
+        """Why generate() runs each token's current segment in the segment graph instead of the
+        decode-step graph ("" when the decode graph is used, or not tried yet)."""
+        return "; ".join(f"{dtype}: {why}" for dtype, why in self._decode_refused.items())
 
     @property
     def is_segments(self) -> bool:
@@ -125,7 +131,7 @@ class OnnxRuntimeModel(Optimized):
         """Forget the sessions: the next call keys the graph by the weights' content again. Needed
         only after writes that bypass version counters (`p.data.copy_(...)`)."""
         with self._lock:
-            self._seen, self._pinned, self.sessions, self._content, self.decode_reason = None, [], {}, None, {}
+            self._seen, self._pinned, self.sessions, self._content, self._decode_refused = None, [], {}, None, {}
 
     def _follow_the_model(self) -> None:
         """Drop the sessions when the model changed: its tensors' values (fingerprint, then content),
@@ -145,7 +151,7 @@ class OnnxRuntimeModel(Optimized):
                     return
             if self._guard is not None and why:
                 self.optimized = reoptimize(self.model, {**self.optimized.options, "backend": "torch"})
-            self.sessions, self._content, self.decode_reason = {}, None, {}
+            self.sessions, self._content, self._decode_refused = {}, None, {}
             emb = input_embedding(self.model)
             self._vocab = emb.num_embeddings if emb is not None else None
             self._seen = parameter_fingerprint(self.optimized)
@@ -205,12 +211,12 @@ class OnnxRuntimeModel(Optimized):
         """The decode-step graph's session for the model's dtype (exported once per dtype), or None
         with `decode_reason` saying why it does not export."""
         dtype = next(self.optimized.rg.cell.parameters()).dtype
-        if self.decode_reason.get(dtype):
+        if self._decode_refused.get(dtype):
             return None
         try:
             return self._session((input_ids.long(),), ("decode step", dtype))
         except ExportError as e:
-            self.decode_reason[dtype] = str(e)
+            self._decode_refused[dtype] = str(e)
             return None
 
     def reference(self, *args, **kwargs):

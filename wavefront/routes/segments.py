@@ -145,6 +145,12 @@ class OptimizedModel(Optimized):
         device = next(self.model.parameters()).device
         return self._decoder if self._decoder.check(p, device) else None
 
+    @property
+    def decode_reason(self) -> str:
+        """Why generate() runs each token's current segment whole instead of with the key/value
+        cache ("" when the cache is used for the model's dtype, or not checked yet)."""
+        return self._decoder.reason
+
     def _param_dtype(self):
         return next(self.model.parameters()).dtype
 
@@ -221,6 +227,8 @@ class OptimizedModel(Optimized):
         if self.batched is not None:
             batching += "\n" + self.executor.describe_program()
         structure = rg.describe() + (f"\n  captured again after optimize(): {self.refreshed}" if self.refreshed else "")
+        if self._decoder.reason:  # found by generate()'s first call
+            structure += f"\n  generate(): no key/value cache ({self._decoder.reason})"
         return Explanation(rg.family, rg.adapter, structure, analyse(rg), self.schedule_kind, rg.n_layers, n,
                            batching, self.backend)
 
