@@ -56,7 +56,6 @@ def bench_armt(preset: str, repeats: int, device: str):
 
 def bench_scan(channels: list[int], Ts: list[int], repeats: int, device: str):
     import onnx
-
     from wavefront.backends.onnx.graphs import to_onnx as _to_onnx
     path = os.path.join(tempfile.mkdtemp(), "scan.onnx")
     a, b = torch.rand(1024, 8), torch.randn(1024, 8)

@@ -54,7 +54,7 @@ if __name__ == "__main__":
     from wavefront.models import ARMT, ARMTConfig
 
     torch.manual_seed(0)
-    model = ARMT(ARMTConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, d_ff=64, segment_len=8,
+    model = ARMT(ARMTConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, segment_len=8,
                             n_mem_tokens=2, d_mem=8)).eval()
     fast = wavefront.optimize(model)
     prompt = torch.randint(0, 64, (2, 19))  # two rows; the prompt ends inside its third segment

@@ -68,6 +68,16 @@ def test_a_plain_session_decodes_a_stream_exactly(exported, batch, pieces):
             assert_close(torch.from_numpy(out["present_memory.0"]), A, 1e-9, f"memory after {at} tokens")
 
 
+@pytest.mark.parametrize("pieces", [[3, 3], [SEG + 1]])
+def test_more_tokens_than_the_segment_has_left_fail_naming_the_rule(exported, pieces):
+    """The graph cannot give a longer segment: a piece crossing the segment's end fails in onnxruntime
+    (the failing node's name says what was wrong) instead of growing the cache past a segment."""
+    from wavefront.backends.onnx.decode_graph import TOO_MANY_TOKENS
+    ids = torch.zeros(1, sum(pieces), dtype=torch.long)
+    with pytest.raises(Exception, match=TOO_MANY_TOKENS):
+        _feed(exported[2], ids, pieces)
+
+
 def test_the_decode_graph_continues_the_optimized_model_s_memory(exported):
     """A stream prefilled by the optimized model (its memory stacked as the graphs name it)."""
     from wavefront.backends.onnx.decode_session import OnnxDecodeSession  # noqa: F401 (the same layout)
@@ -82,27 +92,6 @@ def test_the_decode_graph_continues_the_optimized_model_s_memory(exported):
     past["past_segments_seen"] = np.array(2, np.int64)
     out = session.run(["logits"], {"input_ids": ids[:, 8:].numpy(), **past})[0]
     assert_close(torch.from_numpy(out), want, 1e-9, "logits after a prefilled memory")
-
-
-def test_the_onnxruntime_backend_decodes_in_the_decode_graph(exported, tmp_path, monkeypatch):
-    """generate() on backend="onnxruntime": the prefill in the segment graph, every token in the
-    decode step; torch's cell never runs a token; the tokens are torch's, labels give its loss."""
-    monkeypatch.setenv("WAVEFRONT_CACHE_DIR", str(tmp_path))
-    model, fast, _, _ = exported
-    ort_model = wavefront.optimize(model, backend="onnxruntime")
-    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(2))
-    calls = []
-    handle = model.cell.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
-    try:
-        got = ort_model.generate(ids, max_new_tokens=7)
-        exported_calls = len(calls)  # the exports' traces and checks ran the cell; the tokens must not
-        again = ort_model.generate(ids, max_new_tokens=7)
-    finally:
-        handle.remove()
-    assert len(calls) == exported_calls, "a token ran through torch"
-    assert not ort_model.decode_reason and {k[0] for k in ort_model.sessions} == {"segment graph", "decode step"}
-    assert torch.equal(got, fast.generate(ids, max_new_tokens=7)) and torch.equal(again, got)
-    assert_close(ort_model(ids, labels=ids).loss, fast(ids, labels=ids).loss, 1e-9, "loss under onnxruntime")
 
 
 def test_what_cannot_export_a_decode_step_says_why(exported, tmp_path):

@@ -20,7 +20,8 @@ def cache(tmp_path, monkeypatch):
 
 def test_armt_runs_every_batch_and_length_in_one_cached_graph(cache, monkeypatch):
     """One graph for every batch and length (a short last segment, fewer tokens than a segment, S > L),
-    all in onnxruntime (torch never runs), exported once and opened from the disk cache after."""
+    all in onnxruntime (torch never runs), exported once and opened from the disk cache after;
+    generate() decodes in the decode-step graph."""
     model = tiny_armt(torch.float32)
     fast = wavefront.optimize(model, backend="onnxruntime", verify=True)
     assert isinstance(fast, OnnxRuntimeModel)
@@ -47,6 +48,23 @@ def test_armt_runs_every_batch_and_length_in_one_cached_graph(cache, monkeypatch
     again = wavefront.optimize(model, backend="onnxruntime")
     again(ids)
     assert again.export_time_s is None  # opened from the cache, not exported again
+
+    # generate(): the prefill in this graph, every token in the decode-step graph (exported once);
+    # the torch cell never runs a token; the tokens are torch's, labels give torch's loss
+    prompt = torch.randint(0, 50, (2, SEG + 2), generator=torch.Generator().manual_seed(2))
+    want = wavefront.optimize(model).generate(prompt, max_new_tokens=2 * SEG)
+    cell_calls = []
+    handle = model.cell.register_forward_pre_hook(lambda m, args: cell_calls.append(args[0].shape))
+    try:
+        got = fast.generate(prompt, max_new_tokens=2 * SEG)
+        after_export = len(cell_calls)  # the export's trace and check ran the cell; the tokens must not
+        assert torch.equal(fast.generate(prompt, max_new_tokens=2 * SEG), got)
+    finally:
+        handle.remove()
+    assert len(cell_calls) == after_export and not torch_calls, "a token ran through torch"
+    assert torch.equal(got, want) and not fast.decode_reason and fast.exports == 2
+    assert {k[0] for k in fast.sessions} == {"segment graph", "decode step"}
+    assert_close(fast(ids, labels=ids).loss, model(ids, labels=ids).loss, 1e-4, "loss under onnxruntime")
 
 
 def test_the_cache_key_follows_the_weights():

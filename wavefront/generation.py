@@ -124,7 +124,7 @@ def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, decode
     current = (prompt - 1) // segment_len  # the segment holding the last token
     with torch.no_grad():
         memory = model(ids[:, :current * segment_len]).memory if current else None  # prefill: the schedule
-        if cached is not None:  # the current segment's prompt tokens, then one token per step
+        if cached is not None and budget:  # the current segment's prompt tokens, then one token per step
             stream = cached.stream(memory, ids.shape[0], dtype, ids.device)
             logits = stream.feed(ids[:, current * segment_len:])
         unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)

@@ -13,7 +13,8 @@ data-free shape test torch.export would fix at trace time):
           (all optional: fresh memory, an empty cache)
   outputs logits, present_memory.<p>, present_segments_seen, present_key.<i>, present_value.<i>
 
-When the tokens fill the segment (past_tokens + tokens == segment_len), present_memory is the
+More tokens than the segment has left (past_tokens + tokens > segment_len) make the run fail,
+the error naming node TOO_MANY_TOKENS. When the tokens fill the segment (past_tokens + tokens == segment_len), present_memory is the
 memory the segment wrote, present_segments_seen counts it and the present cache is empty: the
 next call starts the next segment. Otherwise the memory passes through and the cache grows.
 So a stream is: feed tokens, hand every present_* back as past_*.
@@ -34,6 +35,8 @@ from wavefront.backends.onnx.graph_io import (
 )
 
 from wavefront.contract.kv_window import KVWindow
+
+TOO_MANY_TOKENS = "input_ids_hold_more_tokens_than_the_segment_has_left:feed_at_most_segment_len_minus_past_tokens"
 
 
 def cache_names(i: int) -> tuple[str, str, str, str]:
@@ -84,7 +87,15 @@ def give_decode_io(proto: onnx.ModelProto, segment_len: int, n_layers: int, stat
            helper.make_node("Shape", [cache_names(0)[0]], ["wf.past_tokens"], start=seq0, end=seq0 + 1),
            helper.make_node("Add", ["wf.past_tokens", "wf.n"], ["wf.filled"]),
            helper.make_node("Equal", ["wf.filled", "wf.seg"], ["wf.full"]),  # [1]: this call ends the segment
-           helper.make_node("Where", ["wf.full", "wf.zero", "wf.filled"], ["wf.kept"]),  # cache rows handed on
+           # more tokens than the segment has left: refused. ONNX has no assert; a Reshape to -2 fails
+           # at run time, and onnxruntime's error names the node, so its name says what was wrong
+           const("wf.bad_shape", [-2]),
+           helper.make_node("Greater", ["wf.filled", "wf.seg"], ["wf.over"]),
+           helper.make_node("Where", ["wf.over", "wf.bad_shape", "wf.one"], ["wf.guard_shape"]),
+           helper.make_node("Reshape", ["wf.one", "wf.guard_shape"], ["wf.guard"], name=TOO_MANY_TOKENS),
+           helper.make_node("Sub", ["wf.guard", "wf.one"], ["wf.guard_zero"]),  # 0; every cache output needs it
+           helper.make_node("Where", ["wf.full", "wf.zero", "wf.filled"], ["wf.kept_raw"]),
+           helper.make_node("Add", ["wf.kept_raw", "wf.guard_zero"], ["wf.kept"]),  # cache rows handed on
            helper.make_node("Cast", ["wf.full"], ["wf.full_i"], to=TensorProto.INT64),
            helper.make_node("Squeeze", ["wf.full_i", "wf.zero"], ["wf.ended"]),
            helper.make_node("Identity", ["input_ids"], [ids_in]),
@@ -136,4 +147,4 @@ def give_decode_io(proto: onnx.ModelProto, segment_len: int, n_layers: int, stat
                defaults)
 
 
-__all__ = ["DecodeGraph", "cache_names", "give_decode_io"]
+__all__ = ["TOO_MANY_TOKENS", "DecodeGraph", "cache_names", "give_decode_io"]

@@ -5,7 +5,9 @@ torch.onnx (2.13, through onnxscript) writes a Python float operand such as an e
 computes with 9.99999975e-06 where the model uses 1e-05: relative errors of 1e-10..1e-9 once
 such a value enters a division. The exported program still holds every such operand as the
 Python float the model wrote; this puts those values back into the ONNX graph's float64
-scalar constants (no library does: the rounding happens inside the exporter).
+scalar constants (no library does: the rounding happens inside the exporter). The model's own
+parameters and buffers are never rewritten; where the exporter merged a rounded constant into
+an equal one-element weight, the constant stays rounded (the export's check still applies).
 
 >>> import onnx, numpy as np
 >>> from onnx import helper, numpy_helper
@@ -46,9 +48,19 @@ def python_floats(exported_program) -> list[float]:
     return sorted(found)
 
 
-def restore_float64_scalars(proto, floats) -> int:
-    """Replace each float64 scalar constant of `proto` (every subgraph) whose value is a float32
-    rounding of exactly one of `floats` by that float; returns how many were replaced."""
+def model_tensor_names(exported_program) -> set[str]:
+    """The names the model's own parameters, buffers and tensor constants keep in the ONNX graph:
+    those are the user's values, never rewritten."""
+    sig = exported_program.graph_signature
+    return {*sig.inputs_to_parameters.values(), *sig.inputs_to_buffers.values(),
+            *sig.inputs_to_lifted_tensor_constants.values(), *exported_program.state_dict,
+            *exported_program.constants}
+
+
+def restore_float64_scalars(proto, floats, keep=()) -> int:
+    """Replace each float64 scalar constant of `proto` (every subgraph; initializers named in `keep`,
+    the model's own tensors, excepted) whose value is a float32 rounding of exactly one of
+    `floats` by that float; returns how many were replaced."""
     by_rounded: dict = {}
     for f in floats:
         r = float(np.float32(f)) if np.isfinite(np.float32(f)) else None
@@ -70,7 +82,8 @@ def restore_float64_scalars(proto, floats) -> int:
     def walk(graph):
         nonlocal count
         for init in graph.initializer:
-            count += fix(init)
+            if init.name not in keep:
+                count += fix(init)
         for node in graph.node:
             for attr in node.attribute:
                 if node.op_type == "Constant" and attr.HasField("t"):
@@ -89,4 +102,4 @@ def restore_float64_scalars(proto, floats) -> int:
     return count
 
 
-__all__ = ["python_floats", "restore_float64_scalars"]
+__all__ = ["model_tensor_names", "python_floats", "restore_float64_scalars"]

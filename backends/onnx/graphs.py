@@ -4,7 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
-from wavefront.backends.onnx.float_scalars import python_floats, restore_float64_scalars
+from wavefront.backends.onnx.float_scalars import (
+    model_tensor_names,
+    python_floats,
+    restore_float64_scalars,
+)
 from wavefront.backends.onnx.session import open_session
 
 from wavefront.contract.checks import VERIFY_RTOL, rel_err
@@ -28,7 +32,8 @@ def to_onnx(module: nn.Module, args: tuple, dynamic_shapes):
         with torch.no_grad():
             exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
             proto = torch.onnx.export(exported, dynamo=True, verbose=False).model_proto
-        restore_float64_scalars(proto, python_floats(exported))  # a float64 graph's epsilons kept float64
+        # a float64 graph's epsilons kept float64; the model's own tensors as they are
+        restore_float64_scalars(proto, python_floats(exported), keep=model_tensor_names(exported))
         return proto
     except Exception as e:
         cause = e
