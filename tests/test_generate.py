@@ -81,6 +81,28 @@ def test_use_cache_false_runs_each_token_s_current_segment_whole_with_the_same_t
     assert torch.equal(plain, fast.generate(ids, max_new_tokens=5))
 
 
+@pytest.mark.parametrize("prompt", [1, 4, 6, 9])
+def test_memory_writes_false_reads_the_memory_and_grows_the_last_segment_as_the_public_client(prompt):
+    """The public ARMT client's generate: the prompt's finished segments write memory; its last
+    segment and every new token are one segment growing past segment_len that reads it, never
+    writing (the model's own cell on that tail is the reference)."""
+    model = _armt()
+    fast = wavefront.optimize(model)
+    ids = torch.randint(0, 64, (2, prompt), generator=torch.Generator().manual_seed(prompt))
+    got = fast.generate(ids, max_new_tokens=10, memory_writes=False)
+    k = (prompt - 1) // SEG
+    with torch.no_grad():
+        memory = model(ids[:, :k * SEG]).memory if k else model.initial_memory(2)
+        want = ids
+        for _ in range(10):
+            logits, _ = model.cell(want[:, k * SEG:], torch.tensor(memory.segments_seen == 0), memory.tensors)
+            want = torch.cat([want, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, fast.generate(ids, max_new_tokens=10))  # writing memory changes the tokens
+    with pytest.raises(ValueError, match="memory_writes=False grows the prompt's last segment"):
+        fast.generate(ids, max_new_tokens=2, memory_writes=False, use_cache=False)
+
+
 def test_a_cell_that_ignores_the_window_runs_its_current_segment_whole_and_says_why():
     """A cell whose blocks take no key/value cache fails the decoder's check: generate() then runs
     each token's current segment through the model's own forward, with the same tokens."""

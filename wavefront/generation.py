@@ -19,6 +19,9 @@ Unlike the public ARMT client's generate (which feeds the prompt's last partial 
 and every generated token to the base model with the memory read-only, so tokens past a segment
 boundary never see that segment written to memory), this generate writes memory at every
 segment boundary, exactly as the model's own forward on the longer sequence would.
+`memory_writes=False` gives the client's behaviour: the prompt's last segment and every new token
+form one segment that grows past segment_len in the key/value cache, reading the memory of the
+finished prompt segments and never writing it (needs the cache).
 
 Sampling, temperature, top-k and top-p use transformers' logits warpers (the well-kept ones);
 greedy decoding needs nothing beyond torch.
@@ -33,7 +36,7 @@ from wavefront.contract.segment import check_attention_mask, check_input_ids
 
 # The generation settings this generate() reads (from keyword arguments, else `generation_config`).
 SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-            "eos_token_id", "pad_token_id", "use_cache")
+            "eos_token_id", "pad_token_id", "use_cache", "memory_writes")
 _DEFAULT_MAX_LENGTH = 20  # transformers' GenerationConfig default
 
 
@@ -51,6 +54,7 @@ def _settings(generation_config, kwargs: dict) -> dict:
         out[name] = value
     out["do_sample"] = bool(out["do_sample"])
     out["use_cache"] = out["use_cache"] is None or bool(out["use_cache"])  # transformers' default: True
+    out["memory_writes"] = out["memory_writes"] is None or bool(out["memory_writes"])
     for name, default in (("temperature", 1.0), ("top_k", None), ("top_p", 1.0), ("min_new_tokens", 0)):
         out[name] = default if out[name] is None else out[name]
     eos = out["eos_token_id"]
@@ -118,6 +122,11 @@ def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, decode
     processors, warpers = _processors(s, logits_processor)
     if not s["use_cache"]:  # as transformers' use_cache=False: no key/value cache, the segment runs whole
         cached = None
+    writes = s["memory_writes"]
+    if not writes and cached is None:
+        raise ValueError("memory_writes=False grows the prompt's last segment past segment_len in the key/value "
+                         "cache; this call has none (use_cache=False, or a model whose cell takes none: see "
+                         "decode_reason)")
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
 
     ids = input_ids
@@ -125,7 +134,7 @@ def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, decode
     with torch.no_grad():
         memory = model(ids[:, :current * segment_len]).memory if current else None  # prefill: the schedule
         if cached is not None and budget:  # the current segment's prompt tokens, then one token per step
-            stream = cached.stream(memory, ids.shape[0], dtype, ids.device)
+            stream = cached.stream(memory, ids.shape[0], dtype, ids.device, grow=not writes)
             logits = stream.feed(ids[:, current * segment_len:])
         unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
         for step in range(budget):
@@ -150,7 +159,7 @@ def segment_generate(model, segment_len: int, input_ids: torch.Tensor, *, decode
             if eos:
                 token = torch.where(unfinished, token, torch.as_tensor(pad, dtype=token.dtype, device=token.device))
             ids = torch.cat([ids, token.to(ids.dtype)[:, None]], dim=1)
-            if ids.shape[1] - start > segment_len:  # the new token opens a segment: the full one's memory is written
+            if writes and ids.shape[1] - start > segment_len:  # a new segment: the full one's memory is written
                 memory, current = (out.memory if cached is None else None), current + 1
             if eos:
                 unfinished &= ~torch.isin(token, eos_t)

@@ -4,9 +4,9 @@ tokens only, inside a key/value window (wavefront/contract/kv_window.py).
 `CachedSegmentDecoder.check()` proves, once per cell and dtype, that the cell honours the window:
 the same tokens run as one segment and as pieces of 1, 1 and the rest must give the same logits
 and the same written memory (the cell's own run is the reference, at verify's tolerance), from
-fresh memory and from a written one. A cell whose blocks ignore the window (foreign code, a
-layer that takes no cache) fails that check and generate() runs the current segment whole per
-token instead, with the reason kept in `reason`.
+fresh memory and from a written one. A cell whose blocks ignore the window (a block that takes
+no cache, transformers 4.x GPT-2's `layer_past` tuples) fails that check and generate() runs the
+current segment whole per token instead, with the reason kept in `reason`.
 
 >>> import torch
 >>> from wavefront.models import ARMT, ARMTConfig
@@ -32,11 +32,13 @@ class CachedSegmentDecoder:
         self.reason = ""  # why cached decoding is not used ("" when it is, or not checked yet)
         self._checked: dict = {}  # (dtype, device) -> bool
 
-    def stream(self, memory: MemoryState | None, batch: int, dtype, device) -> "DecodeStream":
-        """A stream starting at the segment after `memory` (None: fresh memory of `batch` rows)."""
+    def stream(self, memory: MemoryState | None, batch: int, dtype, device, grow: bool = False) -> "DecodeStream":
+        """A stream starting at the segment after `memory` (None: fresh memory of `batch` rows);
+        grow=True: one segment that grows past segment_len, its memory read, never written (the
+        public ARMT client's generate)."""
         if memory is None:
             memory = MemoryState(as_memory_tensors(self.cell.initial_state(batch, dtype, device)), 0)
-        return DecodeStream(self.cell, self.segment_len, memory)
+        return DecodeStream(self.cell, self.segment_len, memory, grow)
 
     # -- the proof --------------------------------------------------------------------------
     def check(self, dtype, device) -> bool:
@@ -79,16 +81,17 @@ class DecodeStream:
     is the memory it wrote and the next feed starts the next segment.
     """
 
-    def __init__(self, cell, segment_len: int, memory: MemoryState):
-        self.cell, self.segment_len, self.memory = cell, segment_len, memory
+    def __init__(self, cell, segment_len: int, memory: MemoryState, grow: bool = False):
+        self.cell, self.segment_len, self.memory, self.grow = cell, segment_len, memory, grow
         self._cache, self._offset, self._written = [], 0, None
 
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, n, vocab] of the next n tokens of the stream (n <= what the segment has left)."""
-        if self._offset == self.segment_len:  # the segment is full: its written memory starts the next
+        """Logits [batch, n, vocab] of the next n tokens of the stream (n <= what the segment has
+        left, unless the stream grows)."""
+        if self._offset == self.segment_len and not self.grow:  # full: its written memory starts the next
             self._cache, self._offset = [], 0
         n = ids.shape[1]
-        if not 1 <= n <= self.segment_len - self._offset:
+        if n < 1 or (not self.grow and n > self.segment_len - self._offset):
             raise ValueError(f"feed() takes 1 to {self.segment_len - self._offset} tokens here, got {n}")
         first = torch.tensor(self.memory.segments_seen == 0, device=ids.device)
         with KVWindow(self._cache, self._offset, n) as window:
@@ -96,7 +99,7 @@ class DecodeStream:
         if not window.present:
             raise VerificationError("no block of the cell took the key/value window")
         self._cache, self._offset = window.present, self._offset + n
-        if self._offset == self.segment_len:
+        if self._offset == self.segment_len and not self.grow:
             self.memory = MemoryState(as_memory_tensors(written), self.memory.segments_seen + 1)
         return logits
 

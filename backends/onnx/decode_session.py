@@ -26,8 +26,11 @@ class OnnxDecodeSession:
         self.session = Session(path, providers, strict=strict)
         self.providers = self.session.providers
 
-    def stream(self, memory, batch: int, dtype, device) -> "OnnxDecodeStream":
+    def stream(self, memory, batch: int, dtype, device, grow: bool = False) -> "OnnxDecodeStream":
         """A stream starting at the segment after `memory` (a MemoryState; None: fresh memory)."""
+        if grow:
+            raise ValueError("memory_writes=False grows a segment past segment_len, which the decode-step graph "
+                             "refuses: generate on backend='torch' for that")
         past = {}
         if memory is not None:
             for p, t in enumerate(stack_state(memory.leaves(), self.layout)):
