@@ -119,8 +119,8 @@ class OptimizedModel(Optimized):
         the current segment's key/value cache (wavefront/kv_decode.py; use_cache=False, or a cell
         whose blocks take no cache: the current segment whole); greedy tokens equal recomputing
         the model on the growing sequence. Settings come from keywords (max_new_tokens, do_sample,
-        temperature, top_k, top_p, eos_token_id, pad_token_id, use_cache, ...) or
-        `generation_config` (default: the model's).
+        temperature, top_k, top_p, eos_token_id, pad_token_id, use_cache, memory_writes=False for
+        the public ARMT client's read-only memory, ...) or `generation_config` (default: the model's).
 
         >>> import wavefront
         >>> from wavefront.models import ARMT, ARMTConfig
