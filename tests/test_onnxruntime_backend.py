@@ -64,7 +64,7 @@ def test_armt_runs_every_batch_and_length_in_one_cached_graph(cache, monkeypatch
     assert len(cell_calls) == after_export and not torch_calls, "a token ran through torch"
     assert torch.equal(got, want) and not fast.decode_reason and fast.exports == 2
     assert {k[0] for k in fast.sessions} == {"segment graph", "decode step"}
-    assert_close(fast(ids, labels=ids).loss, model(ids, labels=ids).loss, 1e-4, "loss under onnxruntime")
+    assert_close(fast(ids, labels=ids).loss, model(ids, labels=ids).loss, 1e-5, "loss under onnxruntime")
 
 
 def test_the_cache_key_follows_the_weights():

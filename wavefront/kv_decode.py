@@ -73,6 +73,20 @@ class CachedSegmentDecoder:
                           f"segment {s} decoded in pieces {pieces}")
 
 
+def piece_offset(offset: int, n: int, segment_len: int, grow: bool = False) -> int:
+    """Where a piece of n tokens starts in its segment, given `offset` tokens run so far (a full
+    segment: 0, the next one); a piece longer than the segment has left is refused.
+
+    >>> piece_offset(4, 2, 4), piece_offset(1, 3, 4)
+    (0, 1)
+    """
+    if offset == segment_len and not grow:
+        offset = 0
+    if n < 1 or (not grow and n > segment_len - offset):
+        raise ValueError(f"feed() takes 1 to {segment_len - offset} tokens here, got {n}")
+    return offset
+
+
 class DecodeStream:
     """One generate call's position in the stream: the memory before the current segment, the
     segment's cached keys/values, and how many of its tokens have run.
@@ -88,11 +102,10 @@ class DecodeStream:
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [batch, n, vocab] of the next n tokens of the stream (n <= what the segment has
         left, unless the stream grows)."""
-        if self._offset == self.segment_len and not self.grow:  # full: its written memory starts the next
-            self._cache, self._offset = [], 0
         n = ids.shape[1]
-        if n < 1 or (not self.grow and n > self.segment_len - self._offset):
-            raise ValueError(f"feed() takes 1 to {self.segment_len - self._offset} tokens here, got {n}")
+        self._offset = piece_offset(self._offset, n, self.segment_len, self.grow)
+        if self._offset == 0:  # a segment starts (after a full one, its written memory is self.memory)
+            self._cache = []
         first = torch.tensor(self.memory.segments_seen == 0, device=ids.device)
         with KVWindow(self._cache, self._offset, n) as window:
             logits, written = self.cell(ids, first, self.memory.tensors)
@@ -104,4 +117,4 @@ class DecodeStream:
         return logits
 
 
-__all__ = ["CachedSegmentDecoder", "DecodeStream"]
+__all__ = ["CachedSegmentDecoder", "DecodeStream", "piece_offset"]

@@ -21,12 +21,12 @@ from wavefront.backends.onnx.decode_graph import (
 from wavefront.backends.onnx.graph_io import PAST_SEEN, past_name, present_name
 from wavefront.backends.onnx.graphs import (
     ExportError,
+    check_in_onnxruntime,
+    example_ids,
     save_model_graph,
     to_onnx,
 )
 from wavefront.backends.onnx.session import open_session
-
-from wavefront.contract.checks import VERIFY_RTOL, rel_err
 
 SEQ_DIM = -2  # the window's sequence dim of every cached key/value (kv_window.KVWindow)
 
@@ -45,7 +45,7 @@ def export_decode(optimized, example_inputs: tuple, path: str, *, check: bool = 
     if seg < 4:  # traced at 2 cached tokens and 2 new: sizes of 0 or 1 would be fixed by the trace
         raise ExportError(f"the decode step exports for segments of 4 tokens or more (this model's: {seg})")
     dtype, device = executor._dtype_device()
-    ids = _ids_like(example_inputs[0], 2, 4, device)
+    ids = example_ids(example_inputs[0], 2, 4, device)
     with torch.no_grad():
         stream = decoder.stream(None, 2, dtype, device)
         stream.feed(ids[:, :2])
@@ -86,35 +86,23 @@ def decode_stream(session, ids: np.ndarray, pieces, past: dict | None = None):
     return np.concatenate(logits, axis=1), out
 
 
-def _check(optimized, path, example_ids, precision) -> None:
+def _check(optimized, path, example, precision) -> None:
     """The graph against the model's own forward on a batch it was not traced at: a first segment
     fed as 2 tokens then the rest (its memory written, the cache emptied), then 1 and 1 more."""
     seg = optimized.rg.segment_len
-    ids = _ids_like(example_ids, 3, seg + 2, example_ids.device)
+    ids = example_ids(example, 3, seg + 2, example.device)
     session = open_session(path, ("CPUExecutionProvider",), strict=True)
     got, last = decode_stream(session, ids.cpu().numpy(), [2, seg - 2, 1, 1])
     with torch.no_grad():
         whole = optimized.bound.reference(ids, None)
         at_end = optimized.bound.reference(ids[:, :seg], None).memory
     want_memory = optimized.executor.program.plan.stack_state(at_end.leaves())
-    tol = max(VERIFY_RTOL.get(whole.logits.dtype, 1e-4), VERIFY_RTOL.get(precision, 0.0))
-    checks = [("logits", torch.from_numpy(got), whole.logits)]
-    checks += [(present_name(p), torch.from_numpy(last[present_name(p)]), w) for p, w in enumerate(want_memory)]
     if int(last["present_segments_seen"]) != 1 or last[cache_names(0)[2]].shape[SEQ_DIM] != 2:
         raise ExportError("the exported decode step lost count of its segment (segments seen "
                           f"{int(last['present_segments_seen'])}, cached tokens {last[cache_names(0)[2]].shape[SEQ_DIM]};"
                           " expected 1 and 2)")
-    for name, g, w in checks:
-        err = rel_err(g, w)
-        if err > tol:
-            raise ExportError(f"the exported decode step differs from the model's own forward: {name} relative "
-                              f"error {err:.3e} > {tol:.0e}")
-
-
-def _ids_like(example_ids: torch.Tensor, batch: int, tokens: int, device) -> torch.Tensor:
-    """[batch, tokens] ids drawn from the example's (any valid ids: only their values' range matters)."""
-    flat = example_ids.reshape(-1)
-    return flat[torch.arange(batch * tokens, device=flat.device) % flat.numel()].reshape(batch, tokens).long().to(device)
+    outputs = [torch.from_numpy(got), *(torch.from_numpy(last[present_name(p)]) for p in range(len(want_memory)))]
+    check_in_onnxruntime(path, (), [whole.logits, *want_memory], got=outputs, precision=precision)
 
 
 __all__ = ["PAST_SEEN", "decode_stream", "export_decode"]

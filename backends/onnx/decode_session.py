@@ -11,6 +11,8 @@ from wavefront.backends.onnx.graph_io import PAST_SEEN, past_name
 from wavefront.backends.onnx.session import Session
 from wavefront.passes.segment_plan import stack_state
 
+from wavefront.kv_decode import piece_offset
+
 
 class OnnxDecodeSession:
     """A decode-step graph in one onnxruntime session."""
@@ -50,12 +52,8 @@ class OnnxDecodeStream:
         self.owner, self.past, self.device, self._offset = owner, past, device, 0
 
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
-        seg = self.owner.segment_len
-        if self._offset == seg:
-            self._offset = 0
         n = ids.shape[1]
-        if not 1 <= n <= seg - self._offset:  # the graph cannot refuse it: the ONNX graph has no such check
-            raise ValueError(f"feed() takes 1 to {seg - self._offset} tokens here, got {n}")
+        self._offset = piece_offset(self._offset, n, self.owner.segment_len)  # torch's message, before the graph's
         names, values = ["input_ids", *self.past], [ids.long(), *(torch.from_numpy(v) for v in self.past.values())]
         outs = dict(zip(self.owner.session.outputs, self.owner.session.run(*values, names=names)))
         self.past = {k.replace("present_", "past_"): v.numpy() for k, v in outs.items() if k.startswith("present_")}

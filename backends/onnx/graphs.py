@@ -68,6 +68,17 @@ def save_model_graph(proto, path: str, meta: dict, model, dtype: torch.dtype) ->
     return precision
 
 
+def example_ids(example: torch.Tensor, batch: int, tokens: int, device) -> torch.Tensor:
+    """[batch, tokens] int64 ids drawn cyclically from an example's (valid ids: the trace and the
+    checks need sizes it did not see, and ids the model takes).
+
+    >>> example_ids(torch.tensor([[3, 4]]), 2, 3, "cpu").tolist()
+    [[3, 4, 3], [4, 3, 4]]
+    """
+    flat = example.reshape(-1)
+    return flat[torch.arange(batch * tokens, device=flat.device) % flat.numel()].reshape(batch, tokens).long().to(device)
+
+
 def check_in_onnxruntime(path: str, example_inputs: tuple, expected, got=None, precision=None) -> None:
     """Compare the graph's outputs with `expected` at the tolerance of their dtype, or of
     `precision` (working_precision: the coarsest dtype the model itself computes in)."""
@@ -133,4 +144,4 @@ def run_onnx(path: str, inputs, providers=("CPUExecutionProvider",)) -> list[tor
     return [torch.from_numpy(o) for o in session.run(None, feed)]
 
 
-__all__ = ["ExportError", "check_in_onnxruntime", "run_onnx", "save_with_metadata", "to_onnx", "working_precision"]
+__all__ = ["ExportError", "check_in_onnxruntime", "example_ids", "run_onnx", "save_with_metadata", "to_onnx", "working_precision"]

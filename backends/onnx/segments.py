@@ -29,6 +29,7 @@ from wavefront.backends.onnx.graph_io import PAST_SEEN, give_plain_io, past_name
 from wavefront.backends.onnx.graphs import (
     ExportError,
     check_in_onnxruntime,
+    example_ids,
     save_model_graph,
     to_onnx,
 )
@@ -127,8 +128,7 @@ def export_segments(optimized, example_inputs: tuple, path: str, *, dynamic: boo
     dtype, device = executor._dtype_device()
     # traced at batch 2, two whole segments and a last one of 2 tokens: sizes of 0 or 1 would be
     # fixed by the trace (torch.export's 0/1 specialisation); only shapes matter to it
-    ids = input_ids.reshape(-1)[torch.arange(2 * (2 * seg + 2), device=input_ids.device) % input_ids.numel()]
-    ids = ids.reshape(2, 2 * seg + 2).long()
+    ids = example_ids(input_ids, 2, 2 * seg + 2, input_ids.device)
     stacked = plan.stack_state(tree_leaves(rg.initial_state(2, dtype, device)))
     args = (ids[:, :2 * seg].reshape(2, 2, seg), ids[:, 2 * seg:], torch.tensor(0), *stacked)
     batch, tail = Dim.DYNAMIC, Dim("tail", min=1, max=seg)

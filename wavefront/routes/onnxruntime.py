@@ -201,16 +201,13 @@ class OnnxRuntimeModel(Optimized):
         kwargs.setdefault("generation_config", self.generation_config)
         self.before_call()
         check_input_ids(input_ids)
-        decoder = self._decode_session(input_ids)
-        if decoder is None:
-            return segment_generate(self, self.optimized.rg.segment_len, input_ids, **kwargs)
-        return segment_generate(self, self.optimized.rg.segment_len, input_ids, cached=decoder,
-                                dtype=next(self.optimized.rg.cell.parameters()).dtype, **kwargs)
-
-    def _decode_session(self, input_ids):
-        """The decode-step graph's session for the model's dtype (exported once per dtype), or None
-        with `decode_reason` saying why it does not export."""
         dtype = next(self.optimized.rg.cell.parameters()).dtype
+        decoder = self._decode_session(input_ids, dtype)
+        return segment_generate(self, self.optimized.rg.segment_len, input_ids, cached=decoder, dtype=dtype, **kwargs)
+
+    def _decode_session(self, input_ids, dtype):
+        """The decode-step graph's session for `dtype` (exported once per dtype), or None with
+        `decode_reason` saying why it does not export."""
         if self._decode_refused.get(dtype):
             return None
         try:
