@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from wavefront.contract.checks import VerificationError, check_outputs
-from wavefront.contract.kv_window import KVWindow
+from wavefront.contract.kv_window import KVWindow, piece_offset
 from wavefront.contract.segment import MemoryState, as_memory_tensors
 
 
@@ -73,20 +73,6 @@ class CachedSegmentDecoder:
                           f"segment {s} decoded in pieces {pieces}")
 
 
-def piece_offset(offset: int, n: int, segment_len: int, grow: bool = False) -> int:
-    """Where a piece of n tokens starts in its segment, given `offset` tokens run so far (a full
-    segment: 0, the next one); a piece longer than the segment has left is refused.
-
-    >>> piece_offset(4, 2, 4), piece_offset(1, 3, 4)
-    (0, 1)
-    """
-    if offset == segment_len and not grow:
-        offset = 0
-    if n < 1 or (not grow and n > segment_len - offset):
-        raise ValueError(f"feed() takes 1 to {segment_len - offset} tokens here, got {n}")
-    return offset
-
-
 class DecodeStream:
     """One generate call's position in the stream: the memory before the current segment, the
     segment's cached keys/values, and how many of its tokens have run.
@@ -117,4 +103,4 @@ class DecodeStream:
         return logits
 
 
-__all__ = ["CachedSegmentDecoder", "DecodeStream", "piece_offset"]
+__all__ = ["CachedSegmentDecoder", "DecodeStream"]

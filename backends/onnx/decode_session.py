@@ -11,7 +11,7 @@ from wavefront.backends.onnx.graph_io import PAST_SEEN, past_name
 from wavefront.backends.onnx.session import Session
 from wavefront.passes.segment_plan import stack_state
 
-from wavefront.kv_decode import piece_offset
+from wavefront.contract.kv_window import piece_offset
 
 
 class OnnxDecodeSession:

@@ -92,4 +92,18 @@ class KVWindow:
         return self.attend(key_states, value_states)
 
 
-__all__ = ["KVWindow", "active_window"]
+def piece_offset(offset: int, n: int, segment_len: int, grow: bool = False) -> int:
+    """Where a piece of n tokens starts in its segment, given `offset` tokens run so far (a full
+    segment: 0, the next one); a piece longer than the segment has left is refused.
+
+    >>> piece_offset(4, 2, 4), piece_offset(1, 3, 4)
+    (0, 1)
+    """
+    if offset == segment_len and not grow:
+        offset = 0
+    if n < 1 or (not grow and n > segment_len - offset):
+        raise ValueError(f"feed() takes 1 to {segment_len - offset} tokens here, got {n}")
+    return offset
+
+
+__all__ = ["KVWindow", "active_window", "piece_offset"]
