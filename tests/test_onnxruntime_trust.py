@@ -21,6 +21,8 @@ from wavefront.backends.onnx.model_key import model_key  # noqa: E402
 from wavefront.models import LinearRecurrence  # noqa: E402
 from wavefront.testing import assert_close  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("onnxruntime_trust")  # one worker: the module's cache exports the base ARMT once
+
 IDS = ids_for(N_LAYERS + 1, batch=2, short_last=2)  # whole segments and a short one (all in the graph); one
 # batch for every ARMT test here, so the module's cache serves the base model's graph to them all
 
@@ -252,12 +254,13 @@ def test_a_truncated_onnx_entry_is_exported_again_with_a_warning(cache):
     assert again.exports == 1
 
 
-def test_an_exported_segment_graph_checks_its_inputs_like_torch(tmp_path):
+def test_an_exported_segment_graph_checks_its_inputs_like_torch(armt_cache):
     from wavefront.backends.onnx.segments import OnnxSegmentSession
     model = small_armt()
-    ids = ids_for(4, batch=2)  # whole segments: what the graph runs
-    wavefront.export_onnx(wavefront.optimize(model), (ids,), str(tmp_path / "armt.onnx"))
-    session = OnnxSegmentSession(str(tmp_path / "armt.onnx"))
+    fast = wavefront.optimize(model, backend="onnxruntime")
+    fast(IDS)  # the base model's graph (the module's cache), opened as the backend opens it
+    session, ids = fast.last_session, IDS
+    assert isinstance(session, OnnxSegmentSession)
     bad = ids.clone()
     bad[0, 2] = -3
     with pytest.raises(IndexError, match=rf"index out of range.*\[0, {VOCAB}\)"):
