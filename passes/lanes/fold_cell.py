@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from wavefront.passes.lanes.block_clones import LaneBlock
 from wavefront.passes.lanes.fold_graph import (
     FoldNotApplicable,
@@ -34,6 +34,15 @@ def structural_mismatch(got: torch.Tensor, ref: torch.Tensor) -> str:
         return "" if torch.equal(got, ref) else "values differ"
     err = rel_err(got, ref)
     return "" if err <= CHECK_RTOL.get(ref.dtype, 5e-2) else f"relative error {err:.2e}"
+
+
+def _plain_layout(x):
+    """A tensor input of the compiled graph as its own contiguous tensor: dynamo guards on
+    strides and on a view's base, so a flag expanded over one lane (stride 0) or a slice of the
+    program's stack would each recompile the graph once more (a cold compile each, ~10 s)."""
+    if isinstance(x, torch.Tensor) and (x._base is not None or not x.is_contiguous()):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
 
 
 class FoldLaneCell(OpaqueModule):
@@ -120,12 +129,16 @@ class FoldLaneCell(OpaqueModule):
             except Exception as e:
                 self.compiled, self.compile_error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 return self.folded(*args, **kwargs)
+        if kwargs.get("lanes") == 1:  # a diagonal's corner step: compiled, its size-1 lanes would recompile the graph
+            return self.folded(*args, **kwargs)
         # Duck sizing would tie unrelated sizes that happen to be equal on the first call
         # (lanes == batch == layers) and recompile when they part; keep them independent. (Set and
         # restored by hand: config.patch costs ~0.1 ms, as much as a small step.)
         shape_config = torch.fx.experimental._config
         duck = shape_config.use_duck_shape
         shape_config.use_duck_shape = False
+        args = tree_map(_plain_layout, args)  # the lane values; the stacked weights (lane_*) keep one layout
+        kwargs = {k: v if k.startswith("lane_") else tree_map(_plain_layout, v) for k, v in kwargs.items()}
         try:
             return self.compiled(*args, **kwargs)
         except Exception as e:
