@@ -16,9 +16,29 @@ import torch
 
 
 def device_name(device: str = "cpu") -> str:
+    """The GPU's name, or the CPU's architecture, vector extensions and torch's thread count: two
+    machines with the same core count differ by several times in what their kernels reach (AVX-512
+    and AMX against AVX2), so a recorded figure names the extensions it ran with.
+
+    >>> device_name().startswith("cpu (")
+    True
+    """
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    isa = _vector_extensions()
+    return (f"cpu ({platform.processor() or platform.machine()}, " + (f"{isa}, " if isa else "")
+            + f"{torch.get_num_threads()} threads)")
+
+
+def _vector_extensions() -> str:
+    """The widest x86 vector extensions /proc/cpuinfo lists ("avx512+amx", "avx2"), "" elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    found = [name for name, flag in (("avx512", "avx512f"), ("amx", "amx_tile")) if flag in flags]
+    return "+".join(found) or ("avx2" if "avx2" in flags else "")
 
 
 def _sync(device: str):
