@@ -115,3 +115,20 @@ def test_the_window_mask_lets_each_row_see_the_cache_and_the_rows_up_to_it():
     w = KVWindow([], offset=2, keep=1)
     assert w.allowed(2, "cpu").tolist() == [[True, True, True, False], [True, True, True, True]]
     assert w.positions(2, "cpu").tolist() == [2, 3]
+
+
+def test_the_reason_names_the_dtype_cached_decoding_was_refused_for(monkeypatch):
+    decoder = CachedSegmentDecoder(_armt().cell, SEG)
+    prove = decoder._prove
+
+    def float32_fails(dtype, device):  # stands for a block that ignores the window in one dtype only
+        if dtype == torch.float32:
+            raise AssertionError("logits differ")
+        prove(dtype, device)
+
+    monkeypatch.setattr(decoder, "_prove", float32_fails)
+    assert decoder.check(F64, "cpu") and decoder.reason == ""
+    assert not decoder.check(torch.float32, "cpu")
+    assert decoder.check(F64, "cpu")  # still used in float64, and the reason says where it is not
+    assert decoder.reason.startswith("torch.float32 on cpu: ") and "logits differ" in decoder.reason
+    assert "float64" not in decoder.reason

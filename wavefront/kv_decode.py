@@ -29,8 +29,14 @@ class CachedSegmentDecoder:
 
     def __init__(self, cell, segment_len: int):
         self.cell, self.segment_len = cell, segment_len
-        self.reason = ""  # why cached decoding is not used ("" when it is, or not checked yet)
         self._checked: dict = {}  # (dtype, device) -> bool
+        self._refused: dict = {}  # (dtype, device) -> why cached decoding differs there
+
+    @property
+    def reason(self) -> str:
+        """Why cached decoding is not used, per dtype and device it was refused for ("" when it
+        is used everywhere it was checked, or nothing was checked yet)."""
+        return "; ".join(f"{dtype} on {device}: {why}" for (dtype, device), why in self._refused.items())
 
     def stream(self, memory: MemoryState | None, batch: int, dtype, device, grow: bool = False) -> "DecodeStream":
         """A stream starting at the segment after `memory` (None: fresh memory of `batch` rows);
@@ -50,7 +56,7 @@ class CachedSegmentDecoder:
                     self._prove(dtype, device)
                 self._checked[key] = True
             except Exception as e:  # any failure means: run the segment whole, and say why
-                self.reason = f"cached decoding differs from the cell's own run of a segment: {e}"
+                self._refused[key] = f"cached decoding differs from the cell's own run of a segment: {e}"
                 self._checked[key] = False
         return self._checked[key]
 
