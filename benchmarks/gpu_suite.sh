@@ -20,8 +20,12 @@ python3 benchmarks/scan_device.py --device cuda | tee "$DEST/scan_device-$TAG.js
 # 4. the Triton kernels' tests, compiled for the GPU this time (not the interpreter)
 python3 -m pip install -q "triton>=3.0" 2>/dev/null
 python3 -m pytest -q -p no:cacheprovider tests/test_triton_scan.py 2>&1 | tail -3 | tee "$DEST/pytest-triton-$TAG.txt"
-# 5. onnxruntime with the CUDA provider vs torch (needs onnxruntime-gpu, never beside onnxruntime)
-python3 -m pip install -q onnx onnxscript onnxruntime-gpu 2>/dev/null
-python3 benchmarks/onnxruntime_speed.py --device cuda | tee "$DEST/onnxruntime_speed-$TAG.jsonl"
+# 5. onnxruntime with the CUDA provider vs torch on the segment graph, generate() through the segment
+#    and decode-step graphs, and the scan. onnxruntime-gpu never beside onnxruntime (they write the same
+#    files): its own venv, torch taken from the machine's site-packages, its onnxruntime shadowed.
+python3 -m venv --system-site-packages /tmp/ort-gpu && /tmp/ort-gpu/bin/python -m pip install -q onnx onnxscript onnxruntime-gpu \
+  && /tmp/ort-gpu/bin/python -m pip install -q --no-deps -e . \
+  && /tmp/ort-gpu/bin/python -c 'import onnxruntime as o; p = o.get_available_providers(); print(o.__file__, p); assert "CUDAExecutionProvider" in p' \
+  && /tmp/ort-gpu/bin/python benchmarks/onnxruntime_speed.py --device cuda | tee "$DEST/onnxruntime_speed-$TAG.jsonl"
 # 6. the diagonal-batching and HF tests on CUDA tensors are CPU tests today; run the suite for regressions
 python3 -m pytest -q -p no:cacheprovider tests/test_diagonal.py tests/test_hf_armt.py 2>&1 | tail -3 | tee "$DEST/pytest-$TAG.txt"

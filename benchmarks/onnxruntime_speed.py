@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from harness import compare  # noqa: E402
+from harness import compare, emit  # noqa: E402
 from presets import ARMT_PRESETS, split_preset  # noqa: E402
 
 import wavefront  # noqa: E402
@@ -54,6 +54,28 @@ def bench_armt(preset: str, repeats: int, device: str):
                 extra={"export_s": ort_model.export_time_s, "providers": ort_model.last_session.providers})
 
 
+def bench_generate(preset: str, segments: int, new: int, repeats: int, device: str):
+    cfg, _ = split_preset(preset)
+    torch.manual_seed(0)
+    model = ARMT(ARMTConfig(**cfg)).to(device).eval()
+    prompt = torch.randint(0, cfg["vocab_size"], (1, segments * cfg["segment_len"]), device=device)
+    eager = wavefront.optimize(model)
+    ort_model = wavefront.optimize(model, backend="onnxruntime")
+    want = eager.generate(prompt, max_new_tokens=new)
+    got = ort_model.generate(prompt, max_new_tokens=new)  # exports both graphs (or opens the cached ones)
+    error = float((got.cpu() != want.cpu()).float().mean())  # the fraction of tokens that differ
+    providers = {kind: s.providers for (kind, _), s in ort_model.sessions.items()}
+    rec = compare("onnxruntime_generate", lambda: eager.generate(prompt, max_new_tokens=new),
+                  lambda: ort_model.generate(prompt, max_new_tokens=new),
+                  config={**cfg, "prompt_segments": segments, "new_tokens": new, "batch": 1}, dtype=torch.float32,
+                  device=device, error=error, repeats=repeats, baseline_label="torch_generate",
+                  candidate_label="onnxruntime_generate", quiet=True,
+                  extra={"providers": providers, "decode_reason": ort_model.decode_reason})
+    rec["tokens_per_s"] = new / rec["onnxruntime_generate_s"]
+    rec["torch_tokens_per_s"] = new / rec["torch_generate_s"]
+    emit(rec)
+
+
 def bench_scan(channels: list[int], Ts: list[int], repeats: int, device: str):
     import onnx
     from wavefront.backends.onnx.graphs import to_onnx as _to_onnx
@@ -84,9 +106,12 @@ def main(argv=None):
     ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gen-segments", type=int, default=8, help="prompt segments of the generate comparison")
+    ap.add_argument("--gen-new", type=int, default=64, help="new tokens of the generate comparison")
     ap.add_argument("--skip-scan", action="store_true")
     args = ap.parse_args(argv)
     bench_armt(args.preset, args.repeats, args.device)
+    bench_generate(args.preset, args.gen_segments, args.gen_new, args.repeats, args.device)
     if not args.skip_scan:
         bench_scan(args.channels, args.T, args.repeats, args.device)
 
