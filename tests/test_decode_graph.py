@@ -105,13 +105,13 @@ def test_what_cannot_export_a_decode_step_says_why(exported, tmp_path):
         wavefront.export_onnx(short, (torch.zeros(1, 5, dtype=torch.long),), str(tmp_path / "b.onnx"), decode=True)
     _, fast, _, _ = exported
     fast._decoder._checked[(F64, "cpu")] = False  # as for a cell whose blocks take no cache
-    fast._decoder.reason = "no block of the cell took the key/value window"
+    fast._decoder._refused[(F64, "cpu")] = "no block of the cell took the key/value window"
     try:
-        with pytest.raises(ExportError, match="decode step does not export: no block of the cell took"):
+        with pytest.raises(ExportError, match="decode step does not export: torch.float64 on cpu: no block of the cell"):
             wavefront.export_onnx(fast, (torch.zeros(1, 5, dtype=torch.long),), str(tmp_path / "c.onnx"), decode=True)
     finally:
         fast._decoder._checked.clear()
-        fast._decoder.reason = ""
+        fast._decoder._refused.clear()
 
 
 def test_a_float64_graph_keeps_the_model_s_epsilons_at_float64(exported):
