@@ -54,17 +54,23 @@ def test_each_token_costs_one_cached_run_of_the_cell_on_that_token():
     model = _armt()
     fast = wavefront.optimize(model)
     assert fast.cached_decoder() is not None, fast.decode_reason  # the one-off check runs the cell here
-    prefill, forward, cell = [], [], []
+    prefill, forward, calls = [], [], []
+    logits_only = fast.cached_decoder().logits_only  # the cell without its write (calls leaving the segment open)
+    assert logits_only is not None, fast.cached_decoder().logits_only_reason
     handles = [fast.register_forward_pre_hook(lambda m, args: prefill.append(args[0].shape[1])),
                model.register_forward_pre_hook(lambda m, args: forward.append(args[0].shape[1])),
-               model.cell.register_forward_pre_hook(lambda m, args: cell.append(args[0].shape[1]))]
+               model.cell.register_forward_pre_hook(lambda m, args: calls.append(("cell", args[0].shape[1]))),
+               logits_only.register_forward_pre_hook(lambda m, args: calls.append(("logits", args[0].shape[1])))]
     try:
         fast.generate(torch.randint(0, 64, (1, 10)), max_new_tokens=7)
     finally:
         for h in handles:
             h.remove()
     assert prefill == [8] and forward == []  # the two finished prompt segments, under the schedule
-    assert cell == [2, 1, 1, 1, 1, 1, 1]  # the prompt's 2 current tokens, then 6 tokens one by one
+    # the prompt's 2 current tokens, then 6 tokens one by one; the calls that fill a segment (offsets
+    # 3 and 3 of segments of 4) run the cell and write its memory, the others leave the write out
+    assert [n for _, n in calls] == [2, 1, 1, 1, 1, 1, 1]
+    assert [what for what, _ in calls] == ["logits", "logits", "cell", "logits", "logits", "logits", "cell"]
 
 
 def test_use_cache_false_runs_each_token_s_current_segment_whole_with_the_same_tokens():

@@ -8,6 +8,12 @@ fresh memory and from a written one. A cell whose blocks ignore the window (a bl
 no cache, transformers 4.x GPT-2's `layer_past` tuples) fails that check and generate() runs the
 current segment whole per token instead, with the reason kept in `reason`.
 
+A call that leaves its segment unfinished runs the cell traced with its logits as its only output
+(wavefront/scheduler/logits_only.py: the memory write it would discard left out); the call that
+fills the segment runs the cell itself, whose written memory the next segment reads. The check
+runs both (pieces 1 and 1 leave the segment open, the rest fills it); a cell that does not trace
+so decodes through the cell itself, `logits_only_reason` saying why.
+
 >>> import torch
 >>> from wavefront.models import ARMT, ARMTConfig
 >>> armt = ARMT(ARMTConfig(n_layers=2, d_model=16, n_heads=2, d_ff=32, segment_len=4, n_mem_tokens=2, d_mem=4))
@@ -22,6 +28,8 @@ import torch
 from wavefront.contract.checks import VerificationError, check_outputs
 from wavefront.contract.kv_window import KVWindow, piece_offset
 from wavefront.contract.segment import MemoryState, as_memory_tensors
+from wavefront.scheduler.capture import CaptureError
+from wavefront.scheduler.logits_only import logits_only_cell
 
 
 class CachedSegmentDecoder:
@@ -31,6 +39,7 @@ class CachedSegmentDecoder:
         self.cell, self.segment_len = cell, segment_len
         self._checked: dict = {}  # (dtype, device) -> bool
         self._refused: dict = {}  # (dtype, device) -> why cached decoding differs there
+        self.logits_only, self.logits_only_reason, self._traced = None, "", False  # traced on the first check
 
     @property
     def reason(self) -> str:
@@ -44,18 +53,28 @@ class CachedSegmentDecoder:
         public ARMT client's generate)."""
         if memory is None:
             memory = MemoryState(as_memory_tensors(self.cell.initial_state(batch, dtype, device)), 0)
-        return DecodeStream(self.cell, self.segment_len, memory, grow)
+        return DecodeStream(self.cell, self.segment_len, memory, grow, self.logits_only)
 
     # -- the proof --------------------------------------------------------------------------
     def check(self, dtype, device) -> bool:
         """Whether cached decoding gives the cell's own results for this dtype (checked once)."""
         key = (dtype, str(device))
         if key not in self._checked:
+            if not self._traced:
+                self._traced = True
+                try:
+                    self.logits_only = logits_only_cell(self.cell)
+                except CaptureError as e:
+                    self.logits_only_reason = str(e)
             try:
                 with torch.no_grad():
                     self._prove(dtype, device)
                 self._checked[key] = True
             except Exception as e:  # any failure means: run the segment whole, and say why
+                if self.logits_only is not None:  # prove the cell itself (every call) before giving up the cache
+                    self.logits_only, self.logits_only_reason = None, f"its decode calls differ from the cell's: {e}"
+                    self._checked.clear()  # what was proven ran the traced cell: prove again without it
+                    return self.check(dtype, device)
                 self._refused[key] = f"cached decoding differs from the cell's own run of a segment: {e}"
                 self._checked[key] = False
         return self._checked[key]
@@ -87,8 +106,9 @@ class DecodeStream:
     is the memory it wrote and the next feed starts the next segment.
     """
 
-    def __init__(self, cell, segment_len: int, memory: MemoryState, grow: bool = False):
+    def __init__(self, cell, segment_len: int, memory: MemoryState, grow: bool = False, logits_only=None):
         self.cell, self.segment_len, self.memory, self.grow = cell, segment_len, memory, grow
+        self.logits_only = logits_only  # the cell without its write, for calls that leave the segment open
         self._cache, self._offset, self._written = [], 0, None
 
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -99,12 +119,16 @@ class DecodeStream:
         if self._offset == 0:  # a segment starts (after a full one, its written memory is self.memory)
             self._cache = []
         first = torch.tensor(self.memory.segments_seen == 0, device=ids.device)
+        fills = self._offset + n == self.segment_len and not self.grow
         with KVWindow(self._cache, self._offset, n) as window:
-            logits, written = self.cell(ids, first, self.memory.tensors)
+            if fills or self.logits_only is None:
+                logits, written = self.cell(ids, first, self.memory.tensors)
+            else:
+                logits = self.logits_only(ids, first, self.memory.tensors)
         if not window.present:
             raise VerificationError("no block of the cell took the key/value window")
         self._cache, self._offset = window.present, self._offset + n
-        if self._offset == self.segment_len and not self.grow:
+        if fills:
             self.memory = MemoryState(as_memory_tensors(written), self.memory.segments_seen + 1)
         return logits
 

@@ -92,6 +92,33 @@ class KVWindow:
         return self.attend(key_states, value_states)
 
 
+class _TraceTimeWindow:
+    """Stands in for the window while a cell is traced: code the trace runs through must not
+    consult the window (the trace would bake in the answer it got then), so any use raises."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"the code being traced consults the key/value window (.{name}) at trace time: "
+                           "only modules the trace keeps as calls may consult it")
+
+
+class window_at_trace_time:
+    """Context for tracing code that decoding will later run inside a window: active_window()
+    returns a stand-in that raises when used, so a trace that would bake the window in fails.
+
+    >>> with window_at_trace_time():
+    ...     active_window() is not None
+    True
+    """
+
+    def __enter__(self):
+        self._token = _ACTIVE.set(_TraceTimeWindow())
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE.reset(self._token)
+        return False
+
+
 def piece_offset(offset: int, n: int, segment_len: int, grow: bool = False) -> int:
     """Where a piece of n tokens starts in its segment, given `offset` tokens run so far (a full
     segment: 0, the next one); a piece longer than the segment has left is refused.
@@ -106,4 +133,4 @@ def piece_offset(offset: int, n: int, segment_len: int, grow: bool = False) -> i
     return offset
 
 
-__all__ = ["KVWindow", "active_window", "piece_offset"]
+__all__ = ["KVWindow", "active_window", "piece_offset", "window_at_trace_time"]
