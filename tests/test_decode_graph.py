@@ -46,6 +46,15 @@ def _feed(session, ids, pieces):
     return outs
 
 
+def test_the_memory_write_runs_only_in_the_call_that_ends_the_segment(exported):
+    import onnx
+    graph = onnx.load(exported[3]).graph
+    (branch,) = [n for n in graph.node if n.op_type == "If"]
+    then = next(a.g for a in branch.attribute if a.name == "then_branch")
+    assert list(branch.output) == ["present_memory.0", "present_memory.1"]
+    assert sum(n.op_type == "MatMul" for n in then.node) >= 4  # each layer's write: k, v, beta, A's update...
+
+
 @pytest.mark.parametrize("batch,pieces", [(1, [1, 1, 1, 1, 1, 2, 1, 3]), (3, [3, 1, 2, 2, 4, 1])])
 def test_a_plain_session_decodes_a_stream_exactly(exported, batch, pieces):
     model, _, session, _ = exported
@@ -107,7 +116,7 @@ def test_what_cannot_export_a_decode_step_says_why(exported, tmp_path):
     fast._decoder._checked[(F64, "cpu")] = False  # as for a cell whose blocks take no cache
     fast._decoder._refused[(F64, "cpu")] = "no block of the cell took the key/value window"
     try:
-        with pytest.raises(ExportError, match="decode step does not export: torch.float64 on cpu: no block of the cell"):
+        with pytest.raises(ExportError, match="does not export: torch.float64 on cpu: no block of the cell took"):
             wavefront.export_onnx(fast, (torch.zeros(1, 5, dtype=torch.long),), str(tmp_path / "c.onnx"), decode=True)
     finally:
         fast._decoder._checked.clear()

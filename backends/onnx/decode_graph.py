@@ -16,7 +16,8 @@ data-free shape test torch.export would fix at trace time):
 More tokens than the segment has left (past_tokens + tokens > segment_len) make the run fail,
 the error naming node TOO_MANY_TOKENS. When the tokens fill the segment (past_tokens + tokens == segment_len), present_memory is the
 memory the segment wrote, present_segments_seen counts it and the present cache is empty: the
-next call starts the next segment. Otherwise the memory passes through and the cache grows.
+next call starts the next segment. Otherwise the memory passes through and the cache grows; the
+nodes that only write the memory then do not run (an If on the segment's end, write_branch.py).
 So a stream is: feed tokens, hand every present_* back as past_*.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from wavefront.backends.onnx.graph_io import (
     present_name,
     replace_io,
 )
+from wavefront.backends.onnx.write_branch import write_on_segment_end
 
 from wavefront.contract.kv_window import KVWindow
 
@@ -145,6 +147,7 @@ def give_decode_io(proto: onnx.ModelProto, segment_len: int, n_layers: int, stat
     replace_io(proto, pre, post, inputs,
                [logits_info, *state_io, helper.make_tensor_value_info(PRESENT_SEEN, TensorProto.INT64, []), *cache_io],
                defaults)
+    write_on_segment_end(proto, "wf.full", [present_name(p) for p in range(n_state)])  # the write: only when it ends
 
 
 __all__ = ["TOO_MANY_TOKENS", "DecodeGraph", "cache_names", "give_decode_io"]

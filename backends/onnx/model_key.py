@@ -18,6 +18,10 @@ from torch import nn
 
 from wavefront.contract.version import __version__
 
+# Bumped when the exported graphs change form, so a graph cached by older code of the same version
+# is exported again (2: the decode step writes the memory only in the call that ends a segment).
+GRAPH_FORM = 2
+
 
 def model_key(model: nn.Module, *parts) -> str:
     """A hash of everything of `model` that enters an exported graph (content_digest) and of
@@ -32,7 +36,7 @@ def model_key(model: nn.Module, *parts) -> str:
 def content_key(content: str, *parts) -> str:
     import onnxruntime
 
-    text = plain_text((content, parts, __version__, torch.__version__, onnxruntime.__version__))
+    text = plain_text((content, parts, __version__, GRAPH_FORM, torch.__version__, onnxruntime.__version__))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
