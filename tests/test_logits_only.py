@@ -101,3 +101,12 @@ def test_a_logits_only_graph_that_differs_is_caught_and_the_cell_itself_decodes(
         for _ in range(6):
             want = torch.cat([want, model(want).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(got, want)
+
+
+def test_while_a_module_trains_every_decode_call_runs_the_cell_itself():
+    model = _armt()
+    decoder = CachedSegmentDecoder(model.cell, SEG)
+    assert decoder.check(F64, "cpu") and decoder.logits_only is not None
+    assert decoder.stream(None, 1, F64, "cpu").logits_only is decoder.logits_only
+    model.cell.layers[1].memory.train()  # e.g. a BatchNorm in the write would update its statistics
+    assert decoder.stream(None, 1, F64, "cpu").logits_only is None

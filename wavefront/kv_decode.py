@@ -108,7 +108,10 @@ class DecodeStream:
 
     def __init__(self, cell, segment_len: int, memory: MemoryState, grow: bool = False, logits_only=None):
         self.cell, self.segment_len, self.memory, self.grow = cell, segment_len, memory, grow
-        self.logits_only = logits_only  # the cell without its write, for calls that leave the segment open
+        # the cell without its write, for calls that leave the segment open; not while a module trains:
+        # it may draw random numbers or update buffers (BatchNorm's statistics), so every module runs
+        training = any(m.training for m in cell.modules())
+        self.logits_only = None if training else logits_only
         self._cache, self._offset, self._written = [], 0, None
 
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
