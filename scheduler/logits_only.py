@@ -22,6 +22,7 @@ True
 from __future__ import annotations
 
 import inspect
+import operator
 
 import torch
 from torch import fx, nn
@@ -30,9 +31,19 @@ from wavefront.scheduler.capture import CaptureError, trace_module
 
 from wavefront.contract.kv_window import window_at_trace_time
 
+_CALLS = ("call_function", "call_method", "call_module")
+_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor}
 
-def _calls(gm: fx.GraphModule) -> int:
-    return sum(n.op in ("call_function", "call_method", "call_module") for n in gm.graph.nodes)
+
+def _writes_in_place(node: fx.Node) -> bool:
+    """An op that may change a tensor it is given (x.mul_(2), x[i] = v, relu(x, inplace=True), out=):
+    torch.fx's dead-code elimination drops such a call_method when its result is unused, though what
+    it changed may be read later."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("__"):
+        return True
+    return node.target in _IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True or "out" in node.kwargs
 
 
 def logits_only_cell(cell: nn.Module) -> fx.GraphModule:
@@ -42,20 +53,27 @@ def logits_only_cell(cell: nn.Module) -> fx.GraphModule:
     kept = [m for m in cell.children() if m is not cell.layers] + [c for layer in layers for c in layer.children()]
     leaves, spec = tree_flatten(cell.initial_state(1, torch.float32, "cpu"))
     state_arg = list(inspect.signature(cell.forward).parameters)[2]
+    traced: list = []
     with window_at_trace_time():
-        gm = trace_module(cell, leaves=kept, what="cell (logits only)",
+        gm = trace_module(cell, leaves=kept, what="cell (logits only)", traced=traced,
                           concrete_args={state_arg: tree_unflatten([fx.PH] * len(leaves), spec)})
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     out = tree_unflatten(list(out_node.args[0]), gm._out_spec)
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], fx.Node)):
         raise CaptureError("the cell's output is not (logits, state)")
-    before = _calls(gm)
+    before = [n for n in gm.graph.nodes if n.op in _CALLS]
     out_node.args = (type(out_node.args[0])([out[0]]),)
     gm.graph._codegen.pytree_info = gm.graph._codegen.pytree_info._replace(out_spec=tree_flatten(out[0])[1])
     gm.graph.eliminate_dead_code()
-    gm.recompile()
-    if _calls(gm) == before:
+    left = {n for n in gm.graph.nodes if n.op in _CALLS}
+    dropped = [n for n in before if n not in left]
+    if not dropped:
         raise CaptureError("every op of the cell feeds its logits: nothing to leave out")
+    in_place = [f"{n.op} {getattr(n.target, '__name__', n.target)}" for n in dropped if _writes_in_place(n)]
+    if in_place:
+        raise CaptureError(f"an op left out writes in place ({in_place[0]}): what it changes may be read later")
+    gm.recompile()
+    gm.traced_modules = tuple(dict.fromkeys(traced))  # whose forward the trace ran (their hooks it did not)
     return gm
 
 

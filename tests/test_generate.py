@@ -54,13 +54,23 @@ def test_each_token_costs_one_cached_run_of_the_cell_on_that_token():
     model = _armt()
     fast = wavefront.optimize(model)
     assert fast.cached_decoder() is not None, fast.decode_reason  # the one-off check runs the cell here
-    prefill, forward, calls = [], [], []
+    prefill, forward, calls, in_graph, prefilling = [], [], [], [], []
     logits_only = fast.cached_decoder().logits_only  # the cell without its write (calls leaving the segment open)
     assert logits_only is not None, fast.cached_decoder().logits_only_reason
-    handles = [fast.register_forward_pre_hook(lambda m, args: prefill.append(args[0].shape[1])),
+    # the head runs in the cell and in the graph (a kept call): a hook on it sees every decode call
+    # (a hook on the cell, which the graph's trace ran through, would make decoding run the cell)
+    def prefills(m, args):
+        prefill.append(args[0].shape[1])
+        prefilling.append(True)
+
+    handles = [fast.register_forward_pre_hook(prefills),
+               fast.register_forward_hook(lambda m, args, out: prefilling.clear()),
                model.register_forward_pre_hook(lambda m, args: forward.append(args[0].shape[1])),
-               model.cell.register_forward_pre_hook(lambda m, args: calls.append(("cell", args[0].shape[1]))),
-               logits_only.register_forward_pre_hook(lambda m, args: calls.append(("logits", args[0].shape[1])))]
+               logits_only.register_forward_pre_hook(lambda m, args: in_graph.append(True)),
+               logits_only.register_forward_hook(lambda m, args, out: in_graph.clear()),
+               model.cell.lm_head.register_forward_pre_hook(
+                   lambda m, args: None if prefilling else calls.append(("logits" if in_graph else "cell",
+                                                                        args[0].shape[1])))]
     try:
         fast.generate(torch.randint(0, 64, (1, 10)), max_new_tokens=7)
     finally:

@@ -11,6 +11,7 @@ from wavefront.scheduler.capture import CaptureError
 from wavefront.scheduler.logits_only import logits_only_cell
 
 import wavefront
+import wavefront.kv_decode as kv_decode
 from wavefront.contract.kv_window import KVWindow, active_window
 from wavefront.kv_decode import CachedSegmentDecoder
 
@@ -103,10 +104,105 @@ def test_a_logits_only_graph_that_differs_is_caught_and_the_cell_itself_decodes(
     assert torch.equal(got, want)
 
 
-def test_while_a_module_trains_every_decode_call_runs_the_cell_itself():
+def test_while_a_module_whose_code_reads_the_flag_trains_every_decode_call_runs_the_cell_itself():
     model = _armt()
+    memory = model.cell.layers[1].memory
+    memory.W_mk = nn.Sequential(memory.W_mk, nn.Dropout(0.0)).eval()  # in the write: left out of the graph
     decoder = CachedSegmentDecoder(model.cell, SEG)
     assert decoder.check(F64, "cpu") and decoder.logits_only is not None
     assert decoder.stream(None, 1, F64, "cpu").logits_only is decoder.logits_only
-    model.cell.layers[1].memory.train()  # e.g. a BatchNorm in the write would update its statistics
+    memory.W_mk[0].train()  # a module whose code ignores the flag: the graph still serves
+    assert decoder.stream(None, 1, F64, "cpu").logits_only is decoder.logits_only
+    memory.W_mk[1].train()  # a dropout would draw (a batch norm would update its statistics)
     assert decoder.stream(None, 1, F64, "cpu").logits_only is None
+
+
+def test_hooks_on_a_module_the_trace_ran_through_make_decoding_run_the_cell_itself():
+    model = _armt()
+    decoder = CachedSegmentDecoder(model.cell, SEG)
+    assert decoder.check(F64, "cpu") and decoder.logits_only is not None
+    seen = []
+    handle = model.cell.layers[0].register_forward_hook(lambda m, args, out: seen.append(1))
+    try:
+        stream = decoder.stream(None, 1, F64, "cpu")
+        assert stream.logits_only is None
+        stream.feed(torch.zeros(1, 1, dtype=torch.long))
+        assert seen == [1]  # the user's hook ran
+    finally:
+        handle.remove()
+    handle = model.cell.lm_head.register_forward_hook(lambda m, args, out: None)  # a kept call: runs live
+    try:
+        assert decoder.stream(None, 1, F64, "cpu").logits_only is decoder.logits_only
+    finally:
+        handle.remove()
+
+
+class _ScalingLayer(nn.Module):
+    """A layer whose write scales the block's output in place before reading its memory rows."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.block, self.memory = layer.block, layer.memory
+
+    def forward(self, h, A, z, first, ctx=()):
+        h = self.memory.read(h, A, z, first)
+        h = self.block(h, ctx)
+        m = h[:, -2:].clone()
+        h.mul_(0.5)  # its result unused: fx's dead-code elimination would drop it, and the next layer reads h
+        A, z = self.memory.write(m, A, z, first)
+        return h, A, z
+
+
+def test_an_in_place_op_the_graph_would_leave_out_is_refused():
+    model = _armt()
+    model.cell.layers[0] = _ScalingLayer(model.cell.layers[0])
+    with pytest.raises(CaptureError, match=r"an op left out writes in place \(.*mul_"):
+        logits_only_cell(model.cell)
+    decoder = CachedSegmentDecoder(model.cell, SEG)
+    assert decoder.check(F64, "cpu") and decoder.logits_only is None  # decoding runs the cell itself
+    assert "writes in place" in decoder.logits_only_reason
+
+
+def test_a_graph_proven_while_modules_train_is_the_one_handed_out_in_eval():
+    """The proof runs the graph whatever the modes are now, so the graph handed out later is proven."""
+    model = _armt().train()
+    decoder = CachedSegmentDecoder(model.cell, SEG)
+    proven = []
+    real = kv_decode.DecodeStream.feed
+
+    def feed(stream, ids):
+        proven.append(stream.logits_only is not None)
+        return real(stream, ids)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kv_decode.DecodeStream, "feed", feed)
+        assert decoder.check(F64, "cpu")
+    assert proven and all(proven)
+
+
+def test_a_second_check_waits_for_the_proof_in_flight():
+    """Two generate() calls at once: the second must not take the graph (or the cell) before the
+    first call's proof has decided which one is used."""
+    import threading
+
+    decoder = CachedSegmentDecoder(_armt().cell, SEG)
+    proving, go, results = threading.Event(), threading.Event(), []
+    prove = decoder._prove
+
+    def slow_prove(dtype, device):
+        proving.set()
+        go.wait(30)
+        prove(dtype, device)
+
+    decoder._prove = slow_prove
+    first = threading.Thread(target=lambda: results.append(decoder.check(F64, "cpu")))
+    first.start()
+    assert proving.wait(30)
+    second = threading.Thread(target=lambda: results.append(decoder.check(F64, "cpu")))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and results == []  # held until the proof in flight ends
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert results == [True, True] and decoder.logits_only is not None

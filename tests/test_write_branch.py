@@ -45,7 +45,7 @@ def test_only_what_the_write_alone_needs_moves_and_both_branches_give_the_same_v
     (branch,) = [n for n in moved.graph.node if n.op_type == "If"]
     assert "shared" in {o for n in moved.graph.node for o in n.output}  # the logits read it: it stays outside
     then = next(a.g for a in branch.attribute if a.name == "then_branch")
-    assert [n.op_type for n in then.node] == ["Mul", "Relu", "Add"]
+    assert [n.op_type for n in then.node] == ["Mul", "Relu", "Add", "Identity"]  # the output made in the branch
     for end in (True, False):
         for got, want in zip(_run(moved, end), _run(plain, end)):
             np.testing.assert_array_equal(got, want)
@@ -55,4 +55,34 @@ def test_a_present_not_made_by_a_where_on_the_condition_leaves_the_graph_as_it_w
     proto = _graph()
     before = proto.SerializeToString()
     assert write_on_segment_end(proto, "another_condition", ["present"]) == 0
+    assert proto.SerializeToString() == before
+
+
+def _with_second_present(read_present: bool):
+    """_graph() plus present2 = Where(end, shared, m): its written value is one the logits read too;
+    with read_present, another output reads the first present."""
+    proto = _graph()
+    g = proto.graph
+    f = TensorProto.FLOAT
+    g.node.append(helper.make_node("Where", ["end", "shared", "m"], ["present2"]))
+    g.output.append(helper.make_tensor_value_info("present2", f, [2]))
+    if read_present:
+        g.node.append(helper.make_node("Neg", ["present"], ["negated"]))
+        g.output.append(helper.make_tensor_value_info("negated", f, [2]))
+    return proto
+
+
+def test_a_written_value_computed_outside_passes_through_the_branch():
+    moved = _with_second_present(read_present=False)
+    assert write_on_segment_end(moved, "end", ["present", "present2"]) == 3
+    onnx.checker.check_model(moved, full_check=True)
+    for end in (True, False):
+        for got, want in zip(_run(moved, end), _run(_with_second_present(read_present=False), end)):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_graph_where_a_node_reads_a_present_is_left_as_it_was():
+    proto = _with_second_present(read_present=True)
+    before = proto.SerializeToString()
+    assert write_on_segment_end(proto, "end", ["present", "present2"]) == 0
     assert proto.SerializeToString() == before

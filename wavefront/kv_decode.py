@@ -23,6 +23,8 @@ True
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from wavefront.contract.checks import VerificationError, check_outputs
@@ -30,6 +32,16 @@ from wavefront.contract.kv_window import KVWindow, piece_offset
 from wavefront.contract.segment import MemoryState, as_memory_tensors
 from wavefront.scheduler.capture import CaptureError
 from wavefront.scheduler.logits_only import logits_only_cell
+from wavefront.scheduler.train_mode import reads_training
+
+# hooks registered for every module (torch.nn.modules.module.register_module_forward_hook, ...)
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+    if hasattr(torch.nn.modules.module, name))
+
+
+def _has_hooks(m: torch.nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 class CachedSegmentDecoder:
@@ -40,6 +52,7 @@ class CachedSegmentDecoder:
         self._checked: dict = {}  # (dtype, device) -> bool
         self._refused: dict = {}  # (dtype, device) -> why cached decoding differs there
         self.logits_only, self.logits_only_reason, self._traced = None, "", False  # traced on the first check
+        self._lock = threading.RLock()  # one check at a time: a graph is handed out only once proven
 
     @property
     def reason(self) -> str:
@@ -53,12 +66,30 @@ class CachedSegmentDecoder:
         public ARMT client's generate)."""
         if memory is None:
             memory = MemoryState(as_memory_tensors(self.cell.initial_state(batch, dtype, device)), 0)
-        return DecodeStream(self.cell, self.segment_len, memory, grow, self.logits_only)
+        return DecodeStream(self.cell, self.segment_len, memory, grow, self._logits_only_now())
+
+    def _logits_only_now(self):
+        """The proven logits-only graph, unless what it leaves out could matter now: a module whose
+        code reads the train/eval flag trains (dropout draws, batch-norm statistics), or a module
+        the trace ran through has hooks (the trace ran its forward, not its hooks), or hooks are
+        registered for every module."""
+        graph = self.logits_only
+        if graph is None:
+            return None
+        if any(m.training and reads_training(m) for m in self.cell.modules()):
+            return None
+        if any(_GLOBAL_HOOKS) or any(_has_hooks(m) for m in graph.traced_modules):
+            return None
+        return graph
 
     # -- the proof --------------------------------------------------------------------------
     def check(self, dtype, device) -> bool:
         """Whether cached decoding gives the cell's own results for this dtype (checked once)."""
         key = (dtype, str(device))
+        with self._lock:
+            return self._check(key, dtype, device)
+
+    def _check(self, key, dtype, device) -> bool:
         if key not in self._checked:
             if not self._traced:
                 self._traced = True
@@ -74,7 +105,7 @@ class CachedSegmentDecoder:
                 if self.logits_only is not None:  # prove the cell itself (every call) before giving up the cache
                     self.logits_only, self.logits_only_reason = None, f"its decode calls differ from the cell's: {e}"
                     self._checked.clear()  # what was proven ran the traced cell: prove again without it
-                    return self.check(dtype, device)
+                    return self._check(key, dtype, device)
                 self._refused[key] = f"cached decoding differs from the cell's own run of a segment: {e}"
                 self._checked[key] = False
         return self._checked[key]
@@ -90,7 +121,8 @@ class CachedSegmentDecoder:
         for s in range(2):  # a first segment, then one reading the memory the first wrote
             start = MemoryState(as_memory_tensors(state), s)
             want_logits, state = self.cell(ids[s], torch.tensor(s == 0, device=device), state)
-            stream, got, at = self.stream(start, 1, dtype, device), [], 0
+            # the graph proven too, whatever the modules' modes are now (stream() may leave it out)
+            stream, got, at = DecodeStream(self.cell, seg, start, False, self.logits_only), [], 0
             for n in pieces:
                 got.append(stream.feed(ids[s][:, at:at + n]))
                 at += n
@@ -108,10 +140,7 @@ class DecodeStream:
 
     def __init__(self, cell, segment_len: int, memory: MemoryState, grow: bool = False, logits_only=None):
         self.cell, self.segment_len, self.memory, self.grow = cell, segment_len, memory, grow
-        # the cell without its write, for calls that leave the segment open; not while a module trains:
-        # it may draw random numbers or update buffers (BatchNorm's statistics), so every module runs
-        training = any(m.training for m in cell.modules())
-        self.logits_only = None if training else logits_only
+        self.logits_only = logits_only  # the cell without its write, for calls that leave the segment open
         self._cache, self._offset, self._written = [], 0, None
 
     def feed(self, ids: torch.Tensor) -> torch.Tensor:

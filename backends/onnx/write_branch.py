@@ -53,13 +53,19 @@ def write_on_segment_end(proto: onnx.ModelProto, condition: str, presents: list[
     others = [o.name for o in g.output if o.name not in presents]
     live = _ancestors(others + passed + [condition], producers, skip={id(w) for w in wheres})
     moving = _ancestors(written, producers) - live
-    if not moving:
+    rest = [n for n in g.node if id(n) not in moving | {id(w) for w in wheres}]
+    reads = {i for n in g.node for i in _used_names(n)}
+    if not moving or reads & set(presents):  # a node reading a present would come before the If making it
         return 0
     inner = [n for n in g.node if id(n) in moving]
+    n_moved = len(inner)
     moved_names = {o for n in inner for o in n.output}
     moved_info = [v for v in g.value_info if v.name in moved_names]
     present_elem = {o.name: o.type.tensor_type.elem_type for o in g.output}
-    then_out = [helper.make_tensor_value_info(w, present_elem[p], None) for w, p in zip(written, presents)]
+    # each branch output made inside the branch (a written value computed outside is passed through)
+    made = [f"wf.memory_written.{i}" for i in range(len(written))]
+    inner += [helper.make_node("Identity", [w], [m]) for w, m in zip(written, made)]
+    then_out = [helper.make_tensor_value_info(m, present_elem[p], None) for m, p in zip(made, presents)]
     then_branch = helper.make_graph(inner, "segment_end_write", [], then_out, value_info=moved_info)
     kept = [f"wf.memory_kept.{i}" for i in range(len(passed))]
     else_branch = helper.make_graph([helper.make_node("Identity", [p], [k]) for p, k in zip(passed, kept)],
@@ -68,14 +74,12 @@ def write_on_segment_end(proto: onnx.ModelProto, condition: str, presents: list[
                                      for k, p in zip(kept, presents)])
     branch = helper.make_node("If", [condition], presents, name="memory_written_when_the_segment_ends",
                               then_branch=then_branch, else_branch=else_branch)
-    dropped = moving | {id(w) for w in wheres}
-    rest = [n for n in g.node if id(n) not in dropped]
     del g.node[:]
     g.node.extend(rest + [branch])
     keep_info = [v for v in g.value_info if v.name not in moved_names]
     del g.value_info[:]
     g.value_info.extend(keep_info)
-    return len(inner)
+    return n_moved
 
 
 __all__ = ["write_on_segment_end"]
