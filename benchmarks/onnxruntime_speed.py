@@ -38,13 +38,19 @@ class FirstOrderScan(nn.Module):
         return linear_scan(a, b, dim=0)
 
 
-def bench_armt(preset: str, repeats: int, device: str):
+def _armt_both_ways(preset: str, segments: int | None, device: str):
+    """The preset's ARMT (seed 0) optimized for torch and for onnxruntime, and ids of `segments`
+    whole segments (None: the preset's count)."""
     cfg, S = split_preset(preset)
     torch.manual_seed(0)
     model = ARMT(ARMTConfig(**cfg)).to(device).eval()
+    S = S if segments is None else segments
     ids = torch.randint(0, cfg["vocab_size"], (1, S * cfg["segment_len"]), device=device)
-    eager = wavefront.optimize(model)
-    ort_model = wavefront.optimize(model, backend="onnxruntime")
+    return cfg, S, ids, wavefront.optimize(model), wavefront.optimize(model, backend="onnxruntime")
+
+
+def bench_armt(preset: str, repeats: int, device: str):
+    cfg, S, ids, eager, ort_model = _armt_both_ways(preset, None, device)
     with torch.inference_mode():
         ort_model(ids)  # exports (or opens the cached graph)
         err = rel_err(ort_model(ids).logits, eager(ids).logits)
@@ -55,12 +61,7 @@ def bench_armt(preset: str, repeats: int, device: str):
 
 
 def bench_generate(preset: str, segments: int, new: int, repeats: int, device: str):
-    cfg, _ = split_preset(preset)
-    torch.manual_seed(0)
-    model = ARMT(ARMTConfig(**cfg)).to(device).eval()
-    prompt = torch.randint(0, cfg["vocab_size"], (1, segments * cfg["segment_len"]), device=device)
-    eager = wavefront.optimize(model)
-    ort_model = wavefront.optimize(model, backend="onnxruntime")
+    cfg, _, prompt, eager, ort_model = _armt_both_ways(preset, segments, device)
     want = eager.generate(prompt, max_new_tokens=new)
     got = ort_model.generate(prompt, max_new_tokens=new)  # exports both graphs (or opens the cached ones)
     error = float((got.cpu() != want.cpu()).float().mean())  # the fraction of tokens that differ
