@@ -53,10 +53,11 @@ def write_on_segment_end(proto: onnx.ModelProto, condition: str, presents: list[
     others = [o.name for o in g.output if o.name not in presents]
     live = _ancestors(others + passed + [condition], producers, skip={id(w) for w in wheres})
     moving = _ancestors(written, producers) - live
-    rest = [n for n in g.node if id(n) not in moving | {id(w) for w in wheres}]
     reads = {i for n in g.node for i in _used_names(n)}
     if not moving or reads & set(presents):  # a node reading a present would come before the If making it
         return 0
+    replaced = moving | {id(w) for w in wheres}
+    rest = [n for n in g.node if id(n) not in replaced]
     inner = [n for n in g.node if id(n) in moving]
     n_moved = len(inner)
     moved_names = {o for n in inner for o in n.output}
